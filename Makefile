@@ -1,0 +1,49 @@
+# Two commands on a fresh machine:
+#   make demo   install everything, then export the embedded default model to both formats and run it
+#   make test   install everything, then run the test suite
+# Everything installs into .venv with pinned versions (requirements.txt).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.edgekit-installed
+# Repo-local cache so tests and the demo start from the same known state on a fresh clone.
+export EDGEKIT_CACHE ?= $(CURDIR)/.cache/edgekit
+# No model hub here: tests must never try it.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+# llama-cpp-python compiles llama.cpp (about 11 minutes on 2 cores; pip caches the wheel).
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/edgekit export smollm2-135m --target all --out dist/demo --force
+	$(VENV)/bin/edgekit run dist/demo/smollm2-135m-gguf-q4_k_m --max-tokens 48 --prompt "What is the capital of France?"
+	$(VENV)/bin/edgekit run dist/demo/smollm2-135m-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/export_overhead.py
+	$(PY) benchmarks/arch_matrix.py
+
+clean:
+	rm -rf dist .pytest_cache

@@ -1,0 +1,232 @@
+"""The library API; the CLI is a thin client of these functions.
+
+The flow (see ../shared/DESIGN.md):
+
+    checkpoint = resolve(model)                 # path | hub id | alias, validated
+    with staging(dest) as tmp:                  # atomic: nothing at dest until complete
+        notes = backend(target).export(checkpoint, tmp, recipe, progress)
+        write bundle README + manifest (hashes, provenance, versions, wall time, peak RSS)
+    session = backend(format).open_session(bundle)   # after validate(bundle)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import BadInput, UnsupportedArchitecture
+
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: str
+    format: str
+    model: str
+    path_taken: str
+    wall_s: float
+    peak_rss_mb: float
+    size_bytes: int
+    files: int
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    bundle: str
+    format: str
+    prompt: str
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    stopped_by: str
+    ttft_ms: float
+    decode_tok_s: float
+    token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _targets_for(target: str) -> list[str]:
+    from .targets import load_targets
+
+    targets = load_targets()
+    if target == ALL:
+        return sorted(targets.formats)
+    targets.format(target)  # raises with the list of known targets
+    return [target]
+
+
+def _recipe(name: str, overrides: dict[str, Any] | None):
+    from .formats import backend
+    from .targets import load_targets
+
+    spec = load_targets().format(name)
+    table = {**spec.recipe, **(overrides or {})}
+    return backend(name).parse_recipe(table, f"{spec.source} [recipe]")
+
+
+def check_architecture(checkpoint, target: str) -> None:
+    from .formats import backend
+
+    mod = backend(target)
+    supported = set(mod.SUPPORTED_ARCHITECTURES) | set(getattr(mod, "FALLBACK_ARCHITECTURES", ()))
+    if checkpoint.architecture not in supported:
+        raise UnsupportedArchitecture(
+            f"architecture {checkpoint.architecture} is not supported by {target}",
+            f"Supported: {', '.join(sorted(supported))}",
+        )
+
+
+def export(
+    model: str,
+    target: str = "onnx-int4",
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    revision: str | None = None,
+    offline: bool | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    recipe: dict[str, Any] | None = None,
+    progress=None,
+) -> list[ExportResult]:
+    """Export `model` (local dir, hub id or alias) to one target, or to every target with "all".
+
+    `out` is the bundle directory for one target (default dist/<model>-<target>); with
+    target="all" it is the parent directory of one bundle per target (default dist/).
+    Raises EdgekitError subclasses carrying the CLI exit code.
+    """
+    from .checkpoint import resolve
+    from .progress import NullProgress
+
+    progress = progress or NullProgress()
+    names = _targets_for(target)
+    recipes = {n: _recipe(n, recipe) for n in names}  # bad recipe keys fail before any work
+    checkpoint = resolve(model, revision=revision, offline=offline,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    for n in names:
+        check_architecture(checkpoint, n)
+
+    dests = {}
+    for n in names:
+        if out is None:
+            dests[n] = Path("dist") / f"{checkpoint.short_name}-{n}"
+        elif target == ALL:
+            dests[n] = Path(out) / f"{checkpoint.short_name}-{n}"
+        else:
+            dests[n] = Path(out)
+    from .bundle import check_destination
+
+    for d in dests.values():
+        check_destination(d, force)  # refuse all before building any
+    return [_export_one(checkpoint, n, recipes[n], dests[n], force, progress) for n in names]
+
+
+def _export_one(checkpoint, name: str, recipe, dest: Path, force: bool, progress) -> ExportResult:
+    from .bundle import bundle_size, now_iso, staging, write_manifest
+    from .bundle_readme import render
+    from .formats import backend
+    from .measure import PeakRSS
+    from .targets import load_targets
+
+    spec = load_targets().format(name)
+    mod = backend(name)
+    progress.note(f"exporting {checkpoint.short_name} ({checkpoint.architecture}) to {name} -> {dest}")
+    with staging(dest, force) as tmp:
+        with PeakRSS() as usage:
+            notes = mod.export(checkpoint, tmp, recipe, progress)
+        manifest = {
+            "name": dest.name,
+            "format": name,
+            "runtime": spec.runtime,
+            "created_at": now_iso(),
+            "edgekit_version": __version__,
+            "source": checkpoint.provenance(),
+            "quantization": {**dataclasses.asdict(recipe), **notes.quantization},
+            "export": {
+                "path_taken": notes.path_taken,
+                "wall_s": round(usage.wall_s, 2),
+                "peak_rss_mb": round(usage.peak_rss_mb, 1),
+                "notes": list(notes.notes),
+            },
+            "tools": {"edgekit": __version__, **mod.tool_versions()},
+            "reproducible_files": list(notes.reproducible_files),
+            "parity": None,
+            "bench": {},
+        }
+        (tmp / "README.md").write_text(render(dest.name, manifest), encoding="utf-8")
+        with progress.step("hashing files"):
+            manifest = write_manifest(tmp, manifest)
+    for n in notes.notes:
+        progress.note(f"note: {n}")
+    return ExportResult(
+        bundle=str(dest), format=name, model=checkpoint.short_name, path_taken=notes.path_taken,
+        wall_s=round(usage.wall_s, 2), peak_rss_mb=round(usage.peak_rss_mb, 1),
+        size_bytes=bundle_size(manifest), files=len(manifest["files"]), notes=tuple(notes.notes),
+    )
+
+
+def open_bundle(bundle: str | Path, threads: int | None = None, validate: bool = True):
+    """Validate a bundle (hashes, no extra/missing files), then open it in its runtime."""
+    from .bundle import read_manifest, validate as _validate
+    from .formats import backend
+
+    manifest = _validate(Path(bundle)) if validate else read_manifest(Path(bundle))
+    return backend(manifest["format"]).open_session(Path(bundle), manifest, threads=threads), manifest
+
+
+def run(
+    bundle: str | Path,
+    prompt: str,
+    *,
+    max_tokens: int = 128,
+    raw: bool = False,
+    system: str | None = None,
+    threads: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Generate greedily from a bundle. The prompt goes through the model's own chat template
+    unless raw=True."""
+    if max_tokens < 1:
+        raise BadInput(f"--max-tokens must be at least 1, got {max_tokens}", "Pass a positive number")
+    if not prompt:
+        raise BadInput("the prompt is empty", "Pass --prompt TEXT")
+    session, manifest = open_bundle(bundle, threads=threads)
+    try:
+        if raw:
+            ids = session.encode(prompt)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = session.chat_prompt_ids(messages)
+        first: list[float] = []
+        t0 = time.perf_counter()
+
+        def _on_text(piece: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if on_text:
+                on_text(piece)
+
+        gen = session.generate(ids, max_tokens, on_text=_on_text)
+        t1 = time.perf_counter()
+    finally:
+        session.close()
+    ttft = ((first[0] if first else t1) - t0) * 1000
+    n = len(gen.token_ids)
+    decode_s = t1 - (first[0] if first else t1)
+    return RunResult(
+        bundle=str(bundle), format=manifest["format"], prompt=prompt, text=gen.text,
+        prompt_tokens=len(ids), generated_tokens=n, stopped_by=gen.stopped_by,
+        ttft_ms=round(ttft, 1), decode_tok_s=round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+        token_ids=tuple(gen.token_ids),
+    )

@@ -1,0 +1,219 @@
+"""The `edgekit` command: a thin Click client of edgekit.api. No logic lives here.
+
+Human text and progress go to stderr; `--json` prints exactly one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+
+EXIT_CODES_HELP = "Exit codes: 0 ok, 1 unexpected error, 2 bad input, 3 quality gate failed, 4 integrity check failed."
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+
+
+def model_options(f):
+    """Options shared by every command that reads a checkpoint."""
+    f = click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")(f)
+    f = click.option("--offline", is_flag=True, default=None, help="Never contact the hub; fail fast if the model is not cached.")(f)
+    f = click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped with the model repo to run (off by default).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow pickle weights (*.bin, *.pt); they can run code when loaded.")(f)
+    return f
+
+
+def _progress(quiet: bool):
+    from .progress import RichProgress
+
+    return RichProgress(quiet=quiet)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, "--version", prog_name="edgekit")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Export, verify and benchmark small language models for on-device runtimes.
+
+    \b
+    Example:
+        edgekit export smollm2-135m --target all
+        edgekit run dist/smollm2-135m-gguf-q4_k_m --prompt "What is the capital of France?"
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@json_option
+def targets(as_json: bool) -> None:
+    """List export formats and device profiles from targets/*.toml.
+
+    \b
+    Example:
+        edgekit targets --json
+    """
+    from .targets import load_targets
+
+    t = load_targets()
+    doc = {
+        "formats": {n: {"description": s.description, "runtime": s.runtime, "recipe": s.recipe, "source": s.source}
+                    for n, s in sorted(t.formats.items())},
+        "profiles": {n: {k: v for k, v in vars(p).items() if k != "name"} for n, p in sorted(t.profiles.items())},
+    }
+    if as_json:
+        _emit_json(doc)
+        return
+    _err("formats:")
+    for n, s in sorted(t.formats.items()):
+        recipe = ", ".join(f"{k}={v}" for k, v in s.recipe.items())
+        _err(f"  {n:<14} {s.description} ({s.runtime})\n  {'':<14} recipe: {recipe}")
+    _err("profiles:")
+    for n, p in sorted(t.profiles.items()):
+        _err(f"  {n:<14} {p.description}; formats: {', '.join(p.formats)}; threads: {p.threads}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", default="onnx-int4", show_default=True,
+              help="onnx-int4, gguf-q4_k_m, or all.")
+@click.option("--out", "-o", type=click.Path(), help="Bundle directory (with --target all: parent directory). Default: dist/<model>-<target>.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--set", "recipe_set", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key from targets/<target>.toml, e.g. --set block_size=64.")
+@model_options
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def export(model, target, out, force, recipe_set, revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
+    """Export MODEL (checkpoint dir, hub id or alias) to a deployable bundle.
+
+    \b
+    Example:
+        edgekit export phi3-mini --target onnx-int4
+        edgekit export ./my-checkpoint --target gguf-q4_k_m --out dist/my-q4
+    """
+    from . import api
+
+    results = api.export(model, target, out, force=force, revision=revision, offline=offline,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                         recipe=_parse_sets(recipe_set), progress=_progress(quiet))
+    if as_json:
+        _emit_json({"bundles": [r.to_dict() for r in results]})
+        return
+    for r in results:
+        _err(f"wrote {r.bundle}  ({r.format}, {r.size_bytes / 2**20:.1f} MiB, {r.files} files, "
+             f"{r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MiB, via {r.path_taken})")
+
+
+def _parse_sets(items) -> dict[str, Any]:
+    from .errors import BadInput
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise BadInput(f"--set '{item}' is not KEY=VALUE", "Write e.g. --set block_size=64")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _coerce(value.strip())
+    return out
+
+
+def _coerce(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", "-p", required=True, help="The user message (or raw text with --raw).")
+@click.option("--max-tokens", default=128, show_default=True, type=int, help="Maximum tokens to generate.")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--system", help="A system message for the chat template.")
+@click.option("--threads", type=int, help="Runtime threads (default: the runtime's choice).")
+@json_option
+def run(bundle, prompt, max_tokens, raw, system, threads, as_json):
+    """Generate from BUNDLE with its own runtime, streaming tokens to stdout.
+
+    The bundle is validated (hashes, files) before it is loaded.
+
+    \b
+    Example:
+        edgekit run dist/my-q4 --prompt "What is the capital of France?"
+    """
+    from . import api
+
+    def stream(piece: str) -> None:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+    result = api.run(bundle, prompt, max_tokens=max_tokens, raw=raw, system=system, threads=threads,
+                     on_text=None if as_json else stream)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo()
+    _err(f"[{result.format}: {result.prompt_tokens} prompt tokens, {result.generated_tokens} generated, "
+         f"TTFT {result.ttft_ms:.0f} ms, {result.decode_tok_s:.1f} tok/s, stopped by {result.stopped_by}]")
+
+
+def _on_sigterm(signum, frame):
+    # Turn SIGTERM into an exception so staging directories are removed on the way out.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps EdgekitError to its exit code and one line on stderr."""
+    from .errors import EdgekitError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("EDGEKIT_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rv = cli.main(args=argv, prog_name="edgekit", standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except click.exceptions.Abort:
+        _err("error: interrupted; nothing was written")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        _err("error: interrupted; nothing was written")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except EdgekitError as e:
+        if debug:
+            raise
+        _err(f"error: {e.one_line()}")
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if debug:
+            raise
+        _err(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or type(e).__name__}). Rerun with --debug for details")
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            raise
+        _err(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+             "(rerun with --debug for the traceback)")
+        sys.exit(1)

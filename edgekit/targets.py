@@ -1,0 +1,197 @@
+"""Load targets/*.toml (formats and device profiles) into frozen dataclasses.
+
+The TOML files are the single source of truth for recipes and profiles; code never
+hard-codes a block size or a thread count. Unknown keys are errors naming key and file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+
+PROFILES_FILE = "profiles.toml"
+
+
+def targets_dir() -> Path:
+    """targets/ beside the package (editable install / checkout), or $EDGEKIT_TARGETS_DIR."""
+    env = os.environ.get("EDGEKIT_TARGETS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str
+    description: str
+    runtime: str
+    model_files: tuple[str, ...]
+    recipe: dict[str, Any] = field(default_factory=dict)  # typed by the format module
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    formats: tuple[str, ...]
+    threads: int | str = "physical"
+    gpu_layers: int = 0
+    context: int = 4096
+    prompt_tokens: int = 128
+    gen_tokens: int = 64
+    accuracy_level: int | None = None
+    max_peak_rss_mb: float | None = None
+    max_bundle_mb: float | None = None
+    min_decode_tok_s: float | None = None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{path}: malformed TOML ({e})", "Fix the syntax at the line named") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read ({e.strerror})", "Check the path and permissions") from None
+
+
+def check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise BadInput(
+            f"{where}: unknown key '{unknown[0]}'",
+            f"Allowed keys: {', '.join(sorted(allowed))}",
+        )
+
+
+def _format_from_file(path: Path) -> FormatSpec:
+    data = read_toml(path)
+    check_keys(data, {"format", "recipe", "thresholds"}, str(path))
+    fmt = data.get("format")
+    if not isinstance(fmt, dict):
+        raise BadInput(f"{path}: missing [format] table", "Add [format] with name, description, runtime")
+    check_keys(fmt, {"name", "description", "runtime", "model_files"}, f"{path} [format]")
+    for key in ("name", "description", "runtime"):
+        if not isinstance(fmt.get(key), str):
+            raise BadInput(f"{path} [format]: '{key}' must be a string", f"Set {key} = \"...\"")
+    files = fmt.get("model_files", [])
+    if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
+        raise BadInput(f"{path} [format]: 'model_files' must be a list of strings", "Fix model_files")
+    for table in ("recipe", "thresholds"):
+        if not isinstance(data.get(table, {}), dict):
+            raise BadInput(f"{path}: [{table}] must be a table", f"Write it as [{table}]")
+    return FormatSpec(
+        name=fmt["name"],
+        description=fmt["description"],
+        runtime=fmt["runtime"],
+        model_files=tuple(files),
+        recipe=dict(data.get("recipe", {})),
+        thresholds=dict(data.get("thresholds", {})),
+        source=str(path),
+    )
+
+
+_PROFILE_TYPES = {
+    "description": (str,),
+    "formats": (list,),
+    "threads": (int, str),
+    "gpu_layers": (int,),
+    "context": (int,),
+    "prompt_tokens": (int,),
+    "gen_tokens": (int,),
+    "accuracy_level": (int,),
+    "max_peak_rss_mb": (int, float),
+    "max_bundle_mb": (int, float),
+    "min_decode_tok_s": (int, float),
+}
+
+
+def _profile(name: str, table: dict[str, Any], where: str, known_formats: set[str]) -> Profile:
+    check_keys(table, set(_PROFILE_TYPES), where)
+    for key, types in _PROFILE_TYPES.items():
+        if key in table and (not isinstance(table[key], types) or isinstance(table[key], bool)):
+            raise BadInput(f"{where}: '{key}' has the wrong type", f"Expected {types[0].__name__}")
+    formats = tuple(table.get("formats", ()))
+    for f in formats:
+        if f not in known_formats:
+            raise BadInput(f"{where}: unknown format '{f}'", f"Known formats: {', '.join(sorted(known_formats))}")
+    if isinstance(table.get("threads"), str) and table["threads"] not in ("physical", "performance"):
+        raise BadInput(f"{where}: threads must be a number, 'physical' or 'performance'", "Fix threads")
+    kwargs = {k: v for k, v in table.items() if k != "formats"}
+    kwargs.setdefault("description", "")
+    return Profile(name=name, formats=formats, **kwargs)
+
+
+@dataclass(frozen=True)
+class Targets:
+    formats: dict[str, FormatSpec]
+    profiles: dict[str, Profile]
+
+    def format(self, name: str) -> FormatSpec:
+        if name not in self.formats:
+            raise BadInput(
+                f"unknown target '{name}'",
+                f"Choose one of: {', '.join(sorted(self.formats))}, all",
+            )
+        return self.formats[name]
+
+    def profile(self, name: str) -> Profile:
+        if name not in self.profiles:
+            raise BadInput(
+                f"unknown profile '{name}'",
+                f"Choose one of: {', '.join(sorted(self.profiles))}",
+            )
+        return self.profiles[name]
+
+
+def load_targets(directory: Path | None = None) -> Targets:
+    directory = directory or targets_dir()
+    return _load(str(directory))
+
+
+@lru_cache(maxsize=8)
+def _load(directory: str) -> Targets:
+    root = Path(directory)
+    if not root.is_dir():
+        raise BadInput(f"targets directory not found: {root}", "Set EDGEKIT_TARGETS_DIR or reinstall edgekit")
+    formats: dict[str, FormatSpec] = {}
+    for path in sorted(root.glob("*.toml")):
+        if path.name == PROFILES_FILE:
+            continue
+        spec = _format_from_file(path)
+        if spec.name != path.stem:
+            raise BadInput(f"{path}: format name '{spec.name}' does not match the file name", f"Rename to {spec.name}.toml")
+        formats[spec.name] = spec
+    profiles: dict[str, Profile] = {}
+    ppath = root / PROFILES_FILE
+    if ppath.exists():
+        data = read_toml(ppath)
+        check_keys(data, {"profiles"}, str(ppath))
+        for name, table in data.get("profiles", {}).items():
+            if not isinstance(table, dict):
+                raise BadInput(f"{ppath}: profiles.{name} must be a table", f"Write it as [profiles.{name}]")
+            profiles[name] = _profile(name, table, f"{ppath} [profiles.{name}]", set(formats))
+    return Targets(formats=formats, profiles=profiles)
+
+
+def dataclass_from_table(cls, table: dict[str, Any], where: str):
+    """Build a frozen recipe dataclass from a TOML table, rejecting unknown keys and wrong types."""
+    names = {f.name: f for f in fields(cls)}
+    check_keys(table, set(names), where)
+    kwargs = {}
+    for key, value in table.items():
+        default = getattr(cls, key, None)
+        expected = type(default) if default is not None else None
+        if expected is not None and not isinstance(value, expected):
+            if not (expected is float and isinstance(value, int)):
+                raise BadInput(f"{where}: '{key}' must be {expected.__name__}, got {value!r}", f"Fix {key}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
