@@ -111,9 +111,9 @@ def export(
 
     progress = progress or NullProgress()
     names = _targets_for(target)
-    recipes = {n: _recipe(n, recipe) for n in names}  # bad recipe keys fail before any work
     checkpoint = resolve(model, revision=revision, offline=offline,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    recipes = {n: _recipe(n, recipe) for n in names}  # bad recipe keys fail before any work
     for n in names:
         check_architecture(checkpoint, n)
 

@@ -45,7 +45,42 @@ def _progress(quiet: bool):
     return RichProgress(quiet=quiet)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+class _Failure(click.ClickException):
+    """An error already phrased for the user: one line on stderr, its own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class EdgekitGroup(click.Group):
+    """Maps library errors to one line and an exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug")) or os.environ.get("EDGEKIT_DEBUG") == "1"
+        from .errors import EdgekitError
+
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except EdgekitError as e:
+            if debug:
+                raise
+            raise _Failure(e.one_line(), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise _Failure("interrupted; nothing was written", 130) from None
+        except Exception as e:  # noqa: BLE001
+            if debug:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise _Failure(f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)", 1) from None
+
+
+@click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="edgekit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
@@ -182,38 +217,7 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps EdgekitError to its exit code and one line on stderr."""
-    from .errors import EdgekitError
-
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("EDGEKIT_DEBUG") == "1"
+def main() -> None:
+    """Console entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        rv = cli.main(args=argv, prog_name="edgekit", standalone_mode=False)
-        if isinstance(rv, int) and rv:
-            sys.exit(rv)
-    except click.exceptions.Abort:
-        _err("error: interrupted; nothing was written")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        _err("error: interrupted; nothing was written")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
-    except EdgekitError as e:
-        if debug:
-            raise
-        _err(f"error: {e.one_line()}")
-        sys.exit(e.exit_code)
-    except OSError as e:
-        if debug:
-            raise
-        _err(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or type(e).__name__}). Rerun with --debug for details")
-        sys.exit(1)
-    except Exception as e:  # noqa: BLE001
-        if debug:
-            raise
-        _err(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-             "(rerun with --debug for the traceback)")
-        sys.exit(1)
+    cli(prog_name="edgekit")
