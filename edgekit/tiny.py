@@ -1,0 +1,429 @@
+"""Tiny random checkpoints, one per architecture family, for tests and coverage benchmarks.
+
+A tiny checkpoint is a complete Hugging Face directory (config.json, model.safetensors,
+tokenizer files with a chat template, generation_config.json) with random weights: 2 layers,
+hidden 64, 4 heads, 2 KV heads. It exercises the same converter code paths as the real model
+(weight names, fused projections, rope scaling, tokenizer type) in a few seconds, offline.
+
+SentencePiece families get a vocabulary trained here, on CORPUS, by the `sentencepiece`
+package. Byte-level BPE families cannot: llama.cpp's converter only accepts a BPE
+pre-tokenizer it recognises by hashing the tokenizer's output, so those rows reuse the
+repaired SmolLM2 tokenizer that `edgekit.embedded` builds (llama.cpp knows it as "smollm").
+That costs a one-time download and build of the embedded model.
+
+The SentencePiece tokenizers are "legacy" Llama ones, like the real Phi-3 / Llama 2 files: text
+after a special token gets a leading "▁". llama.cpp and onnxruntime-genai tokenize that way
+too, so all three runtimes produce the same ids for the same text (checked for every family).
+
+Example:
+    from edgekit.tiny import FAMILIES, make_tiny
+    path = make_tiny("phi3", Path("/tmp/tiny-phi3"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput, EdgekitError, UnsupportedArchitecture
+
+MARKER = "edgekit-tiny.json"   # {family, seed}: lets make_tiny recognise, and replace, its own output
+
+# Sizes shared by every family: small enough to build and run in seconds, large enough that
+# int4 block quantization (block 32) and GQA (4 query heads on 2 KV heads) still apply.
+# initializer_range 0.2 (not the usual 0.02): random weights that small give near-uniform
+# next-token distributions, where top-1 agreement between runtimes is a coin toss; at 0.2 the
+# distributions are peaked enough (mean top probability ~0.07 of 512) for parity to mean something.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+HEAD_DIM = TINY["hidden_size"] // TINY["num_attention_heads"]
+
+# --- chat templates (the real models' templates, lightly trimmed) ---------------------------
+
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'system' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma has no system role: Gemma 3's template folds a system message into the first user turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _longrope(**extra: Any) -> dict[str, Any]:
+    """Phi-3-mini-128k's rope_scaling shape: one factor per rotary frequency (head_dim / 2).
+
+    The values are made up but shaped like the real ones: short factors near 1, long factors
+    growing with the wavelength, so switching between them changes the output.
+    """
+    n = HEAD_DIM // 2
+    return {
+        "type": "longrope",
+        "short_factor": [round(1.0 + 0.05 * i, 4) for i in range(n)],
+        "long_factor": [round(1.0 + 4.0 * i * i / (n - 1), 4) for i in range(n)],
+        **extra,
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architecture: str            # config.json "architectures"[0], as the real checkpoints spell it
+    model_type: str              # transformers config key
+    tokenizer: str               # key into _TOKENIZERS
+    chat_template: str
+    config: dict[str, Any] = field(default_factory=dict)   # on top of TINY
+    unbuildable: str | None = None                          # why make_tiny cannot build it
+
+    @property
+    def needs_embedded(self) -> bool:
+        """True when building it needs the SmolLM2 tokenizer (a one-time download and build)."""
+        return self.tokenizer == "smollm2"
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    # Phi-3-mini-4k: fused qkv_proj / gate_up_proj, Llama SentencePiece vocabulary plus Phi-3's
+    # chat tokens as added tokens, and an embedding padded past the tokenizer (32011 -> 32064
+    # in the real model; 491 -> 512 here) that exporters must tolerate.
+    Family("phi3", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
+           dict(vocab_size=512, max_position_embeddings=4096, original_max_position_embeddings=4096)),
+    # Phi-3-mini-128k: same weights, LongRoPE rope_scaling; exporters pick another code path
+    # (genai builder: Phi3MiniLongRoPEModel; llama.cpp: rope_factors_long/short tensors).
+    Family("phi3-longrope", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
+           dict(vocab_size=512, max_position_embeddings=131072, original_max_position_embeddings=4096,
+                rope_scaling=_longrope())),
+    # Llama 2 / TinyLlama: the baseline SentencePiece Llama, separate q/k/v and gate/up.
+    Family("llama", "LlamaForCausalLM", "llama", "llama", LLAMA2_TEMPLATE,
+           dict(max_position_embeddings=2048)),
+    # Mistral v0.3: Llama layout under another name; [INST] and [/INST] are control tokens.
+    Family("mistral", "MistralForCausalLM", "mistral", "mistral", MISTRAL_TEMPLATE,
+           dict(max_position_embeddings=4096, sliding_window=None)),
+    # Qwen2 / Qwen2.5: q/k/v biases, tied embeddings, byte-level BPE with ChatML.
+    Family("qwen2", "Qwen2ForCausalLM", "qwen2", "smollm2", QWEN2_TEMPLATE,
+           dict(max_position_embeddings=4096, tie_word_embeddings=True, use_sliding_window=False)),
+    # Gemma 2: explicit head_dim, logit soft-capping, alternating sliding-window layers,
+    # norms stored as (weight - 1), embeddings scaled by sqrt(hidden), tied embeddings.
+    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "gemma", GEMMA_TEMPLATE,
+           dict(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, max_position_embeddings=8192,
+                sliding_window=512, tie_word_embeddings=True)),
+    # Gemma 3 text-only (like gemma-3-270m): q/k norms, separate local/global rope bases,
+    # sliding window on 5 of every 6 layers. The window (512) exceeds any test prompt, so
+    # runtimes that place the sliding layers differently still agree on short texts.
+    Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", GEMMA_TEMPLATE,
+           dict(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, max_position_embeddings=32768,
+                sliding_window=512, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                tie_word_embeddings=True)),
+    # Phi-3.5-MoE: sparse mixture of experts (4 experts, top-2 here), LayerNorm, attention and
+    # lm_head biases, LongRoPE. Spelled "PhiMoEForCausalLM" like the real checkpoint (the
+    # transformers class is PhimoeForCausalLM); the genai builder only exports it for CUDA.
+    Family("phimoe", "PhiMoEForCausalLM", "phimoe", "phi3", PHI3_TEMPLATE,
+           dict(vocab_size=512, max_position_embeddings=131072, original_max_position_embeddings=4096,
+                num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+                # Phi-3.5-MoE's rope_scaling also carries the attention scales (mscale) and the
+                # original context; transformers' PhimoeConfig requires them.
+                rope_scaling=_longrope(short_mscale=1.2432, long_mscale=1.2432,
+                                       original_max_position_embeddings=4096))),
+    # Phi-3-small: blocksparse attention, tiktoken cl100k vocabulary.
+    Family("phi3small", "Phi3SmallForCausalLM", "phi3small", "phi3", PHI3_TEMPLATE,
+           unbuildable="transformers 4.57 has no Phi3Small model: it exists only as trust_remote_code "
+                       "code on the Hub (model and tiktoken tokenizer), which edgekit must not download"),
+]}
+
+
+def get_family(name: str) -> Family:
+    """The FAMILIES row for `name`; BadInput if there is none."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise BadInput(f"unknown tiny family {name!r}", fix=f"choose one of: {', '.join(FAMILIES)}") from None
+
+
+def make_tiny(family: str, out: Path, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint of `family` to `out` and return `out`.
+
+    The same family and seed give byte-identical files. `out` must be new, empty, or an earlier
+    make_tiny output (which is replaced). The directory appears complete or not at all.
+    """
+    fam = get_family(family)
+    if fam.unbuildable:
+        raise UnsupportedArchitecture(f"cannot build tiny {fam.name!r}: {fam.unbuildable}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise BadInput(f"{out} exists and is not a tiny checkpoint", fix="choose a new or empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _build(fam, tmp, seed)
+        (tmp / MARKER).write_text(json.dumps({"family": fam.name, "seed": seed}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _build(fam: Family, out: Path, seed: int) -> None:
+    tokens = _TOKENIZERS[fam.tokenizer](fam, out)
+    _write_model(fam, tokens, out, seed)
+
+
+# --- tokenizers ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Tokens:
+    """What the model config and generation config must agree on with the tokenizer."""
+    count: int                   # len(tokenizer): the embedding needs at least this many rows
+    bos: int | None
+    eos: int
+    pad: int | None
+    stop: list[int]              # generation eos ids: end of text and end of turn
+
+
+@dataclass(frozen=True)
+class _SpmRecipe:
+    fast_class: str              # transformers class that converts the .model to tokenizer.json
+    vocab_size: int              # SentencePiece vocabulary, before added tokens
+    trainer: dict[str, Any]      # special-piece layout and options of the real tokenizer
+    bos: str
+    eos: str
+    unk: str
+    pad: str | None
+    add_bos: bool
+    special: tuple[str, ...] = ()    # special tokens; new ones are appended in this order
+    rstrip: tuple[str, ...] = ()     # special tokens that swallow the whitespace after them
+    stop: tuple[str, ...] = ()       # extra generation stop tokens besides eos
+
+
+# The Llama SentencePiece layout: <unk>=0 <s>=1 </s>=2, then 256 byte-fallback pieces.
+_LLAMA_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
+
+# Phi-3's chat tokens come after the SentencePiece vocabulary, in the real model's id order.
+_PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
+               "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>",
+               "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+
+_SPM_RECIPES: dict[str, _SpmRecipe] = {
+    # Phi-3: Llama vocabulary; eos is <|endoftext|>; no BOS added (as in the current Phi-3
+    # tokenizer_config). Chat tokens swallow the newline after them (rstrip), as in the real
+    # tokenizer.json; llama.cpp copies that for models whose name contains "phi3" / "phi-3".
+    "phi3": _SpmRecipe("LlamaTokenizerFast", 480, _LLAMA_IDS, bos="<s>", eos="<|endoftext|>",
+                       unk="<unk>", pad="<|endoftext|>", add_bos=False, special=_PHI3_ADDED,
+                       rstrip=_PHI3_ADDED[1:], stop=("<|assistant|>", "<|end|>")),
+    # Llama 2: BOS added to every encode, no pad token.
+    "llama": _SpmRecipe("LlamaTokenizerFast", 512, _LLAMA_IDS, bos="<s>", eos="</s>", unk="<unk>",
+                        pad=None, add_bos=True),
+    # Mistral v0.3: [INST] / [/INST] are control pieces inside the SentencePiece model (ids 3, 4).
+    "mistral": _SpmRecipe("LlamaTokenizerFast", 512, {**_LLAMA_IDS, "control_symbols": ["[INST]", "[/INST]"]},
+                          bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True,
+                          special=("[INST]", "[/INST]")),
+    # Gemma: <pad>=0 <eos>=1 <bos>=2 <unk>=3, no dummy prefix, turn markers in the vocabulary.
+    "gemma": _SpmRecipe("GemmaTokenizerFast", 512,
+                        dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+                             bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+                             user_defined_symbols=["<start_of_turn>", "<end_of_turn>"]),
+                        bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", add_bos=True,
+                        special=("<start_of_turn>", "<end_of_turn>"), stop=("<end_of_turn>",)),
+}
+
+
+def _spm_tokenizer(fam: Family, out: Path) -> _Tokens:
+    import tempfile
+
+    import transformers
+    from transformers import AddedToken
+
+    recipe = _SPM_RECIPES[fam.tokenizer]
+    with tempfile.TemporaryDirectory() as scratch:
+        model_file = Path(scratch) / "tokenizer.model"
+        model_file.write_bytes(_train_sentencepiece(recipe.vocab_size, recipe.trainer))
+        cls = getattr(transformers, recipe.fast_class)
+        tok = cls(vocab_file=str(model_file), from_slow=True, add_bos_token=recipe.add_bos, add_eos_token=False,
+                  # legacy: a "▁" before the text and again after every special token, which is
+                  # what llama.cpp and onnxruntime-genai do (non-legacy differs after specials).
+                  # add_prefix_space must be explicit: left unset, the converter adds none at all.
+                  legacy=True, add_prefix_space=True, bos_token=recipe.bos, unk_token=recipe.unk)
+        tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=t in recipe.rstrip)
+                        for t in recipe.special], special_tokens=True)
+        tok.eos_token = recipe.eos
+        tok.pad_token = recipe.pad
+        tok.chat_template = fam.chat_template
+        tok.model_max_length = fam.config.get("max_position_embeddings", 4096)
+        # Keep the template inside tokenizer_config.json: llama.cpp's converter and the
+        # onnxruntime-genai tokenizer read it there, not from chat_template.jinja.
+        tok.save_pretrained(out, save_jinja_files=False)
+    return _tokens_of(tok, [recipe.eos, *recipe.stop])
+
+
+def _train_sentencepiece(vocab_size: int, layout: dict[str, Any]) -> bytes:
+    """A BPE SentencePiece model trained on CORPUS, with Llama-style byte fallback.
+
+    One thread and an in-memory writer keep it deterministic (no paths in the trainer spec).
+    """
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.strip().splitlines()), model_writer=buf,
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
+        character_coverage=1.0, num_threads=1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2, **layout)
+    return buf.getvalue()
+
+
+def _smollm2_tokenizer(fam: Family, out: Path) -> _Tokens:
+    """Copy the repaired SmolLM2 byte-level BPE tokenizer and give it the family's template.
+
+    Files are copied byte for byte (not re-saved) so that the repairs edgekit.embedded made,
+    which llama.cpp's pre-tokenizer hash depends on, stay exactly as they are.
+    """
+    from transformers import AutoTokenizer
+
+    from .embedded import ensure_checkpoint
+
+    src = ensure_checkpoint("smollm2-135m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(src / name, out / name)
+    _patch_json(out / "tokenizer_config.json", chat_template=fam.chat_template)
+    tok = AutoTokenizer.from_pretrained(out)
+    return _tokens_of(tok, [tok.eos_token])
+
+
+def _tokens_of(tok, stop: list[str]) -> _Tokens:
+    return _Tokens(count=len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id,
+                   stop=[tok.convert_tokens_to_ids(t) for t in stop])
+
+
+_TOKENIZERS = {"phi3": _spm_tokenizer, "llama": _spm_tokenizer, "mistral": _spm_tokenizer,
+               "gemma": _spm_tokenizer, "smollm2": _smollm2_tokenizer}
+
+
+# --- model -----------------------------------------------------------------------------------
+
+def _write_model(fam: Family, tokens: _Tokens, out: Path, seed: int) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    settings = {**TINY, **copy.deepcopy(fam.config)}     # deep copy: configs edit rope_scaling
+    settings.setdefault("vocab_size", tokens.count)
+    if settings["vocab_size"] < tokens.count:
+        raise EdgekitError(f"tiny {fam.name}: vocab_size {settings['vocab_size']} < {tokens.count} tokens")
+    config = AutoConfig.for_model(fam.model_type, bos_token_id=tokens.bos, eos_token_id=tokens.eos,
+                                  pad_token_id=tokens.pad, **settings)
+    with torch.random.fork_rng(devices=[]):              # leave the caller's RNG alone
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=tokens.bos, eos_token_id=tokens.stop,
+                                               pad_token_id=tokens.pad)
+    model.save_pretrained(out, safe_serialization=True)
+    # save_pretrained writes the transformers class name; write the real checkpoints' spelling.
+    _patch_json(out / "config.json", architectures=[fam.architecture])
+
+
+def _patch_json(path: Path, **updates: Any) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(updates)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# Training text for the SentencePiece vocabularies: English prose, chat phrasing, code and
+# digits, so that common words get merges and the tokenizers behave like real ones on tests.
+CORPUS = """
+The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is Rome.
+You are a helpful assistant. Answer the question briefly and politely.
+What is the weather like today? It is sunny and warm, with a light breeze from the west.
+Please write a short story about a cat who learns to play the piano.
+Once upon a time there was a small village at the edge of a large forest.
+The people of the village were farmers, and every morning they walked to their fields.
+A language model predicts the next token from the tokens that came before it.
+Quantization stores each weight in four bits, which makes the model smaller and faster.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+def add(a, b):
+    return a + b
+for i in range(10):
+    print(i * 2, "items")
+class Model:
+    def __init__(self, name: str) -> None:
+        self.name = name
+if x > 0 and y < 100: result = [x, y, {"key": 'value'}]
+The numbers are 0 1 2 3 4 5 6 7 8 9, and 42, 2024, 3.14159 and 1e-5.
+Email me at user@example.com or visit https://example.com/path?query=1#top.
+Symbols: ! " # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~
+ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz
+Hello, how are you? I am fine, thank you. And you? Very well, thanks for asking.
+The user asked the assistant a question, and the assistant answered with a clear explanation.
+Water boils at one hundred degrees Celsius at sea level, and freezes at zero degrees.
+The sun rises in the east and sets in the west. The moon orbits the earth once a month.
+Machine learning models are trained on data and evaluated on held out examples.
+She opened the window, looked at the garden, and smiled at the flowers in the morning light.
+He said that the train would arrive at seven o'clock, but it was late again.
+Summarize the following text in one sentence. Translate this sentence into French.
+Bonjour, comment allez-vous? Je vais bien, merci. Où est la gare? Voilà le café.
+Tokens, tokenizers and vocabularies: the words are split into pieces and bytes.
+Export the model, verify the parity, then measure the speed and the memory on the device.
+The export produced a bundle with the model files, the tokenizer and the chat template.
+In the beginning the universe was created. This has made a lot of people very angry.
+It was the best of times, it was the worst of times, it was the age of wisdom.
+All happy families are alike; each unhappy family is unhappy in its own way.
+Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail.
+import numpy as np
+x = np.zeros((3, 4), dtype=np.float32)
+while True:
+    line = input("> ")
+    if not line:
+        break
+SELECT name, count(*) FROM users WHERE age >= 18 GROUP BY name ORDER BY name;
+"""
