@@ -159,7 +159,7 @@ def _export_one(checkpoint, name: str, recipe, dest: Path, force: bool, progress
                 "peak_rss_mb": round(usage.peak_rss_mb, 1),
                 "notes": list(notes.notes),
             },
-            "tools": {"edgekit": __version__, **mod.tool_versions()},
+            "tools": {"edgekit": __version__, **mod.tool_versions(), **notes.tools},
             "reproducible_files": list(notes.reproducible_files),
             "parity": None,
             "bench": {},
