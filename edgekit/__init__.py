@@ -9,5 +9,5 @@ Library first; the `edgekit` CLI is a thin client of these functions:
 
 __version__ = "0.1.0"
 
-from .api import export, run  # noqa: E402,F401
+from .api import export, run, verify  # noqa: E402,F401
 from .errors import EdgekitError  # noqa: E402,F401

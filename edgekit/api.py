@@ -144,7 +144,7 @@ def _export_one(checkpoint, name: str, recipe, dest: Path, force: bool, progress
     progress.note(f"exporting {checkpoint.short_name} ({checkpoint.architecture}) to {name} -> {dest}")
     with staging(dest, force) as tmp:
         with PeakRSS() as usage:
-            notes = mod.export(checkpoint, tmp, recipe, progress)
+            notes = mod.export(checkpoint, tmp.resolve(), recipe, progress)  # backends may chdir children
         manifest = {
             "name": dest.name,
             "format": name,
@@ -230,3 +230,69 @@ def run(
         ttft_ms=round(ttft, 1), decode_tok_s=round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
         token_ids=tuple(gen.token_ids),
     )
+
+
+def _reference_checkpoint(manifest: dict[str, Any], reference: str | None, offline: bool | None,
+                          trust_remote_code: bool):
+    """The checkpoint the bundle was exported from, checked by content hash."""
+    from .checkpoint import content_hash, resolve
+
+    src = manifest["source"]
+    if reference:
+        ck = resolve(reference, offline=offline, trust_remote_code=trust_remote_code)
+    elif src.get("path") and Path(src["path"]).is_dir():
+        ck = resolve(src["path"], trust_remote_code=trust_remote_code)
+    elif src.get("alias") or src.get("hub_id"):
+        ck = resolve(src.get("alias") or src["hub_id"], revision=src.get("revision"), offline=offline,
+                     trust_remote_code=trust_remote_code)
+    else:
+        raise BadInput(f"the checkpoint this bundle was exported from is gone ({src.get('path')})",
+                       "Pass --reference PATH to the original checkpoint")
+    if src.get("content_sha256") and content_hash(ck.path) != src["content_sha256"]:
+        raise BadInput(f"the reference checkpoint {ck.path} is not the one this bundle was exported from (content hash differs)",
+                       "Pass --reference with the original checkpoint")
+    return ck
+
+
+def thresholds_for(fmt: str, overrides: dict[str, Any] | None = None):
+    from .parity import Thresholds
+    from .targets import load_targets
+
+    spec = load_targets().format(fmt)
+    table = {**spec.thresholds, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return Thresholds.from_table(table, f"{spec.source} [thresholds]")
+
+
+def verify(
+    bundle: str | Path,
+    *,
+    eval_text: str | Path | None = None,
+    reference: str | None = None,
+    thresholds: dict[str, Any] | None = None,
+    window: int | None = None,
+    offline: bool | None = None,
+    trust_remote_code: bool = False,
+    write: bool = True,
+    progress=None,
+):
+    """Parity of `bundle` against its unquantized checkpoint. Returns a ParityReport (check
+    `.passed`); writes parity.json and the manifest summary into the bundle unless write=False."""
+    from .parity import verify_session, write_report
+    from .progress import NullProgress
+    from .reference import DEFAULT_WINDOW, load_eval_text
+
+    progress = progress or NullProgress()
+    window = window or DEFAULT_WINDOW
+    if window < 8:
+        raise BadInput(f"--window {window} is too small", "Use at least 8 tokens (default 512)")
+    text = load_eval_text(eval_text)
+    session, manifest = open_bundle(bundle)
+    try:
+        limits = thresholds_for(manifest["format"], thresholds)
+        checkpoint = _reference_checkpoint(manifest, reference, offline, trust_remote_code)
+        report = verify_session(session, Path(bundle), manifest["format"], checkpoint, text, limits, window, progress)
+    finally:
+        session.close()
+    if write:
+        write_report(Path(bundle), report)
+    return report

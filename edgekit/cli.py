@@ -39,6 +39,18 @@ def model_options(f):
     return f
 
 
+def threshold_options(f):
+    f = click.option("--max-kld", type=float, help="Override kld_mean_max from targets/<format>.toml.")(f)
+    f = click.option("--min-top1", type=float, help="Override top1_agreement_min.")(f)
+    f = click.option("--max-ppl-ratio", type=float, help="Override ppl_ratio_max.")(f)
+    return f
+
+
+def _threshold_overrides(max_kld, min_top1, max_ppl_ratio) -> dict[str, Any]:
+    return {"kld_mean_max": max_kld, "top1_agreement_min": min_top1, "ppl_ratio_max": max_ppl_ratio}
+
+
+
 def _progress(quiet: bool):
     from .progress import RichProgress
 
@@ -132,28 +144,113 @@ def targets(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--set", "recipe_set", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key from targets/<target>.toml, e.g. --set block_size=64.")
+@click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
+              help="Check parity against the unquantized reference after exporting (exit 3 on a failed gate).")
+@click.option("--eval-text", type=click.Path(), help="Text for the parity check (default: built-in).")
+@threshold_options
 @model_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(model, target, out, force, recipe_set, revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
+def export(model, target, out, force, recipe_set, run_verify, eval_text, max_kld, min_top1, max_ppl_ratio,
+           revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
     """Export MODEL (checkpoint dir, hub id or alias) to a deployable bundle.
 
     \b
     Example:
         edgekit export phi3-mini --target onnx-int4
         edgekit export ./my-checkpoint --target gguf-q4_k_m --out dist/my-q4
+        edgekit export smollm2-135m --target all --no-verify
     """
     from . import api
 
+    if eval_text and not run_verify:
+        from .errors import BadInput
+
+        raise BadInput("--eval-text has no effect with --no-verify", "Drop one of them")
+    progress = _progress(quiet or as_json)
     results = api.export(model, target, out, force=force, revision=revision, offline=offline,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                         recipe=_parse_sets(recipe_set), progress=_progress(quiet))
-    if as_json:
-        _emit_json({"bundles": [r.to_dict() for r in results]})
-        return
+                         recipe=_parse_sets(recipe_set), progress=progress)
+    reports = []
     for r in results:
         _err(f"wrote {r.bundle}  ({r.format}, {r.size_bytes / 2**20:.1f} MiB, {r.files} files, "
              f"{r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MiB, via {r.path_taken})")
+        if run_verify:
+            reports.append(api.verify(r.bundle, eval_text=eval_text, offline=offline, trust_remote_code=trust_remote_code,
+                                      thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio), progress=progress))
+            if not as_json:
+                _print_parity(reports[-1])
+    if as_json:
+        _emit_json({"bundles": [r.to_dict() for r in results], "parity": [p.to_dict() for p in reports]})
+    _gate(reports)
+
+
+def _print_parity(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"parity: {report.bundle} ({report.format})", title_justify="left")
+    for col in ("metric", "value", "gate", "ok"):
+        table.add_column(col)
+    gates = {c.name: c for c in report.checks}
+    rows = [("kld_mean", report.kld_mean), ("kld_p99", report.kld_p99), ("top1_agreement", report.top1_agreement),
+            ("ppl_ref", report.ppl_ref), ("ppl_bundle", report.ppl_bundle), ("ppl_ratio", report.ppl_ratio),
+            ("delta_p_mean", report.delta_p_mean), ("greedy_match_tokens_mean", report.greedy_match_tokens_mean),
+            ("tokenizer_agreement", report.tokenizer_agreement), ("chat_template_match", report.chat_template_match)]
+    for name, value in rows:
+        c = gates.get(name)
+        shown = str(value) if isinstance(value, bool) else f"{value:.4f}"
+        table.add_row(name, shown, f"{c.op} {c.threshold}" if c else "", ("✓" if c.passed else "✗ FAIL") if c else "")
+    console = Console(stderr=True)
+    console.print(table)
+    ref = report.reference
+    console.print(f"{report.positions} positions, reference {ref['dtype']} ({'cached' if ref['cached'] else 'computed'}), "
+                  f"{report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB", highlight=False)
+    for failure in report.tokenizer_failures[:5]:
+        console.print(f"  tokenizer: {failure}", markup=False, highlight=False)
+
+
+def _gate(reports) -> None:
+    from .errors import GateFailed
+
+    failed = [f"{r.bundle}: {'; '.join(r.failed)}" for r in reports if not r.passed]
+    if failed:
+        raise GateFailed("parity gate failed: " + " | ".join(failed), "See parity.json in the bundle")
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path())
+@click.option("--eval-text", type=click.Path(), help="UTF-8 text to evaluate on (default: edgekit's built-in mix).")
+@click.option("--reference", help="The unquantized checkpoint (default: the one recorded in the manifest).")
+@click.option("--window", type=int, help="Tokens per evaluation window (default 512).")
+@threshold_options
+@click.option("--offline", is_flag=True, default=None, help="Never contact the hub for the reference.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the reference checkpoint's own Python code to run.")
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def verify(bundles, eval_text, reference, window, max_kld, min_top1, max_ppl_ratio, offline, trust_remote_code, as_json, quiet):
+    """Check BUNDLES against the unquantized reference; exit 3 if a threshold fails.
+
+    Reports KL divergence, top-1 agreement, perplexity ratio, greedy continuation,
+    tokenizer and chat-template agreement, and writes parity.json into each bundle.
+
+    \b
+    Example:
+        edgekit verify dist/phi3-mini-onnx-int4
+        edgekit verify dist/x --eval-text my_domain.txt --json
+    """
+    from . import api
+
+    progress = _progress(quiet or as_json)
+    reports = [api.verify(b, eval_text=eval_text, reference=reference, window=window, offline=offline,
+                          trust_remote_code=trust_remote_code, progress=progress,
+                          thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio)) for b in bundles]
+    if as_json:
+        _emit_json({"reports": [r.to_dict() for r in reports]})
+    else:
+        for r in reports:
+            _print_parity(r)
+    _gate(reports)
 
 
 def _parse_sets(items) -> dict[str, Any]:

@@ -377,7 +377,7 @@ def test_generate_is_greedy_and_streams(session, tiny_export):
 
 
 def test_generate_stops_at_end_of_generation(session):
-    """With ignore_eos off, the first end-of-generation token ends the run and is the last id."""
+    """With ignore_eos off, the first end-of-generation token ends the run and is not kept."""
     import llama_cpp
 
     prompt = session.chat_prompt_ids(CONVERSATIONS[1])
@@ -386,7 +386,7 @@ def test_generate_stops_at_end_of_generation(session):
     eog = [i for i, t in enumerate(full.token_ids) if llama_cpp.llama_vocab_is_eog(vocab, t)]
     stopped = session.generate(prompt, 40)
     if eog:
-        assert stopped.stopped_by == "eos" and stopped.token_ids == full.token_ids[: eog[0] + 1]
+        assert stopped.stopped_by == "eos" and stopped.token_ids == full.token_ids[: eog[0]]
     else:
         assert stopped == full
 

@@ -59,6 +59,9 @@ class Session(Protocol):
     ) -> Generation:
         """Greedy decoding."""
 
+    def logits(self, ids: Sequence[int]) -> Any:
+        """Teacher-forced logits, a float32 numpy array [len(ids), vocab] (vocab may be padded)."""
+
     def close(self) -> None: ...
 
 

@@ -552,7 +552,7 @@ class LlamaCppSession:
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generation:
         """Greedy decoding: argmax over the logits, no sampler chain, so no penalties or
         temperature can creep in. The end-of-generation token (EOS, <|end|>, <|im_end|>, ...)
-        is kept in token_ids but not rendered in text. text is the concatenation of what
+        ends the run and is not part of token_ids or text (as in the ONNX session). text is the concatenation of what
         on_text received; it keeps the leading space of the first piece, as llama.cpp streams it."""
         import numpy as np
 
@@ -579,15 +579,49 @@ class LlamaCppSession:
         for i in range(max_tokens):
             logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(self._n_vocab,))
             token = int(logits.argmax())
-            out.append(token)
             if lib.llama_vocab_is_eog(self._vocab, token) and not ignore_eos:
                 stopped_by = "eos"
                 break
+            out.append(token)
             emit(stream.feed(token))
             if i + 1 < max_tokens:  # the last token needs no forward pass
                 llm.eval([token])
         emit(stream.flush())
         return Generation(token_ids=tuple(out), text="".join(pieces), prompt_tokens=len(prompt), stopped_by=stopped_by)
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        """Teacher-forced logits [len(ids), n_vocab] for every position, one forward pass per
+        n_batch chunk. Uses llama.cpp's batch API directly: Llama(logits_all=True) would
+        allocate n_ctx x n_vocab floats for every session, not only for parity runs."""
+        import numpy as np
+
+        lib, ctx = self._lib, self._llm.ctx
+        ids = [int(t) for t in ids]
+        if len(ids) > self.context:
+            raise BadInput(f"{len(ids)} tokens exceed the context of {self.context}", "Use a shorter evaluation window")
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        self._llm.reset()
+        n_batch = max(1, int(lib.llama_n_batch(ctx)))
+        out = np.empty((len(ids), self._n_vocab), dtype=np.float32)
+        for start in range(0, len(ids), n_batch):
+            chunk = ids[start:start + n_batch]
+            batch = lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                batch.n_tokens = len(chunk)
+                if lib.llama_decode(ctx, batch) != 0:
+                    raise ToolFailed("llama_decode failed while computing logits")
+                rows = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(len(chunk) * self._n_vocab,))
+                out[start:start + len(chunk)] = rows.reshape(len(chunk), self._n_vocab)
+            finally:
+                lib.llama_batch_free(batch)
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        return out
 
     def close(self) -> None:
         if self._llm is not None:

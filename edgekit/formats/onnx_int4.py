@@ -106,6 +106,7 @@ ENGINES = ("auto", "builder", "optimum")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 EMBEDDINGS = ("auto", "float", "int4")
+PRECISIONS = ("int4", "fp32")
 
 # algorithm -> (base method, MatMul groups raised to int8). The builder's algo_config takes
 # exactly these names (builders/quant_config.py, _LEGACY_ALGO_ALIASES); the fallback reads the
@@ -125,6 +126,7 @@ ALGORITHMS: dict[str, tuple[str, tuple[str, ...]]] = {
 @dataclass(frozen=True)
 class OnnxRecipe:
     engine: str = "auto"           # "auto" | "builder" | "optimum" (fallback path, forced)
+    precision: str = "int4"        # "int4"; "fp32" for a float reference bundle (parity baselines)
     block_size: int = 32           # input channels per quantization block
     accuracy_level: int = 4        # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     algorithm: str = "k_quant_mixed"  # a key of ALGORITHMS
@@ -138,7 +140,7 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
 
     recipe = dataclass_from_table(OnnxRecipe, table, where)
     checks = (
-        ("engine", ENGINES), ("block_size", BLOCK_SIZES), ("accuracy_level", ACCURACY_LEVELS),
+        ("engine", ENGINES), ("precision", PRECISIONS), ("block_size", BLOCK_SIZES), ("accuracy_level", ACCURACY_LEVELS),
         ("algorithm", tuple(ALGORITHMS)), ("embeddings", EMBEDDINGS),
     )
     for key, allowed in checks:
@@ -282,6 +284,7 @@ def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, prog
         "output": str(staging),
         "cache_dir": str(work / "cache"),
         "extra_options": builder_extra_options(recipe, checkpoint.trust_remote_code),
+        "precision": recipe.precision,
     }
     result = _run_child(job, work, progress, _ChildOutput(_num_layers(checkpoint.config)))
     if result.get("error") == "NotImplementedError":
@@ -473,8 +476,9 @@ def _child_builder(job: dict[str, Any]) -> None:
     opts = dict(job["extra_options"])
     # check_extra_options converts the strings to typed values and loads the HF config into
     # opts["hf_details"], which create_model requires: the same two calls the CLI makes.
-    check_extra_options(None, job["input"], job["output"], "int4", "cpu", job["cache_dir"], opts)
-    create_model(None, job["input"], job["output"], "int4", "cpu", job["cache_dir"], **opts)
+    precision = job.get("precision", "int4")
+    check_extra_options(None, job["input"], job["output"], precision, "cpu", job["cache_dir"], opts)
+    create_model(None, job["input"], job["output"], precision, "cpu", job["cache_dir"], **opts)
 
 
 def _child_optimum(job: dict[str, Any]) -> None:
@@ -487,12 +491,14 @@ def _child_optimum(job: dict[str, Any]) -> None:
     main_export(job["input"], output=fp32, task="text-generation-with-past", device="cpu",
                 trust_remote_code=job["trust_remote_code"], local_files_only=True,
                 do_validation=False, cache_dir=job["cache_dir"])
-    print(_PHASE + "quantizing to int4")
     model = onnx.load(str(fp32 / "model.onnx"))
-    quantizer = MatMulNBitsQuantizer(model, **fallback_quantizer_args(job["recipe"], model))
-    quantizer.process()
+    if job["recipe"].get("precision", "int4") == "int4":
+        print(_PHASE + "quantizing to int4")
+        quantizer = MatMulNBitsQuantizer(model, **fallback_quantizer_args(job["recipe"], model))
+        quantizer.process()
+        model = quantizer.model.model
     print(_PHASE + "writing model.onnx")
-    onnx.save_model(quantizer.model.model, str(out / "model.onnx"), save_as_external_data=True,
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
     os.chmod(out / "model.onnx.data", 0o644)  # onnx writes it 0600, unlike every other bundle file
     # optimum copies tokenizer, chat template and generation config beside its model.onnx.
@@ -771,6 +777,22 @@ class OnnxSession:
         del generator
         return Generation(token_ids=tuple(out), text="".join(pieces),
                           prompt_tokens=len(prompt_ids), stopped_by=stopped_by)
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        """Teacher-forced logits [len(ids), vocab] from one prefill: onnxruntime-genai returns
+        the graph's logits for every appended position (its vocabulary may be padded)."""
+        import numpy as np
+
+        if len(ids) > self.context_length:
+            raise BadInput(f"{len(ids)} tokens exceed the context length {self.context_length}",
+                           "Use a shorter evaluation window")
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=len(ids) + 1)
+        generator = self._og.Generator(self._model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
+        del generator
+        return logits.reshape(-1, logits.shape[-1])[-len(ids):]
 
     def close(self) -> None:
         self._tokenizer = self._model = None

@@ -1,0 +1,252 @@
+"""Parity of a bundle against the unquantized reference, as a gate.
+
+Every check is computed, each failure is collected with its figure and threshold, and the
+report fails once at the end (the optimum exporters' validation pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+
+# Completion prompts for greedy_match_tokens: short, factual, varied.
+GREEDY_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+)
+GREEDY_TOKENS = 24
+
+# Strings that break tokenizers: unicode, emoji, digits, whitespace runs, code.
+PROBES = (
+    "Hello, world!",
+    "naïve café résumé Ünïcödé ß ø å",
+    "日本語のテキストと中文",
+    "emoji 🙂🚀👍🏽 done",
+    "digits 1234567890 3.14159 -42 1e-9",
+    "tabs\tand\nnewlines\n\nend",
+    "    indented    runs     of spaces",
+    "def f(x):\n    return x ** 2  # square",
+    '{"key": [1, 2, 3], "ok": true}',
+    "https://example.com/a?b=c&d=e#frag",
+)
+
+CHAT = (
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is 12 times 12?"},
+    {"role": "assistant", "content": "144."},
+    {"role": "user", "content": "And the square root of 144? Answer: 12 — right?"},
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    kld_mean_max: float = 0.10
+    kld_p99_max: float | None = None
+    top1_agreement_min: float = 0.80
+    ppl_ratio_max: float = 1.10
+    greedy_match_min: float | None = None   # mean tokens before divergence
+    tokenizer_agreement_min: float = 1.0
+    chat_template_match: bool = True
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], where: str) -> "Thresholds":
+        from .targets import check_keys
+
+        check_keys(table, set(cls.__dataclass_fields__), where)
+        kwargs = {}
+        for key, value in table.items():
+            expected = bool if key == "chat_template_match" else (int, float)
+            if not isinstance(value, expected) or (expected != bool and isinstance(value, bool)):
+                raise BadInput(f"{where}: threshold '{key}' must be a number" if expected != bool
+                               else f"{where}: '{key}' must be true or false", f"Fix {key}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float | bool
+    threshold: float | bool
+    op: str  # "<=", ">=", "=="
+    passed: bool
+
+    def line(self) -> str:
+        v = self.value if isinstance(self.value, bool) else f"{self.value:.4g}"
+        t = self.threshold if isinstance(self.threshold, bool) else f"{self.threshold:.4g}"
+        return f"{self.name} = {v} (needs {self.op} {t})"
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    bundle: str
+    format: str
+    reference: dict[str, Any]
+    eval_text_sha256: str
+    positions: int
+    kld_mean: float
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float
+    ppl_ref: float
+    ppl_bundle: float
+    ppl_ratio: float
+    delta_p_mean: float
+    delta_p_p1: float
+    delta_p_p99: float
+    greedy_match_tokens_mean: float
+    greedy_match_tokens_min: int
+    greedy_tokens: int
+    tokenizer_agreement: float
+    tokenizer_failures: tuple[str, ...]
+    chat_template_match: bool
+    checks: tuple[Check, ...]
+    passed: bool
+    wall_s: float
+    peak_rss_mb: float
+    failed: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "greedy_match_tokens_mean",
+                "tokenizer_agreement", "chat_template_match", "passed", "failed")
+        return {k: getattr(self, k) for k in keys}
+
+
+def evaluate_checks(metrics: dict[str, Any], t: Thresholds) -> list[Check]:
+    checks = []
+
+    def add(name, value, threshold, op):
+        if threshold is None:
+            return
+        ok = {"<=": value <= threshold, ">=": value >= threshold, "==": value == threshold}[op]
+        checks.append(Check(name, value, threshold, op, bool(ok)))
+
+    add("kld_mean", metrics["kld_mean"], t.kld_mean_max, "<=")
+    add("kld_p99", metrics["kld_p99"], t.kld_p99_max, "<=")
+    add("top1_agreement", metrics["top1_agreement"], t.top1_agreement_min, ">=")
+    add("ppl_ratio", metrics["ppl_ratio"], t.ppl_ratio_max, "<=")
+    add("greedy_match_tokens_mean", metrics["greedy_match_tokens_mean"], t.greedy_match_min, ">=")
+    add("tokenizer_agreement", metrics["tokenizer_agreement"], t.tokenizer_agreement_min, ">=")
+    if t.chat_template_match:
+        add("chat_template_match", metrics["chat_template_match"], True, "==")
+    return checks
+
+
+def teacher_forced(session, reference, rows_per_chunk: int = 64) -> dict[str, float]:
+    """Metrics over every window; only one window of logits (plus a row chunk in float64)
+    is in memory at a time."""
+    import numpy as np
+
+    from .metrics import concat, position_stats, summarise
+
+    stats = []
+    for i, window in enumerate(reference.windows):
+        ref = reference.logits(i)
+        bun = session.logits(list(window))
+        targets = np.asarray(window[1:])
+        for r in range(0, len(targets), rows_per_chunk):
+            sl = slice(r, min(r + rows_per_chunk, len(targets)))
+            stats.append(position_stats(np.asarray(ref[sl]), bun[sl], targets[sl]))
+        del bun, ref
+    return summarise(concat(stats))
+
+
+def greedy_agreement(session, reference) -> tuple[float, int]:
+    """Tokens the bundle's greedy continuation shares with the reference's before diverging.
+    Identical continuations (also when both stop at EOS early) count as a full match."""
+    from .metrics import greedy_match
+
+    matches = []
+    for prompt, ref_ids in reference.greedy.items():
+        ids = reference.prompt_ids[prompt]
+        got = list(session.generate(ids, GREEDY_TOKENS).token_ids)
+        matches.append(GREEDY_TOKENS if got == ref_ids else greedy_match(ref_ids, got))
+    return (sum(matches) / len(matches), min(matches)) if matches else (float(GREEDY_TOKENS), GREEDY_TOKENS)
+
+
+def probe_strings(tokenizer) -> list[str]:
+    specials = [t for t in dict.fromkeys(tokenizer.all_special_tokens + list(tokenizer.added_tokens_decoder and
+                [a.content for a in tokenizer.added_tokens_decoder.values()])) if t]
+    return list(PROBES) + [f"{s}Hello there{s}\n" for s in specials[:8]]
+
+
+def tokenizer_agreement(session, tokenizer) -> tuple[float, list[str]]:
+    """Share of probes the runtime tokenizer encodes to the reference's exact ids and decodes
+    back to the reference's text."""
+    failures = []
+    probes = probe_strings(tokenizer)
+    for s in probes:
+        want = tokenizer(s, add_special_tokens=False).input_ids
+        got = session.encode(s)
+        if got != want:
+            failures.append(f"encode {s!r}: {got[:12]} != {want[:12]}")
+            continue
+        ref_text = tokenizer.decode(want, skip_special_tokens=True)
+        out = session.decode(got)
+        if out.strip() != ref_text.strip():
+            failures.append(f"decode {s!r}: {out!r} != {ref_text!r}")
+    return 1.0 - len(failures) / len(probes), failures
+
+
+def chat_match(session, tokenizer) -> bool:
+    want = list(tokenizer.apply_chat_template(list(CHAT), add_generation_prompt=True, tokenize=True))
+    return session.chat_prompt_ids(list(CHAT)) == want
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thresholds: Thresholds,
+                   window: int, progress) -> ParityReport:
+    from .measure import PeakRSS
+    from .reference import build_reference, load_tokenizer, reference_info
+
+    t0 = time.perf_counter()
+    with PeakRSS() as usage:
+        reference = build_reference(checkpoint, text, GREEDY_PROMPTS, GREEDY_TOKENS, window=window, progress=progress)
+        tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
+        with progress.step("bundle logits", total=None):
+            metrics = teacher_forced(session, reference)
+        with progress.step("greedy, tokenizer, chat"):
+            g_mean, g_min = greedy_agreement(session, reference)
+            tok_share, tok_failures = tokenizer_agreement(session, tokenizer)
+            chat_ok = chat_match(session, tokenizer)
+    metrics.update(greedy_match_tokens_mean=g_mean, tokenizer_agreement=tok_share, chat_template_match=chat_ok)
+    checks = evaluate_checks(metrics, thresholds)
+    failed = tuple(c.line() for c in checks if not c.passed)
+    return ParityReport(
+        bundle=str(bundle), format=fmt, reference=reference_info(reference), eval_text_sha256=text_sha256(text),
+        positions=metrics["positions"], kld_mean=metrics["kld_mean"], kld_p99=metrics["kld_p99"],
+        kld_max=metrics["kld_max"], top1_agreement=metrics["top1_agreement"], ppl_ref=metrics["ppl_ref"],
+        ppl_bundle=metrics["ppl_bundle"], ppl_ratio=metrics["ppl_ratio"], delta_p_mean=metrics["delta_p_mean"],
+        delta_p_p1=metrics["delta_p_p1"], delta_p_p99=metrics["delta_p_p99"],
+        greedy_match_tokens_mean=g_mean, greedy_match_tokens_min=g_min, greedy_tokens=GREEDY_TOKENS,
+        tokenizer_agreement=tok_share, tokenizer_failures=tuple(tok_failures), chat_template_match=chat_ok,
+        checks=tuple(checks), passed=not failed, failed=failed,
+        wall_s=round(time.perf_counter() - t0, 2), peak_rss_mb=round(usage.peak_rss_mb, 1),
+    )
+
+
+def write_report(bundle: Path, report: ParityReport) -> None:
+    """parity.json into the bundle, its summary into manifest.json, file list re-hashed."""
+    from .bundle import read_manifest, write_manifest
+
+    tmp = bundle / "parity.json.tmp"
+    tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(bundle / "parity.json")
+    manifest = read_manifest(bundle)
+    manifest["parity"] = report.summary()
+    write_manifest(bundle, manifest)

@@ -1,0 +1,195 @@
+"""The unquantized reference: teacher-forced logits from transformers, cached on disk.
+
+Cache key = checkpoint content hash + token ids hash + dtype + window, so a second verify of
+any bundle made from the same checkpoint never loads the reference model again. Logits are
+stored one float32 .npy per window and memory-mapped on read: peak memory stays at one window
+of logits however long the evaluation text is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import BadInput
+from .paths import cache_dir
+
+REFERENCE_FORMAT = 1  # bump when what is stored changes
+DEFAULT_WINDOW = 512
+
+
+def default_eval_text() -> str:
+    return resources.files("edgekit").joinpath("data/eval.txt").read_text(encoding="utf-8")
+
+
+def load_eval_text(path: str | Path | None) -> str:
+    if path is None:
+        return default_eval_text()
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--eval-text {p} is not a file", "Pass a UTF-8 text file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"--eval-text {p} is not UTF-8 text", "Convert it to UTF-8") from None
+    if not text.strip():
+        raise BadInput(f"--eval-text {p} is empty", "Pass a file with at least a few sentences")
+    return text
+
+
+def reference_dtype() -> str:
+    """fp16 only where the host runs it well (a CUDA GPU); CPUs compute fp16 slowly and less exactly."""
+    try:
+        import torch
+
+        return "float16" if torch.cuda.is_available() else "float32"
+    except ImportError:
+        return "float32"
+
+
+def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[int]]:
+    """Split ids into non-overlapping windows; each starts with BOS when the tokenizer uses one,
+    as a fresh prompt would."""
+    step = window - (1 if bos is not None else 0)
+    out = []
+    for start in range(0, len(ids), step):
+        chunk = list(ids[start:start + step])
+        if len(chunk) < 2 and out:
+            out[-1] += chunk  # never leave a window with nothing to predict
+            continue
+        out.append(([bos] if bos is not None else []) + chunk)
+    return out
+
+
+def tokenizer_bos(tokenizer) -> int | None:
+    """The BOS id if this tokenizer adds one to plain text (Llama/Phi-3 SentencePiece), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
+
+
+@dataclass(frozen=True)
+class Reference:
+    key: str
+    directory: Path
+    windows: tuple[tuple[int, ...], ...]
+    dtype: str
+    greedy: dict[str, list[int]]     # prompt text -> reference greedy continuation ids
+    prompt_ids: dict[str, list[int]]  # prompt text -> ids fed to both models
+    cached: bool                     # True if nothing had to be computed
+
+    def logits(self, i: int):
+        import numpy as np
+
+        return np.load(self.directory / f"window_{i:04d}.npy", mmap_mode="r")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def build_reference(checkpoint, text: str, prompts: Sequence[str], greedy_tokens: int,
+                    window: int = DEFAULT_WINDOW, progress=None) -> Reference:
+    """Reference logits for `text` and greedy continuations for `prompts`, from the cache if present."""
+    from .checkpoint import content_hash
+    from .progress import NullProgress
+
+    progress = progress or NullProgress()
+    tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < 2:
+        raise BadInput(f"the evaluation text is {len(ids)} token(s) long", "Pass a text of at least two tokens (a few sentences)")
+    bos = tokenizer_bos(tokenizer)
+    windows = windows_of(ids, window, bos)
+    prompt_ids = {p: _prompt_ids(tokenizer, p, bos) for p in prompts}
+    dtype = reference_dtype()
+    key_src = json.dumps({"v": REFERENCE_FORMAT, "ckpt": content_hash(checkpoint.path), "windows": windows,
+                          "prompts": prompt_ids, "greedy": greedy_tokens, "dtype": dtype}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    directory = cache_dir() / "reference" / key
+    meta_path = directory / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return Reference(key, directory, tuple(map(tuple, windows)), dtype, meta["greedy"], prompt_ids, cached=True)
+
+    greedy = _compute(checkpoint, windows, prompt_ids, greedy_tokens, dtype, directory, progress)
+    return Reference(key, directory, tuple(map(tuple, windows)), dtype, greedy, prompt_ids, cached=False)
+
+
+def _prompt_ids(tokenizer, prompt: str, bos: int | None) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return ([bos] if bos is not None else []) + ids
+
+
+def _compute(checkpoint, windows, prompt_ids, greedy_tokens, dtype, directory: Path, progress) -> dict[str, list[int]]:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        with progress.step("loading reference model"):
+            # eager attention: sdpa skips Gemma 2's attention logit soft-capping.
+            model = AutoModelForCausalLM.from_pretrained(
+                str(checkpoint.path), dtype=getattr(torch, dtype), attn_implementation="eager",
+                trust_remote_code=checkpoint.trust_remote_code)
+            model.eval()
+        with torch.inference_mode():
+            with progress.step("reference logits", total=len(windows)) as step:
+                for i, w in enumerate(windows):
+                    logits = model(torch.tensor([w])).logits[0].float().numpy()
+                    np.save(tmp / f"window_{i:04d}.npy", logits.astype(np.float32))
+                    step.advance()
+            greedy = {}
+            with progress.step("reference greedy", total=len(prompt_ids)) as step:
+                for prompt, ids in prompt_ids.items():
+                    greedy[prompt] = _greedy(model, ids, greedy_tokens)
+                    step.advance()
+        del model
+        (tmp / "meta.json").write_text(json.dumps({"greedy": greedy, "dtype": dtype, "windows": len(windows)}))
+        if directory.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return greedy
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax loop with a KV cache; stops at EOS like the runtimes' sessions do."""
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    out: list[int] = []
+    past = None
+    inp = torch.tensor([ids])
+    for _ in range(n):
+        res = model(inp, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        tok = int(res.logits[0, -1].argmax())
+        if tok in eos_ids:
+            break
+        out.append(tok)
+        inp = torch.tensor([[tok]])
+    return out
+
+
+def reference_info(ref: Reference) -> dict[str, Any]:
+    return {"key": ref.key, "dtype": ref.dtype, "windows": len(ref.windows),
+            "tokens": sum(len(w) for w in ref.windows), "cached": ref.cached}
