@@ -95,7 +95,7 @@ def test_run_through_cli_json(fixture, request):
 
 def test_export_cli_json_and_refusal_to_overwrite(tiny_phi3, tmp_path):
     out = tmp_path / "b"
-    args = ["export", str(tiny_phi3), "--target", "gguf-q4_k_m", "--out", str(out), "--json", "-q"]
+    args = ["export", str(tiny_phi3), "--target", "gguf-q4_k_m", "--out", str(out), "--json", "-q", "--no-verify"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)

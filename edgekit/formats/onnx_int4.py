@@ -232,7 +232,7 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     notes += _complete_bundle_files(checkpoint, staging)
     weights = weight_summary(staging / "model.onnx")
     notes += _weight_notes(weights)
-    if ALGORITHMS[recipe.algorithm][1] and not weights["matmul_int8"]:
+    if recipe.precision == "int4" and ALGORITHMS[recipe.algorithm][1] and not weights["matmul_int8"]:
         notes.append(f"algorithm {recipe.algorithm} raises some MatMuls to int8, but none matched "
                      "in this graph: every quantized MatMul is int4")
     path_taken = "genai-builder" if engine == "builder" else "optimum+MatMulNBits"
