@@ -103,3 +103,21 @@ def test_check_safetensors_accepts_valid(tmp_path):
     p = tmp_path / "m.safetensors"
     _write_safetensors(p)
     check_safetensors(p)
+
+
+def test_hub_id_resolves_from_the_local_hf_cache(tmp_path, monkeypatch, tiny_phi3):
+    """A hub id already in the Hugging Face cache works offline, through huggingface_hub."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--edgekit-test--tiny-phi3" / "snapshots" / commit
+    shutil.copytree(tiny_phi3, snap)
+    (cache / "models--edgekit-test--tiny-phi3" / "refs").mkdir()
+    (cache / "models--edgekit-test--tiny-phi3" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    ck = resolve("edgekit-test/tiny-phi3", offline=True)
+    assert ck.kind == "hub" and ck.hub_id == "edgekit-test/tiny-phi3"
+    assert ck.path == snap.resolve() and ck.architecture == "Phi3ForCausalLM"
