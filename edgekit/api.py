@@ -296,3 +296,32 @@ def verify(
     if write:
         write_report(Path(bundle), report)
     return report
+
+
+def bench(
+    bundles: list[str | Path] | tuple[str | Path, ...] = (),
+    *,
+    profile: str | None = None,
+    reps: int = 5,
+    warmup: int = 1,
+    prompt_tokens: int | None = None,
+    gen_tokens: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    output: str | Path | None = None,
+    write_manifest: bool = True,
+    progress=None,
+):
+    """Prefill and decode tokens/sec, time to first token, peak RSS and bandwidth utilization of
+    each bundle (default: every bundle under dist/) on a device profile (default: detected from
+    this host), each in a fresh child process. Returns one BenchRecord per bundle.
+
+    `overrides` replaces profile keys (e.g. {"max_peak_rss_mb": 512}). Unless write_manifest is
+    False the latest record goes into each bundle's manifest.json under bench[profile][host_id];
+    `output` appends one JSON line per record. Budgets do not raise here: check `record.passed`
+    or call edgekit.bench.gate(records), which raises GateFailed (exit 3).
+    """
+    from .bench import bench as _bench
+
+    return _bench(bundles, profile=profile, reps=reps, warmup=warmup, prompt_tokens=prompt_tokens,
+                  gen_tokens=gen_tokens, overrides=overrides, output=output, write_manifest=write_manifest,
+                  progress=progress)

@@ -309,6 +309,46 @@ def run(bundle, prompt, max_tokens, raw, system, threads, as_json):
          f"TTFT {result.ttft_ms:.0f} ms, {result.decode_tok_s:.1f} tok/s, stopped by {result.stopped_by}]")
 
 
+@cli.command()
+@click.argument("bundles", nargs=-1, type=click.Path())
+@click.option("--profile", "-p", help="Device profile from targets/profiles.toml (default: detected from this host).")
+@click.option("--reps", default=5, show_default=True, type=int, help="Timed repetitions after the warm-up.")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Untimed warm-up generations.")
+@click.option("--prompt-tokens", type=int, help="Prompt length in tokens (default: the profile's).")
+@click.option("--gen-tokens", type=int, help="Tokens generated per repetition, EOS ignored (default: the profile's).")
+@click.option("--set", "profile_set", multiple=True, metavar="KEY=VALUE",
+              help="Override a profile key, e.g. --set max_peak_rss_mb=512 or --set threads=1.")
+@click.option("--output", "-o", type=click.Path(), help="Append one JSON line per record to this file.")
+@click.option("--no-manifest", is_flag=True, help="Do not write the results into the bundles' manifest.json.")
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def bench(bundles, profile, reps, warmup, prompt_tokens, gen_tokens, profile_set, output, no_manifest, as_json, quiet):
+    """Measure prefill and decode tokens/sec, time to first token and peak RSS of BUNDLES
+    (default: every bundle in dist/) on a device profile; exit 3 if a profile budget is exceeded.
+
+    Each bundle runs in a fresh process: load, one warm-up, then --reps timed greedy
+    generations of a fixed length. The latest results per profile and host go into each
+    bundle's manifest.json.
+
+    \b
+    Example:
+        edgekit bench
+        edgekit bench dist/phi3-mini-onnx-int4 --profile mobile-onnx --json
+        edgekit bench dist/a dist/b --profile laptop-cpu --reps 10 --prompt-tokens 512 --gen-tokens 128
+    """
+    from . import api
+    from .bench import gate, print_table
+
+    records = api.bench(bundles, profile=profile, reps=reps, warmup=warmup, prompt_tokens=prompt_tokens,
+                        gen_tokens=gen_tokens, overrides=_parse_sets(profile_set), output=output,
+                        write_manifest=not no_manifest, progress=_progress(quiet or as_json))
+    if as_json:
+        _emit_json([r.to_dict() for r in records])
+    elif not quiet:
+        print_table(records)
+    gate(records)
+
+
 def _on_sigterm(signum, frame):
     # Turn SIGTERM into an exception so staging directories are removed on the way out.
     raise KeyboardInterrupt

@@ -633,3 +633,77 @@ class LlamaCppSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # benchmarking ------------------------------------------------------------------------
+
+    @classmethod
+    def open_offloaded(cls, model_path: Path, threads: int | None, context: int,
+                       gpu_layers: int) -> "LlamaCppSession":
+        """A session with `gpu_layers` layers on the GPU (-1: all), for device profiles such as
+        m-series (Metal). With gpu_layers=0 this is the plain constructor."""
+        if not gpu_layers:
+            return cls(model_path, threads=threads, context=context)
+        import llama_cpp
+
+        self = cls.__new__(cls)
+        n = threads or _default_threads()
+        self._lib = llama_cpp
+        with _LlamaLog() as log:
+            try:
+                self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
+                                            n_threads_batch=n, n_gpu_layers=gpu_layers, verbose=False,
+                                            logits_all=False)
+            except ValueError as e:
+                raise ToolFailed(f"llama.cpp could not load {model_path} with {gpu_layers} GPU layers: "
+                                 f"{log.first_error() or e}", "Benchmark a CPU profile instead") from None
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.context = context
+        return self
+
+    def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
+                       probe: Callable[[str], None] | None = None) -> tuple[float, float, float, int]:
+        """One greedy generation of exactly `gen_tokens` tokens (end-of-generation tokens are
+        not special here), timed as llama-bench times llama.cpp: prefill is eval(prompt), decode
+        is the single-token evals; token selection (numpy argmax) is outside the timed regions.
+
+        Returns (prefill_s, first_token_s, decode_s, n_generated). first_token_s is prefill plus
+        the selection of the first token (time to first token); decode_s covers the
+        n_generated - 1 forward passes that produce the tokens after it (the last token needs
+        none). probe("prefill") and probe("decode") run after each phase, outside the timing.
+        """
+        import time
+
+        import numpy as np
+
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt or gen_tokens < 1:
+            raise BadInput("a timed generation needs a prompt and at least one new token", "Fix the benchmark settings")
+        if len(prompt) + gen_tokens > self.context:
+            raise BadInput(f"{len(prompt)} prompt tokens + {gen_tokens} new tokens exceed the context of {self.context}",
+                           "Lower --prompt-tokens or --gen-tokens")
+        llm, lib, n_vocab = self._llm, self._lib, self._n_vocab
+        clock = time.perf_counter
+
+        def argmax() -> int:
+            return int(np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
+        llm.reset()
+        t0 = clock()
+        llm.eval(prompt)
+        prefill_s = clock() - t0
+        if probe:
+            probe("prefill")
+        t0 = clock()
+        token = argmax()
+        first_token_s = prefill_s + (clock() - t0)
+        decode_s, n = 0.0, 1
+        while n < gen_tokens:
+            t0 = clock()
+            llm.eval([token])
+            decode_s += clock() - t0
+            token = argmax()
+            n += 1
+        if probe:
+            probe("decode")
+        return prefill_s, first_token_s, decode_s, n

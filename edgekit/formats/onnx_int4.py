@@ -797,6 +797,57 @@ class OnnxSession:
     def close(self) -> None:
         self._tokenizer = self._model = None
 
+    def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
+                       probe: Callable[[str], None] | None = None,
+                       max_length: int | None = None) -> tuple[float, float, float, int]:
+        """One greedy generation of exactly `gen_tokens` tokens: min_length = max_length masks
+        EOS, so the length is forced. Returns (prefill_s, first_token_s, decode_s, n_generated).
+
+        max_length (default prompt + gen_tokens) is what the generator allocates its KV cache
+        for; a benchmark passes its context so the cache matches llama.cpp's n_ctx.
+
+        prefill_s times append_tokens(prompt), one forward pass over the prompt. The first
+        generate_next_token() only selects from the prefill logits: first_token_s (time to first
+        token) adds it. Each later one runs the previous token forward and selects the next;
+        decode_s covers those n_generated - 1 calls. Greedy selection happens inside
+        generate_next_token (C++), so unlike llama.cpp's argmax it is inside the timing.
+        Building the generator (KV cache allocation) and probe("prefill") / probe("decode")
+        run outside the timed regions.
+        """
+        import numpy as np
+
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
+        if not len(prompt) or gen_tokens < 1:
+            raise BadInput("a timed generation needs a prompt and at least one new token", "Fix the benchmark settings")
+        needed = len(prompt) + gen_tokens
+        length = max_length or needed
+        if needed > length or length > self.context_length:
+            raise BadInput(f"{len(prompt)} prompt tokens + {gen_tokens} new tokens exceed the context length "
+                           f"{min(length, self.context_length)}", "Lower --prompt-tokens or --gen-tokens")
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0,
+                                  max_length=length, min_length=length)
+        generator = self._og.Generator(self._model, params)
+        clock = time.perf_counter
+        t0 = clock()
+        generator.append_tokens(prompt)
+        prefill_s = clock() - t0
+        if probe:
+            probe("prefill")
+        t0 = clock()
+        generator.generate_next_token()
+        first_token_s = prefill_s + (clock() - t0)
+        n = 1
+        t0 = clock()
+        while n < gen_tokens:
+            generator.generate_next_token()
+            n += 1
+        decode_s = clock() - t0
+        if probe:
+            probe("decode")
+        del generator
+        return prefill_s, first_token_s, decode_s, n
+
 
 # --------------------------------------------------------------------------------------------
 # Versions
