@@ -150,8 +150,9 @@ def classify(fam, fmt: str, raw: dict) -> dict:
     status = raw["status"]
     if status == "unbuildable":
         if is_claimed:
+            why = fam.unbuildable[:1].upper() + fam.unbuildable[1:]
             cell.update(status="untested", reason=f"Not tested: {fmt} accepts {arch}, but no tiny checkpoint "
-                                                  f"can be built to check it ({fam.unbuildable}).")
+                                                  f"can be built to check it. {why}.")
         else:
             cell.update(status="unsupported", reason=GAP_REASONS.get((arch, fmt), f"{fmt} does not claim {arch}"))
     elif status == "refused":
@@ -261,7 +262,8 @@ def readme_section(doc: dict) -> str:
     lines += ["", *notes, ""]
     if not fallback_used:
         lines += ["No architecture here needs the onnx-int4 fallback (the builder takes them all); that path "
-                  "is exercised on tiny Phi-3 with `--set engine=optimum` in `tests/test_onnx.py`.", ""]
+                  "is exercised on tiny Phi-3 with the recipe's `engine = \"optimum\"` (`--set engine=optimum`) in "
+                  "`tests/test_onnx.py`.", ""]
     lines += ["The real-weights path is exercised on SmolLM2-135M (`LlamaForCausalLM`, the embedded model) "
               "in the tests (`make test`): both bundles answer \"Paris\" in their plain runtimes and render "
               "chat prompts token for token like transformers (`tests/test_export.py`, `tests/test_onnx.py`), "

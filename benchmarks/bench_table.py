@@ -60,7 +60,9 @@ def render(doc: dict) -> str:
         f"--reps {r0['reps']}` on {MODEL} ({r0['threads']} threads, context {r0['context']}, "
         f"{r0['prompt_tokens']}-token prompt, {r0['gen_tokens']} generated tokens, greedy, EOS ignored; "
         f"median ± sample stddev of {r0['reps']} trials after {r0['warmup']} warm-up, each bundle in a fresh "
-        f"process). {runtimes}. The machine is shared with other jobs, so expect noise. Rerun: `{RERUN}`.",
+        f"process). {runtimes}. The machine is shared with other jobs, so expect noise: the 1-minute load "
+        f"average was {doc['load_avg'][0]} before and {doc['load_avg'][1]} after the run, on "
+        f"{doc['host']['logical_cores']} cores. Rerun: `{RERUN}`.",
         "",
         "| format | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | bandwidth utilization | model MiB |",
         "|---|---|---|---|---|---|---|",
@@ -91,9 +93,11 @@ def main() -> None:
     from edgekit.progress import RichProgress
 
     bundles = ensure_bundles()
+    load = [round(os.getloadavg()[0], 2)]
     records = api.bench(bundles, profile=PROFILE, reps=args.reps, progress=RichProgress())
+    load.append(round(os.getloadavg()[0], 2))
     doc = {"host": host_facts(), "date": dt.date.today().isoformat(), "model": MODEL, "profile": PROFILE,
-           "records": [r.to_dict() for r in records]}
+           "load_avg": load, "records": [r.to_dict() for r in records]}
     md = render(doc)
     write_results(NAME, doc, md)
     update_readme("bench", md)

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -218,8 +217,10 @@ def rates(trials: list, prompt_tokens: int) -> dict[str, list[float]]:
 
 def compare(fmt: str, run, rounds: int, with_time: bool) -> dict:
     sides: dict[str, list[dict]] = {"edgekit": [], "raw": []}
+    load: list[float] = []  # 1-minute load average at the start of each round: how busy the machine was
     for i in range(rounds):
         order = ("edgekit", "raw") if i % 2 == 0 else ("raw", "edgekit")
+        load.append(round(os.getloadavg()[0], 2))
         for side in order:
             print(f"[{NAME}] {fmt}: round {i + 1}/{rounds}, {side}", file=sys.stderr)
             sides[side].append(run_edgekit(run, with_time) if side == "edgekit" else run_raw(run))
@@ -239,7 +240,8 @@ def compare(fmt: str, run, rounds: int, with_time: bool) -> dict:
             "time_max_rss_mb": round(r["time_max_rss_mb"], 1) if r["time_max_rss_mb"] else None,
             "ratio": round(r["peak_rss_mb"] / r["time_max_rss_mb"], 3) if r["time_max_rss_mb"] else None}
            for r in sides["edgekit"]]
-    return {"metrics": metrics, "rss": rss, "raw_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sides["raw"]]}
+    return {"metrics": metrics, "rss": rss, "raw_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sides["raw"]],
+            "load_avg_per_round": load}
 
 
 def main() -> None:
@@ -283,8 +285,10 @@ def render(doc: dict) -> str:
         f"{s['prompt_tokens']} prompt tokens, {s['gen_tokens']} generated, {s['threads']} threads, context "
         f"{s['context']}; {s['rounds']} interleaved rounds per side x {s['reps']} trials after one warm-up. "
         f"edgekit and raw loop columns: medians over all trials; ratio: median of the per-round ratios "
-        f"(adjacent processes, same load). A shared machine: other jobs ran meanwhile, so rounds are noisy. "
-        f"Rerun: `{RERUN}`.",
+        f"(adjacent processes, same load). A shared machine: other jobs ran meanwhile, so rounds are noisy; "
+        f"1-minute load average at the start of each round (on {doc['host']['logical_cores']} cores): "
+        + "; ".join(f"{fmt} " + ", ".join(str(v) for v in res["load_avg_per_round"]) for fmt, res in doc["results"].items())
+        + f". Rerun: `{RERUN}`.",
         "",
         "| format | metric | edgekit | raw loop | ratio of all-trial medians | per-round ratios | ratio (paired) | goal |",
         "|---|---|---|---|---|---|---|---|",
