@@ -71,6 +71,9 @@ MAX_RATIO = 1.15        # edgekit / raw, wall time and peak RSS
 MAX_GGUF_RSS_VS_F16 = 1.5
 SAMPLE_S = 0.02
 MiB = 2**20
+# The gguf-q4_k_m recipe the raw commands reproduce (f16 intermediate, Q4_K_M, all threads,
+# no importance matrix); an imatrix key is optional for older recipes.
+RAW_GGUF_RECIPE = {"intermediate": "f16", "quant_type": "Q4_K_M", "quant_threads": 0, "imatrix": "none"}
 
 QUANTIZE_SNIPPET = (
     "import ctypes, sys, llama_cpp\n"
@@ -179,9 +182,16 @@ class Setup:
         onnx_spec, gguf_spec = targets.format("onnx-int4"), targets.format("gguf-q4_k_m")
         self.onnx_recipe = onnx_int4.parse_recipe(dict(onnx_spec.recipe), str(onnx_spec.source))
         self.gguf_recipe = gguf_q4km.parse_recipe(dict(gguf_spec.recipe), str(gguf_spec.source))
-        if (self.gguf_recipe.intermediate, self.gguf_recipe.quant_type, self.gguf_recipe.quant_threads) != ("f16", "Q4_K_M", 0):
-            raise SystemExit(f"[{NAME}] targets/gguf-q4_k_m.toml no longer says f16 / Q4_K_M / 0 threads: "
-                             "update the raw commands here to match")
+        # The raw commands below reproduce exactly these recipe settings; a new key or value
+        # would make the two sides export different things, so stop rather than compare them.
+        gguf = dataclasses.asdict(self.gguf_recipe)
+        seen = {k: gguf.get(k, v if k == "imatrix" else None) for k, v in RAW_GGUF_RECIPE.items()}
+        if seen != RAW_GGUF_RECIPE or set(gguf) - set(RAW_GGUF_RECIPE):
+            raise SystemExit(f"[{NAME}] the default gguf-q4_k_m recipe is {gguf}; the raw commands here reproduce "
+                             f"only {RAW_GGUF_RECIPE}: update them to match")
+        if onnx_int4.choose_engine(checkpoint, self.onnx_recipe) != "builder":
+            raise SystemExit(f"[{NAME}] the default onnx-int4 recipe does not use the genai builder for {MODEL}: "
+                             "update the raw command to match")
         self.extra_options = onnx_int4.builder_extra_options(self.onnx_recipe, checkpoint.trust_remote_code)
         self.model_name = gguf_q4km.gguf_model_name(checkpoint)
         self.tools = converter_dir()

@@ -226,24 +226,55 @@ def _check_vocab(path: Path, config: dict[str, Any]) -> None:
         )
 
 
-_HASH_CACHE: dict[tuple, str] = {}
-
-
 def content_hash(path: Path) -> str:
-    """sha256 over (relative name, bytes) of every file that defines the model's behaviour.
+    """sha256 over (relative name, sha256) of every file that defines the model's behaviour.
 
-    Cached per process on (name, size, mtime) so repeated calls on a big checkpoint are free.
+    Per-file digests are cached on disk keyed by (absolute path, size, mtime_ns), so exporting
+    or verifying the same multi-GB checkpoint again does not re-read it.
     """
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(HASHED_SUFFIXES))
-    key = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if key in _HASH_CACHE:
-        return _HASH_CACHE[key]
+    cache = _DigestCache()
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode() + b"\0")
-        h.update(sha256_file(p).encode())
-    _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
+        h.update(cache.digest(p).encode())
+    cache.save()
+    return h.hexdigest()
+
+
+class _DigestCache:
+    """A small JSON map in the edgekit cache; a damaged or unwritable file only costs a re-hash."""
+
+    def __init__(self):
+        from .paths import cache_dir
+
+        self.file = cache_dir() / "file-digests.json"
+        try:
+            self.data = json.loads(self.file.read_text())
+            if not isinstance(self.data, dict):
+                self.data = {}
+        except (OSError, ValueError):
+            self.data = {}
+        self.dirty = False
+
+    def digest(self, p: Path) -> str:
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in self.data:
+            self.data[key] = sha256_file(p)
+            self.dirty = True
+        return self.data[key]
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.file)
+        except OSError:
+            pass
 
 
 def sha256_file(p: Path, chunk: int = 8 * 2**20) -> str:

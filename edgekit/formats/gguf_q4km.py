@@ -54,6 +54,9 @@ TOKENIZER_FILES = (
 )
 DEFAULT_CONTEXT = 4096
 _INTERMEDIATES = ("f16", "bf16", "f32")
+# "none": llama.cpp's plain quantizers; "calibration": an importance matrix computed from the
+# reference model over edgekit/data/calibration.txt (edgekit/imatrix.py) weights the rounding.
+IMATRIX_SOURCES = ("none", "calibration")
 # K-quants need rows that are a multiple of 256 values (QK_K).
 _K_BLOCK = 256
 
@@ -63,6 +66,7 @@ class GgufRecipe:
     intermediate: str = "f16"
     quant_type: str = "Q4_K_M"
     quant_threads: int = 0
+    imatrix: str = "none"
 
     @property
     def ftype(self) -> int:
@@ -78,6 +82,9 @@ def parse_recipe(table: dict[str, Any], where: str) -> GgufRecipe:
     if recipe.intermediate not in _INTERMEDIATES:
         raise BadInput(f"{where}: intermediate must be one of {', '.join(_INTERMEDIATES)}, got {recipe.intermediate!r}",
                        "Use \"f16\" unless the model overflows in f16")
+    if recipe.imatrix not in IMATRIX_SOURCES:
+        raise BadInput(f"{where}: imatrix must be one of {', '.join(IMATRIX_SOURCES)}, got {recipe.imatrix!r}",
+                       "Use \"calibration\" (importance matrix from the reference model) or \"none\"")
     if recipe.quant_threads < 0:
         raise BadInput(f"{where}: quant_threads must be 0 (all cores) or more, got {recipe.quant_threads}",
                        "Fix quant_threads")
@@ -116,14 +123,20 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
     tools_root = converter_dir(progress)
     intermediate = staging / f"model-{recipe.intermediate}.gguf"
     final = staging / MODEL_FILE
+    importance, imatrix_info = None, None
     try:
         _convert(checkpoint, tools_root, intermediate, recipe.intermediate, progress)
-        tensor_types, fallbacks = _quantize(intermediate, final, recipe, progress)
+        if recipe.imatrix == "calibration":
+            importance, imatrix_info = _importance(checkpoint, intermediate, progress)
+        tensor_types, fallbacks = _quantize(intermediate, final, recipe, progress, importance)
     finally:
         intermediate.unlink(missing_ok=True)  # 2 bytes/weight: never leave it in a bundle
     copied = _copy_tokenizer_files(Path(checkpoint.path), staging)
 
     notes = list(_fallback_notes(fallbacks))
+    if imatrix_info is not None:
+        notes.append(f"importance matrix from {imatrix_info['tokens']} calibration tokens weighted "
+                     f"{imatrix_info['tensors']} tensors")
     if read_metadata(final, ())["chat_template"] is None:
         if _has_chat_template(Path(checkpoint.path)):
             raise ToolFailed("the converter wrote no tokenizer.chat_template into the GGUF although the checkpoint has one",
@@ -134,6 +147,7 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
             "ftype": f"LLAMA_FTYPE_MOSTLY_{recipe.quant_type}",
             "tensor_types": dict(sorted(Counter(tensor_types.values()).items())),
             "fallback_tensors": len(fallbacks),
+            **({"imatrix": imatrix_info} if imatrix_info is not None else {}),
         },
         tools=tool_versions(),
         path_taken=PATH_TAKEN,
@@ -271,29 +285,60 @@ _FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(
                        r"falling back to\s+(\S+)")
 
 
-def _quantize(src: Path, dst: Path, recipe: GgufRecipe, progress) -> tuple[dict[str, str], list[tuple[str, int, str, str]]]:
+def _importance(checkpoint, intermediate: Path, progress):
+    """imatrix entries under the intermediate GGUF's tensor names, and what the manifest records."""
+    from .. import imatrix as im
+
+    data = im.load_or_compute(checkpoint, progress=progress)
+    with progress.step("imatrix: map to GGUF tensors"):
+        arch, n_blocks, rows = im.gguf_layout(intermediate)
+        entries, unmatched = im.gguf_entries(data, arch, n_blocks, rows)
+    if not entries:
+        raise ToolFailed(f"none of the {len(data.values)} imatrix entries maps to a tensor of this {arch!r} GGUF",
+                         "Export with --set imatrix=none")
+    info = {**data.summary(), "tensors": len(entries), "unmatched_modules": unmatched}
+    return entries, info
+
+
+def _quantize(src: Path, dst: Path, recipe: GgufRecipe, progress,
+              importance: dict[str, Any] | None = None) -> tuple[dict[str, str], list[tuple[str, int, str, str]]]:
     """llama_model_quantize in process. Returns each tensor's type in the output, read from
     llama.cpp's log (gguf's GGUFReader takes seconds on a large vocabulary), and the tensors
-    that fell back from a K-quant: (name, row length, wanted type, type used)."""
+    that fell back from a K-quant: (name, row length, wanted type, type used). `importance`
+    (GGUF tensor name -> mean squared input per column) is handed over as the imatrix."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = recipe.ftype
     params.nthread = recipe.quant_threads
+    keepalive = None
+    if importance:
+        from ..imatrix import LlamaImatrix
+
+        keepalive = LlamaImatrix(importance)  # must outlive the C call
+        params.imatrix = keepalive.pointer
     types: dict[str, str] = {}
     fallbacks: list[tuple[str, int, str, str]] = []
     with progress.step(f"quantize {recipe.quant_type}") as step, _LlamaLog() as log:
+        last: list[str] = []
+
         def on_line(line: str) -> None:
             if m := _QUANT_LINE.match(line):
                 step.update(int(m.group(1)), int(m.group(2)))
                 converted = _CONVERTING.search(line, m.end())
                 types[m.group(3)] = converted.group(1) if converted else m.group(4)
+                last[:] = [m.group(3)]
+            elif last and (converted := _CONVERTING.search(line)):
+                # With an imatrix, llama.cpp breaks a tensor's line with "====== did not find
+                # weights for token_embd.weight": its "converting to" comes on a later line.
+                types[last[0]] = converted.group(1)
             if m := _FALLBACK.search(line):
                 fallbacks.append((m.group(1), int(m.group(2)), m.group(4), m.group(5)))
 
         log.on_line = on_line
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keepalive
     if rc != 0 or not dst.is_file():
         raise ToolFailed(f"llama_model_quantize to {recipe.quant_type} failed: {log.first_error() or f'code {rc}'}",
                          "Check free disk space; the message above is llama.cpp's")

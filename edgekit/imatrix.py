@@ -1,0 +1,233 @@
+"""Importance matrix: how strongly each input channel of each linear layer is driven.
+
+llama.cpp's `imatrix` tool runs a model over text and records, for every matrix
+multiplication, the mean of the squared input activations per input column; quantizers then
+weight each weight's rounding error by it (an error on a column that sees large inputs costs
+more). edgekit computes the same statistic from the unquantized reference model itself, with
+torch forward hooks on every nn.Linear, over a calibration text that is NOT the evaluation
+text of `edgekit verify` (edgekit/data/calibration.txt vs data/eval.txt), so parity figures
+are not measured on the data the quantizer was tuned on.
+
+The result is keyed by Hugging Face module name ("model.layers.3.self_attn.q_proj") and
+cached on disk (checkpoint content hash + calibration text + format version). Mappings to a
+format's own tensor names live here too: `gguf_entries` for llama.cpp (blk.N.attn_q.weight,
+checked against the tensors and row lengths of the GGUF being quantized) and
+`llama_imatrix_param` for the `imatrix` field of llama_model_quantize_params.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+IMATRIX_FORMAT = 1  # bump when what is stored or how it is computed changes
+WINDOW = 512        # tokens per forward pass
+
+
+def calibration_text() -> str:
+    return resources.files("edgekit").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Imatrix:
+    values: Mapping[str, Any]  # HF module name -> float32 [in_features]: mean squared input
+    tokens: int                # calibration tokens the means are over
+    text_sha256: str
+    key: str                   # cache key
+    cached: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"entries": len(self.values), "tokens": self.tokens,
+                "calibration_text_sha256": self.text_sha256, "key": self.key}
+
+
+def _model_dtype(config: dict[str, Any]) -> str:
+    """The checkpoint's own width: bf16/fp16 checkpoints run in bf16 (a 4B model in fp32 would
+    need 16 GB just for weights), fp32 ones in fp32."""
+    cfg = config.get("text_config") or config
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "float32")
+    return "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
+
+
+def load_or_compute(checkpoint, text: str | None = None, progress=None) -> Imatrix:
+    """The imatrix of `checkpoint` over `text` (default: edgekit's calibration text), from the
+    cache when an identical computation was done before."""
+    import numpy as np
+
+    from .checkpoint import content_hash
+    from .paths import cache_dir
+
+    text = calibration_text() if text is None else text
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    dtype = _model_dtype(checkpoint.config)
+    key_src = json.dumps({"v": IMATRIX_FORMAT, "ckpt": content_hash(checkpoint.path), "text": text_sha,
+                          "window": WINDOW, "dtype": dtype}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    path = cache_dir() / "imatrix" / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            tokens = int(data["__tokens__"])
+            values = {k: data[k] for k in data.files if k != "__tokens__"}
+        return Imatrix(values, tokens, text_sha, key, cached=True)
+    values, tokens = compute(checkpoint, text, dtype, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npz"
+    np.savez(tmp, __tokens__=np.int64(tokens), **values)
+    os.replace(tmp, path)
+    return Imatrix(values, tokens, text_sha, key)
+
+
+def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tuple[dict[str, Any], int]:
+    """Mean squared input activation per input column of every nn.Linear, over `text`."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .progress import NullProgress
+    from .reference import load_tokenizer, tokenizer_bos, windows_of
+
+    progress = progress or NullProgress()
+    tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    windows = windows_of(ids, WINDOW, tokenizer_bos(tokenizer))
+    with progress.step("imatrix: loading reference model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(checkpoint.path), dtype=getattr(torch, dtype), attn_implementation="eager",
+            trust_remote_code=checkpoint.trust_remote_code)
+        model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.inference_mode(), progress.step("imatrix: calibration text", total=len(windows)) as step:
+            for w in windows:
+                model(torch.tensor([w]))
+                step.advance()
+    finally:
+        for h in handles:
+            h.remove()
+    del model
+    values = {n: (sums[n] / counts[n]).to(torch.float32).numpy().astype(np.float32) for n in sorted(sums)}
+    return values, sum(len(w) for w in windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp
+
+def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
+    """(general.architecture, block_count, tensor name -> row length ne[0]) of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field(name: str):
+        f = reader.fields.get(name)
+        return f.contents() if f is not None else None
+
+    arch = str(field("general.architecture") or "")
+    n_blocks = int(field(f"{arch}.block_count") or 0)
+    rows = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) >= 2}
+    return arch, n_blocks, rows
+
+
+def gguf_entries(imatrix: Imatrix, arch: str, n_blocks: int, rows: Mapping[str, int]) -> tuple[dict[str, Any], list[str]]:
+    """imatrix values under the GGUF tensor names llama.cpp's quantizer looks up.
+
+    Hugging Face module names are mapped with gguf-py's TensorNameMap for `arch`
+    (general.architecture); an entry is kept only when the GGUF has that tensor and its row
+    length equals the entry's length, because llama_model_quantize aborts on a size mismatch.
+    Returns the entries and the module names that found no tensor (e.g. a tied lm_head).
+    """
+    import gguf
+
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        return {}, sorted(imatrix.values)
+    names = gguf.get_tensor_name_map(by_name[arch], n_blocks)
+    entries: dict[str, Any] = {}
+    unmatched: list[str] = []
+    for module, values in imatrix.values.items():
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if target and rows.get(target) == len(values):
+            entries[target] = values
+        else:
+            unmatched.append(module)
+    return entries, unmatched
+
+
+class LlamaImatrix:
+    """The NULL-terminated llama_model_imatrix_data array that llama_model_quantize_params.imatrix
+    points to ({name, data, size} per tensor, as llama.cpp's quantize tool builds it). Keeps the
+    name buffers and float arrays alive for as long as this object lives."""
+
+    def __init__(self, entries: Mapping[str, Any]):
+        import llama_cpp
+        import numpy as np
+
+        self._names = [name.encode("utf-8") for name in sorted(entries)]
+        self._data = [np.ascontiguousarray(entries[n.decode()], dtype=np.float32) for n in self._names]
+        self.array = (llama_cpp.llama_model_imatrix_data * (len(self._names) + 1))()
+        for i, (name, data) in enumerate(zip(self._names, self._data)):
+            self.array[i].name = name
+            self.array[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            self.array[i].size = data.size
+        self.array[len(self._names)].name = None  # terminator
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def pointer(self):
+        import llama_cpp
+
+        return ctypes.cast(self.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime-genai builder graphs
+
+def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int):
+    """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
+
+    Builder names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q4;
+    optimum's like /model/layers.3/self_attn/q_proj/MatMul. Only the input matters here, so a
+    fused projection may take the entry of any module it fuses (q/k/v share their input, and
+    so do gate/up). The length must equal the node's K.
+    """
+    import re
+
+    m = re.match(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+?)/MatMul", node_name)
+    if m:
+        layer, proj = m.group(1), m.group(2)
+        aliases = {"qkv_proj": ("qkv_proj", "q_proj", "query_key_value", "Wqkv"),
+                   "gate_proj": ("gate_proj", "gate_up_proj", "up_proj"),
+                   "up_proj": ("up_proj", "gate_up_proj", "gate_proj"),
+                   "q_proj": ("q_proj", "qkv_proj"), "k_proj": ("k_proj", "qkv_proj"),
+                   "v_proj": ("v_proj", "qkv_proj"), "o_proj": ("o_proj", "dense"),
+                   "down_proj": ("down_proj",)}.get(proj, (proj,))
+        candidates = [f"model.layers.{layer}.{part}.{alias}" for alias in aliases
+                      for part in ("self_attn", "mlp", "attn")]
+    elif re.match(r"^/lm_head/MatMul", node_name):
+        candidates = ["lm_head"]
+    else:
+        return None
+    for c in candidates:
+        values = imatrix.values.get(c)
+        if values is not None and len(values) == k:
+            return values
+    return None
