@@ -34,6 +34,8 @@ Writes benchmarks/results/harness_overhead.{json,md}.
 Usage:
     .venv/bin/python benchmarks/harness_overhead.py                 # 5 rounds x 10 reps, about 10 minutes
     .venv/bin/python benchmarks/harness_overhead.py --rounds 5 --reps 20
+    .venv/bin/python benchmarks/harness_overhead.py --formats gguf-q4_k_m --threads 1   # a side check,
+        # written to results/harness_overhead-gguf-q4_k_m-t1.{json,md}
 """
 
 from __future__ import annotations
@@ -248,7 +250,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side (default 5)")
     ap.add_argument("--reps", type=int, default=10, help="timed trials per process after one warm-up (default 10)")
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="formats to compare (default both)")
+    ap.add_argument("--threads", type=int, help="override the profile's threads (default: laptop-cpu's, physical cores)")
     args = ap.parse_args()
+    name = NAME
+    if args.formats != list(FORMATS) or args.threads:
+        # a side check must not overwrite the default run's results
+        name = "-".join([NAME, *args.formats] + ([f"t{args.threads}"] if args.threads else []))
 
     from edgekit import host as hostmod
     from edgekit.bench import choose_profile, plan
@@ -259,9 +267,9 @@ def main() -> None:
               f"reported as not run. Install it (apt-get install -y time) and rerun.", file=sys.stderr)
     bundles = ensure_bundles()
     host = hostmod.facts()
-    profile, source, _ = choose_profile(PROFILE, None, host)
+    profile, source, _ = choose_profile(PROFILE, {"threads": args.threads} if args.threads else None, host)
     results, settings = {}, {}
-    for fmt in FORMATS:
+    for fmt in args.formats:
         [run] = plan([bundles[fmt]], profile, source, host, reps=args.reps, warmup=1,
                      prompt_tokens=None, gen_tokens=None)
         settings = {"threads": run.threads, "context": run.context, "prompt_tokens": run.prompt_tokens,
@@ -270,10 +278,11 @@ def main() -> None:
 
     facts = host_facts()
     doc = {"host": facts, "date": dt.date.today().isoformat(), "model": MODEL, "profile": PROFILE,
+           "command": " ".join([RERUN, *sys.argv[1:]]),
            "settings": settings, "gnu_time": with_time, "results": results,
            "goals": {"ratio_range": RATIO_RANGE, "rss_tolerance": RSS_TOLERANCE}}
     md = render(doc)
-    write_results(NAME, doc, md)
+    write_results(name, doc, md)
     print(md)
 
 
@@ -288,7 +297,7 @@ def render(doc: dict) -> str:
         f"(adjacent processes, same load). A shared machine: other jobs ran meanwhile, so rounds are noisy; "
         f"1-minute load average at the start of each round (on {doc['host']['logical_cores']} cores): "
         + "; ".join(f"{fmt} " + ", ".join(str(v) for v in res["load_avg_per_round"]) for fmt, res in doc["results"].items())
-        + f". Rerun: `{RERUN}`.",
+        + f". Rerun: `{doc.get('command', RERUN)}`.",
         "",
         "| format | metric | edgekit | raw loop | ratio of all-trial medians | per-round ratios | ratio (paired) | goal |",
         "|---|---|---|---|---|---|---|---|",
