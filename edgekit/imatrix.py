@@ -130,7 +130,7 @@ def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tup
 # llama.cpp
 
 def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
-    """(general.architecture, block_count, tensor name -> row length ne[0]) of a GGUF file."""
+    """(general.architecture, block_count, 2-D tensor name -> row length ne[0]) of a GGUF file."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
@@ -141,7 +141,9 @@ def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
 
     arch = str(field("general.architecture") or "")
     n_blocks = int(field(f"{arch}.block_count") or 0)
-    rows = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) >= 2}
+    # 2-D only: llama.cpp wants n_per_row x n_expert values for a 3-D expert tensor, which a
+    # per-module entry is not; those tensors are left unweighted rather than mis-sized.
+    rows = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) == 2}
     return arch, n_blocks, rows
 
 

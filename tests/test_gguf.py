@@ -185,7 +185,7 @@ def test_recipe_from_targets_file():
 
     spec = load_targets().format("gguf-q4_k_m")
     recipe = gguf_fmt.parse_recipe(spec.recipe, spec.source)
-    assert recipe == gguf_fmt.GgufRecipe(intermediate="f16", quant_type="Q4_K_M", quant_threads=0)
+    assert recipe == gguf_fmt.GgufRecipe(intermediate="f16", quant_type="Q4_K_M", quant_threads=0, imatrix="calibration")
     assert recipe.ftype == 15
 
 

@@ -128,7 +128,9 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
         _convert(checkpoint, tools_root, intermediate, recipe.intermediate, progress)
         if recipe.imatrix == "calibration":
             importance, imatrix_info = _importance(checkpoint, intermediate, progress)
-        tensor_types, fallbacks = _quantize(intermediate, final, recipe, progress, importance)
+        tensor_types, fallbacks, accepted = _quantize(intermediate, final, recipe, progress, importance)
+        if imatrix_info is not None:
+            imatrix_info["accepted_by_llama_cpp"] = accepted
     finally:
         intermediate.unlink(missing_ok=True)  # 2 bytes/weight: never leave it in a bundle
     copied = _copy_tokenizer_files(Path(checkpoint.path), staging)
@@ -281,6 +283,7 @@ def _count_checkpoint_tensors(checkpoint) -> int | None:
 # converting to q5_0 .. size = ..." (or just "size = ..." for a tensor kept as is).
 _QUANT_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+)")
 _CONVERTING = re.compile(r"converting to (\w+)")
+_IMATRIX_LINE = re.compile(r"have importance matrix data with (\d+) entries")
 _FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*"
                        r"falling back to\s+(\S+)")
 
@@ -301,11 +304,12 @@ def _importance(checkpoint, intermediate: Path, progress):
 
 
 def _quantize(src: Path, dst: Path, recipe: GgufRecipe, progress,
-              importance: dict[str, Any] | None = None) -> tuple[dict[str, str], list[tuple[str, int, str, str]]]:
+              importance: dict[str, Any] | None = None) -> tuple[dict[str, str], list[tuple[str, int, str, str]], int]:
     """llama_model_quantize in process. Returns each tensor's type in the output, read from
     llama.cpp's log (gguf's GGUFReader takes seconds on a large vocabulary), and the tensors
     that fell back from a K-quant: (name, row length, wanted type, type used). `importance`
-    (GGUF tensor name -> mean squared input per column) is handed over as the imatrix."""
+    (GGUF tensor name -> mean squared input per column) is handed over as the imatrix; the
+    last value is how many entries llama.cpp reported receiving (0 without)."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -322,6 +326,7 @@ def _quantize(src: Path, dst: Path, recipe: GgufRecipe, progress,
     fallbacks: list[tuple[str, int, str, str]] = []
     with progress.step(f"quantize {recipe.quant_type}") as step, _LlamaLog() as log:
         last: list[str] = []
+        accepted = [0]
 
         def on_line(line: str) -> None:
             if m := _QUANT_LINE.match(line):
@@ -335,6 +340,8 @@ def _quantize(src: Path, dst: Path, recipe: GgufRecipe, progress,
                 types[last[0]] = converted.group(1)
             if m := _FALLBACK.search(line):
                 fallbacks.append((m.group(1), int(m.group(2)), m.group(4), m.group(5)))
+            if m := _IMATRIX_LINE.search(line):
+                accepted[0] = int(m.group(1))
 
         log.on_line = on_line
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
@@ -342,7 +349,7 @@ def _quantize(src: Path, dst: Path, recipe: GgufRecipe, progress,
     if rc != 0 or not dst.is_file():
         raise ToolFailed(f"llama_model_quantize to {recipe.quant_type} failed: {log.first_error() or f'code {rc}'}",
                          "Check free disk space; the message above is llama.cpp's")
-    return types, fallbacks
+    return types, fallbacks, accepted[0]
 
 
 class _LlamaLog:

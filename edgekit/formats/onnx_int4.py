@@ -10,6 +10,11 @@ log whose last lines become the ToolFailed message.
 Architectures the builder does not know go through optimum's ONNX exporter and onnxruntime's
 MatMulNBitsQuantizer instead; edgekit then writes the genai_config.json the builder would
 have written, so both kinds of bundle open the same way.
+
+On either path the child can then re-quantize the MatMulNBits weights itself (recipe keys
+weight_search, int8_matmuls, int8_block_size; see requantize()): a zero-point-aware block
+search, optionally weighted by an importance matrix from the reference model, and per-
+projection int8. The graph the tool built is kept; only weights, widths and block sizes change.
 """
 
 from __future__ import annotations
@@ -107,6 +112,10 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 EMBEDDINGS = ("auto", "float", "int4")
 PRECISIONS = ("int4", "fp32")
+# How the int4/int8 codes of each MatMul are chosen (see requantize() below).
+WEIGHT_SEARCHES = ("builder", "edgekit", "imatrix")
+# Per-layer projections int8_matmuls may name (builder and optimum node names).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # algorithm -> (base method, MatMul groups raised to int8). The builder's algo_config takes
 # exactly these names (builders/quant_config.py, _LEGACY_ALGO_ALIASES); the fallback reads the
@@ -133,15 +142,28 @@ class OnnxRecipe:
     is_symmetric: bool = True      # int4 without zero points
     float_lm_head: bool = False    # leave /lm_head/MatMul unquantized
     embeddings: str = "auto"       # "auto": builder default; "float"; "int4" (GatherBlockQuantized)
+    weight_search: str = "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
+    int8_matmuls: tuple[str, ...] = ()  # projections raised to int8 in every layer, on top of the algorithm's choice
+    int8_block_size: int = 0       # block size of the int8 MatMuls edgekit writes; 0: block_size
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
     from ..targets import dataclass_from_table
 
+    table = dict(table)
+    if isinstance(table.get("int8_matmuls"), (list, str)):
+        # TOML gives a list, `--set int8_matmuls=v_proj,down_proj` a string ("" for none).
+        value = table["int8_matmuls"]
+        table["int8_matmuls"] = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
     recipe = dataclass_from_table(OnnxRecipe, table, where)
+    for name in recipe.int8_matmuls:
+        if name not in PROJECTIONS:
+            raise BadInput(f"{where}: int8_matmuls names {name!r}, not a projection",
+                           f"Use some of: {', '.join(PROJECTIONS)}")
     checks = (
         ("engine", ENGINES), ("precision", PRECISIONS), ("block_size", BLOCK_SIZES), ("accuracy_level", ACCURACY_LEVELS),
-        ("algorithm", tuple(ALGORITHMS)), ("embeddings", EMBEDDINGS),
+        ("algorithm", tuple(ALGORITHMS)), ("embeddings", EMBEDDINGS), ("weight_search", WEIGHT_SEARCHES),
+        ("int8_block_size", (0, *BLOCK_SIZES)),
     )
     for key, allowed in checks:
         value = getattr(recipe, key)
@@ -207,12 +229,13 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     """Write model.onnx, model.onnx.data, genai_config.json, tokenizer and chat template."""
     engine = choose_engine(checkpoint, recipe)
     notes: list[str] = []
+    requant: dict[str, Any] | None = None
     work = staging.parent / (staging.name + "-onnx-work")  # same disk; stale ones are swept by pid
     work.mkdir()
     try:
         if engine == "builder":
             try:
-                _run_builder(checkpoint, staging, work, recipe, progress)
+                requant = _run_builder(checkpoint, staging, work, recipe, progress)
             except _Unsupported as e:
                 if recipe.engine == "builder" or checkpoint.architecture not in FALLBACK_ARCHITECTURES:
                     raise UnsupportedArchitecture(
@@ -222,7 +245,7 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
                 _clear(staging)
                 engine = "optimum"
         if engine == "optimum":
-            _run_optimum(checkpoint, staging, work, recipe, progress)
+            requant = _run_optimum(checkpoint, staging, work, recipe, progress)
             _write_genai_config(checkpoint, staging)
             notes.append("exported with optimum + MatMulNBitsQuantizer (fallback path); "
                          "genai_config.json written by edgekit")
@@ -239,6 +262,9 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     quantization = {"path": path_taken, "weights": weights}
     if engine == "builder":
         quantization["builder_extra_options"] = builder_extra_options(recipe, checkpoint.trust_remote_code)
+    if requant:
+        quantization["edgekit_requantization"] = requant
+        notes += _requant_notes(requant)
     tools = tool_versions()
     if engine == "optimum":
         tools.update(_versions("optimum", "optimum-onnx"))
@@ -277,7 +303,7 @@ def _num_layers(config: dict[str, Any]) -> int | None:
     return cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
 
 
-def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress) -> None:
+def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress) -> dict[str, Any] | None:
     job = {
         "engine": "builder",
         "input": str(checkpoint.path),
@@ -285,14 +311,16 @@ def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, prog
         "cache_dir": str(work / "cache"),
         "extra_options": builder_extra_options(recipe, checkpoint.trust_remote_code),
         "precision": recipe.precision,
+        "requant": requant_job(checkpoint, recipe),
     }
     result = _run_child(job, work, progress, _ChildOutput(_num_layers(checkpoint.config)))
     if result.get("error") == "NotImplementedError":
         raise _Unsupported(result.get("message", ""))
     _raise_on_failure(result, "the onnxruntime-genai model builder")
+    return result.get("requant")
 
 
-def _run_optimum(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress) -> None:
+def _run_optimum(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress) -> dict[str, Any] | None:
     job = {
         "engine": "optimum",
         "input": str(checkpoint.path),
@@ -301,9 +329,11 @@ def _run_optimum(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, prog
         "fp32_dir": str(work / "fp32"),
         "trust_remote_code": checkpoint.trust_remote_code,
         "recipe": {k: getattr(recipe, k) for k in OnnxRecipe.__dataclass_fields__},
+        "requant": requant_job(checkpoint, recipe),
     }
     result = _run_child(job, work, progress, _ChildOutput(_num_layers(checkpoint.config)))
     _raise_on_failure(result, "optimum's ONNX export + MatMulNBitsQuantizer")
+    return result.get("requant")
 
 
 def _raise_on_failure(result: dict[str, Any], tool: str) -> None:
@@ -460,8 +490,8 @@ def _child_main(job_path: str) -> int:
     # Per-node lines from the default quantizer give the quantizing step a counter.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.INFO)
     try:
-        {"builder": _child_builder, "optimum": _child_optimum}[job["engine"]](job)
-        result = {"ok": True}
+        report = {"builder": _child_builder, "optimum": _child_optimum}[job["engine"]](job)
+        result = {"ok": True, "requant": report}
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises ToolFailed
         traceback.print_exc(file=sys.stdout)
         result = {"ok": False, "error": type(e).__name__, "message": str(e)[:2000]}
@@ -470,7 +500,7 @@ def _child_main(job_path: str) -> int:
     return 0 if result["ok"] else 1
 
 
-def _child_builder(job: dict[str, Any]) -> None:
+def _child_builder(job: dict[str, Any]) -> dict[str, Any] | None:
     from onnxruntime_genai.models.builder import check_extra_options, create_model
 
     opts = dict(job["extra_options"])
@@ -479,9 +509,13 @@ def _child_builder(job: dict[str, Any]) -> None:
     precision = job.get("precision", "int4")
     check_extra_options(None, job["input"], job["output"], precision, "cpu", job["cache_dir"], opts)
     create_model(None, job["input"], job["output"], precision, "cpu", job["cache_dir"], **opts)
+    if job.get("requant") and precision == "int4":
+        source = CheckpointWeights(Path(job["input"]), job["requant"]["qkv_sizes"])
+        return requantize(Path(job["output"]) / "model.onnx", source, job["requant"])
+    return None
 
 
-def _child_optimum(job: dict[str, Any]) -> None:
+def _child_optimum(job: dict[str, Any]) -> dict[str, Any] | None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from optimum.exporters.onnx import main_export
@@ -497,14 +531,28 @@ def _child_optimum(job: dict[str, Any]) -> None:
         quantizer = MatMulNBitsQuantizer(model, **fallback_quantizer_args(job["recipe"], model))
         quantizer.process()
         model = quantizer.model.model
+    report = None
+    if job.get("requant") and job["recipe"].get("precision", "int4") == "int4":
+        report = requantize(model, OnnxWeights(fp32 / "model.onnx"), job["requant"])
     print(_PHASE + "writing model.onnx")
-    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
-    os.chmod(out / "model.onnx.data", 0o644)  # onnx writes it 0600, unlike every other bundle file
+    _save_onnx(model, out / "model.onnx")
     # optimum copies tokenizer, chat template and generation config beside its model.onnx.
     for p in fp32.iterdir():
         if p.is_file() and not p.name.startswith("model.onnx") and p.name != "config.json":
             shutil.copy2(p, out / p.name)
+    return report
+
+
+def _save_onnx(model, path: Path) -> None:
+    """model.onnx + one model.onnx.data, as the bundle expects. onnx appends to an existing
+    data file, so an old one is removed first (the model must be fully in memory)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=0)
+    os.chmod(data, 0o644)  # onnx writes it 0600, unlike every other bundle file
 
 
 def fallback_quantizer_args(recipe: dict[str, Any], model) -> dict[str, Any]:
@@ -553,6 +601,386 @@ def _int8_matmuls(groups: Sequence[str], names: Sequence[str], head: str | None)
 def _more_bits_layers(n: int) -> set[int]:
     """llama.cpp's use_more_bits: first and last eighth of the layers, and every third between."""
     return {i for i in range(n) if i < n / 8 or i >= 7 * n / 8 or (i - round(n / 8)) % 3 == 2}
+
+
+# --- edgekit re-quantization -----------------------------------------------------------------
+#
+# The builder's quantizers (MLAS round-to-nearest, neural-compressor's rtn and k_quant) fit
+# each block's scale and minimum in float and only then round the minimum to the integer zero
+# point MatMulNBits stores, so the rounding they optimised is not the rounding the kernel
+# does. requantize() re-searches every block against the error after the zero point is rounded
+# (llama.cpp's make_qkx2-style search over 22 scale candidates plus a least-squares refit),
+# optionally weighting each input column by the calibration imatrix (edgekit/imatrix.py), and
+# applies int8_matmuls. Float weights come from the checkpoint (builder path; each matched
+# tensor is checked against the node's own dequantized codes before it is used) or from the
+# fp32 graph (optimum path). Nodes it cannot match keep the builder's codes, and the report
+# says which. A fused qkv_proj whose q, k and v get different widths is split into one
+# MatMulNBits per run of equal width, concatenated back into the fused output.
+
+_NODE_BASE = re.compile(r"^(.*/MatMul)(?:_Q\d+)?$")
+_LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/MatMul$")
+_MISMATCH = 0.3  # relative RMS difference above which a checkpoint tensor is not this node's weight
+
+
+def requant_job(checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
+    """What the child needs to re-quantize, or None when the recipe keeps the builder's codes."""
+    if recipe.precision != "int4" or (recipe.weight_search == "builder" and not recipe.int8_matmuls
+                                      and not recipe.int8_block_size):
+        return None
+    cfg = checkpoint.config.get("text_config") or checkpoint.config
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
+    qkv = [heads * head_dim, kv * head_dim, kv * head_dim] if heads and head_dim else None
+    return {"weight_search": recipe.weight_search, "int8": list(recipe.int8_matmuls), "qkv_sizes": qkv,
+            "int8_block_size": recipe.int8_block_size,
+            "checkpoint": str(checkpoint.path), "config": checkpoint.config,
+            "trust_remote_code": checkpoint.trust_remote_code}
+
+
+def quantize_blocks(w, bits: int, block: int, importance=None):
+    """Asymmetric blockwise quantization of w [N, K] along K, as MatMulNBits stores it.
+
+    Returns (q uint8 [N, blocks, block], scale float32 [N, blocks], zero_point uint8 [N, blocks])
+    with w ~ (q - zero_point) * scale. Each block keeps the candidate with the least weighted
+    squared error measured after the zero point is rounded to an integer; weights are
+    importance[k] * sqrt(mean(x^2) + x^2) with an imatrix, sqrt(mean(x^2)) + |x| without.
+    """
+    import numpy as np
+
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    nb = -(-k // block)
+    pad = nb * block - k
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)))
+    imp = None
+    if importance is not None:
+        imp = np.pad(np.asarray(importance, dtype=np.float32), (0, pad)).reshape(nb, block)
+        imp = np.maximum(imp, 1e-12 * max(float(imp.max()), 1e-30))  # no column may weigh exactly 0
+    x_all = w.reshape(n * nb, block)
+    maxq = float(2 ** bits - 1)
+    q_out = np.empty((n * nb, block), dtype=np.uint8)
+    s_out = np.empty(n * nb, dtype=np.float32)
+    z_out = np.empty(n * nb, dtype=np.uint8)
+    rows_per_chunk = max(1, 65536 // nb) * nb  # whole rows, so importance tiles line up
+    factors = [None] + [maxq - 1 + 0.1 * i for i in range(21)]
+    for start in range(0, n * nb, rows_per_chunk):
+        x = x_all[start:start + rows_per_chunk].astype(np.float64)
+        sigma2 = (x * x).mean(1, keepdims=True)
+        if imp is not None:
+            wts = np.tile(imp, (len(x) // nb, 1)) * np.sqrt(sigma2 + x * x)
+        else:
+            wts = np.sqrt(sigma2) + np.abs(x)
+        rmin, rmax = x.min(1, keepdims=True), x.max(1, keepdims=True)
+        rng = np.where(rmax > rmin, rmax - rmin, 1.0)
+        sw, sx = wts.sum(1, keepdims=True), (wts * x).sum(1, keepdims=True)
+        best_err = np.full((len(x), 1), np.inf)
+        best_s = np.ones((len(x), 1))
+        best_z = np.zeros((len(x), 1))
+
+        def consider(scale, mn):
+            nonlocal best_err, best_s, best_z
+            zp = np.clip(np.round(-mn / scale), 0, maxq)
+            lq = np.clip(np.round(x / scale + zp), 0, maxq)
+            err = (wts * ((lq - zp) * scale - x) ** 2).sum(1, keepdims=True)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, scale, best_s)
+            best_z = np.where(better, zp, best_z)
+
+        for factor in factors:
+            iscale = (maxq if factor is None else factor) / rng
+            if factor is None:  # plain min-max
+                consider(1 / iscale, rmin)
+                continue
+            lv = np.clip(np.round(iscale * (x - rmin)), 0, maxq)
+            wl = wts * lv
+            sl, sl2, sxl = wl.sum(1, keepdims=True), (wl * lv).sum(1, keepdims=True), (wl * x).sum(1, keepdims=True)
+            d = sw * sl2 - sl * sl
+            ok = d > 0
+            safe_d = np.where(ok, d, 1.0)
+            scale = (sw * sxl - sx * sl) / safe_d
+            mn = (sl2 * sx - sl * sxl) / safe_d
+            ok &= scale > 0
+            consider(np.where(ok, scale, 1 / iscale), np.where(ok, mn, rmin))
+        # refit the scale with the chosen levels and zero point fixed
+        lq = np.clip(np.round(x / best_s + best_z), 0, maxq) - best_z
+        num, den = (wts * x * lq).sum(1, keepdims=True), (wts * lq * lq).sum(1, keepdims=True)
+        refit = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1.0), best_s)
+        consider(refit, -best_z * refit)
+        # constant blocks are exact: c = (maxq - 0) * c/maxq, or (0 - maxq) * (-c/maxq)
+        flat = (rmax <= rmin)[:, 0]
+        if flat.any():
+            c = rmin[flat]
+            best_s[flat] = np.where(c != 0, np.abs(c) / maxq, 1.0)
+            best_z[flat] = np.where(c < 0, maxq, 0.0)
+        scale32 = best_s.astype(np.float32)
+        lq = np.clip(np.round(x / scale32 + best_z), 0, maxq)
+        sl = slice(start, start + len(x))
+        q_out[sl], s_out[sl], z_out[sl] = lq.astype(np.uint8), scale32[:, 0], best_z[:, 0].astype(np.uint8)
+    return q_out.reshape(n, nb, block), s_out.reshape(n, nb), z_out.reshape(n, nb)
+
+
+def pack_matmulnbits(q, scale, zp, bits: int):
+    """(q [N, blocks, block], scale [N, blocks], zp [N, blocks]) -> the B, scales and
+    zero_points arrays of MatMulNBits: 4-bit pairs low nibble first, zero points per row."""
+    import numpy as np
+
+    n, nb, block = q.shape
+    if bits == 4:
+        b = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+        zpp = np.zeros((n, (nb + 1) // 2), dtype=np.uint8)
+        zpp[:, : (nb + 1) // 2] |= zp[:, 0::2]
+        zpp[:, : nb // 2] |= zp[:, 1::2] << 4
+    else:
+        b, zpp = q.astype(np.uint8), zp.astype(np.uint8)
+    return b, scale, zpp
+
+
+def dequantize_matmulnbits(b, scales, zp, bits: int, block: int, n: int, k: int):
+    """MatMulNBits initializers -> float weight [N, K] (the inverse of pack_matmulnbits)."""
+    import numpy as np
+
+    nb = -(-k // block)
+    b = np.asarray(b).reshape(n, nb, block * bits // 8)
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, nb, -1) if bits == 4 else b
+    scales = np.asarray(scales, dtype=np.float32).reshape(n, nb)
+    if zp is None:
+        z = np.full((n, nb), 2 ** (bits - 1), dtype=np.float32)
+    elif bits == 4:
+        zpp = np.asarray(zp).reshape(n, -1)
+        z = np.stack([zpp & 0x0F, zpp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
+    else:
+        z = np.asarray(zp).reshape(n, nb).astype(np.float32)
+    w = (q.astype(np.float32) - z[..., None]) * scales[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+class CheckpointWeights:
+    """Float weights [N, K] for builder node names, read from the checkpoint's safetensors."""
+
+    def __init__(self, path: Path, qkv_sizes: Sequence[int] | None):
+        from safetensors import safe_open
+
+        self.qkv_sizes = list(qkv_sizes) if qkv_sizes else None
+        self._files: dict[str, Path] = {}
+        self._open: dict[Path, Any] = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    self._files.setdefault(name, f)
+
+    def _get(self, name: str):
+        f = self._files.get(name)
+        if f is None:
+            return None
+        if f not in self._open:
+            from safetensors import safe_open
+
+            self._open[f] = safe_open(str(f), framework="pt")
+        return self._open[f].get_tensor(name).float().numpy()
+
+    def weight_for(self, base: str, n: int, k: int):
+        import numpy as np
+
+        def fits(t):
+            return t if t is not None and t.shape == (n, k) else None
+
+        if base.startswith("/lm_head/"):
+            return fits(self._get("lm_head.weight")) if "lm_head.weight" in self._files else \
+                fits(self._get("model.embed_tokens.weight"))
+        m = _LAYER_NODE.match(base)
+        if not m:
+            return None
+        pre, proj = f"model.layers.{m.group(1)}.", m.group(2)
+        attn, mlp = pre + "self_attn.", pre + "mlp."
+        if proj in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"):
+            direct = fits(self._get(attn + proj + ".weight"))
+            if direct is not None:
+                return direct
+            if proj == "qkv_proj":
+                parts = [self._get(attn + p + ".weight") for p in ("q_proj", "k_proj", "v_proj")]
+                return fits(np.concatenate(parts)) if all(p is not None for p in parts) else None
+            fused = self._get(attn + "qkv_proj.weight")
+            if fused is not None and self.qkv_sizes and proj != "o_proj":
+                i = ("q_proj", "k_proj", "v_proj").index(proj)
+                start = sum(self.qkv_sizes[:i])
+                return fits(fused[start:start + self.qkv_sizes[i]])
+            return fits(self._get(attn + "dense.weight")) if proj == "o_proj" else None
+        if proj in ("gate_proj", "up_proj", "down_proj"):
+            direct = fits(self._get(mlp + proj + ".weight"))
+            if direct is not None or proj == "down_proj":
+                return direct
+            fused = self._get(mlp + "gate_up_proj.weight")  # [gate; up], as Phi-3 chunks it
+            if fused is not None and fused.shape[0] == 2 * n:
+                return fits(fused[:n] if proj == "gate_proj" else fused[n:])
+        return None
+
+
+class OnnxWeights:
+    """Float weights [N, K] of the MatMuls of an fp32 ONNX graph (the optimum export)."""
+
+    def __init__(self, path: Path):
+        import onnx
+
+        model = onnx.load(str(path))
+        inits = {t.name: t for t in model.graph.initializer}
+        self._by_node = {n.name: inits[n.input[1]] for n in model.graph.node
+                         if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
+
+    def weight_for(self, base: str, n: int, k: int):
+        from onnx import numpy_helper
+
+        t = self._by_node.get(base)
+        if t is None:
+            return None
+        w = numpy_helper.to_array(t).astype("float32").T
+        return w if w.shape == (n, k) else None
+
+
+def _plan(base: str, n: int, bits: int, int8: Sequence[str], qkv_sizes: Sequence[int] | None) -> list[tuple[str, int, int, int]]:
+    """Runs (label, first row, end row, bits) the node becomes; one run keeps it whole."""
+    m = _LAYER_NODE.match(base)
+    proj = m.group(2) if m else None
+    if proj == "qkv_proj" and qkv_sizes and sum(qkv_sizes) == n and "qkv_proj" not in int8:
+        widths = [8 if f"{p}_proj" in int8 else bits for p in "qkv"]
+        runs: list[list] = []
+        start = 0
+        for p, size, w in zip("qkv", qkv_sizes, widths):
+            if runs and runs[-1][3] == w:
+                runs[-1][0] += p
+                runs[-1][2] += size
+            else:
+                runs.append([p, start, start + size, w])
+            start += size
+        if len(runs) > 1:
+            return [tuple(r) for r in runs]
+        return [("", 0, n, runs[0][3])]
+    if proj is not None and proj in int8:
+        return [("", 0, n, 8)]
+    return [("", 0, n, bits)]
+
+
+def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
+    """Re-quantize the MatMulNBits nodes of a graph (a ModelProto, changed in place, or a
+    model.onnx path, rewritten with its model.onnx.data). Returns a report for the manifest."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = None
+    if isinstance(model_or_path, (str, Path)):
+        path = Path(model_or_path)
+        model = onnx.load(str(path))
+    else:
+        model = model_or_path
+    graph = model.graph
+    search = spec["weight_search"]
+    int8, qkv_sizes = list(spec.get("int8", [])), spec.get("qkv_sizes")
+    imatrix = None
+    if search == "imatrix":
+        from types import SimpleNamespace
+
+        from ..imatrix import load_or_compute
+
+        print(_PHASE + "imatrix: calibration text")
+        ck = SimpleNamespace(path=Path(spec["checkpoint"]), config=spec["config"],
+                             trust_remote_code=spec.get("trust_remote_code", False))
+        imatrix = load_or_compute(ck)
+    print(_PHASE + "re-quantizing weights (edgekit)")
+
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    report: dict[str, Any] = {"weight_search": search, "int8_matmuls": int8, "requantized": 0,
+                              "split": 0, "kept": [], "imatrix": imatrix.summary() if imatrix else None,
+                              "imatrix_missing": []}
+    new_nodes, drop, add = [], set(), []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            new_nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
+        base = _NODE_BASE.match(node.name).group(1) if _NODE_BASE.match(node.name) else node.name
+        b_name, s_name = node.input[1], node.input[2]
+        zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        runs = _plan(base, n, bits, int8, qkv_sizes)
+        int8_block = spec.get("int8_block_size") or block
+        unchanged = len(runs) == 1 and runs[0][3] == bits and (bits != 8 or int8_block == block)
+        if (search == "builder" and unchanged) or len(node.input) > 4:
+            new_nodes.append(node)
+            continue
+        if any(uses.get(x, 0) > 1 for x in (b_name, s_name, zp_name) if x) or b_name not in inits:
+            report["kept"].append(f"{node.name}: weights shared with another node (tied embedding)")
+            new_nodes.append(node)
+            continue
+        w = source.weight_for(base, n, k)
+        if w is None:
+            report["kept"].append(f"{node.name}: no matching float weight")
+            new_nodes.append(node)
+            continue
+        old = dequantize_matmulnbits(numpy_helper.to_array(inits[b_name]), numpy_helper.to_array(inits[s_name]),
+                                     numpy_helper.to_array(inits[zp_name]) if zp_name else None, bits, block, n, k)
+        rel = float(np.sqrt(np.mean((old - w) ** 2) / max(float(np.mean(w * w)), 1e-30)))
+        if rel > _MISMATCH:
+            report["kept"].append(f"{node.name}: checkpoint tensor does not match the node (rel. diff {rel:.2f})")
+            new_nodes.append(node)
+            continue
+        importance = None
+        if imatrix is not None:
+            from ..imatrix import onnx_node_importance
+
+            importance = onnx_node_importance(imatrix, node.name, k)
+            if importance is None:
+                report["imatrix_missing"].append(node.name)
+        scale_type = inits[s_name].data_type
+        prefix = b_name.rsplit("_Q", 1)[0] if "_Q" in b_name else b_name
+        drop.update(x for x in (b_name, s_name, zp_name) if x)
+        outputs = []
+        for label, r0, r1, rbits in runs:
+            rblock = int8_block if rbits == 8 else block
+            q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance)
+            pb, ps, pz = pack_matmulnbits(q, scale, zp, rbits)
+            tag = f".{label}" if label else ""
+            names = (f"{prefix}{tag}_Q{rbits}G{rblock}", f"{prefix}{tag}_scale", f"{prefix}{tag}_zp")
+            if len(runs) == 1 and rbits == bits and rblock == block:  # same node and names: only the codes change
+                names = (b_name, s_name, zp_name or f"{prefix}_zp")
+            ps = ps.astype(helper.tensor_dtype_to_np_dtype(scale_type))
+            add += [numpy_helper.from_array(pb, names[0]), numpy_helper.from_array(ps, names[1]),
+                    numpy_helper.from_array(pz, names[2])]
+            out = node.output[0] if len(runs) == 1 else f"{node.output[0]}/{label}"
+            outputs.append(out)
+            new_nodes.append(helper.make_node(
+                "MatMulNBits", [node.input[0], *names], [out],
+                name=f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}", domain="com.microsoft",
+                **{**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock}))
+        if len(runs) > 1:
+            new_nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/Concat", axis=-1))
+            report["split"] += 1
+        report["requantized"] += 1
+    kept_inits = [t for t in graph.initializer if t.name not in drop]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept_inits + add)
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    if path is not None:
+        _save_onnx(model, path)
+    return report
+
+
+def _requant_notes(report: dict[str, Any]) -> list[str]:
+    notes = [f"edgekit re-quantized {report['requantized']} MatMuls (weight_search={report['weight_search']}"
+             + (f", int8: {', '.join(report['int8_matmuls'])}" if report["int8_matmuls"] else "") + ")"]
+    if report["split"]:
+        notes.append(f"{report['split']} fused qkv MatMuls split by width and concatenated")
+    if report["kept"]:
+        notes.append(f"{len(report['kept'])} MatMuls kept the quantizer's codes ({report['kept'][0]})")
+    if report.get("imatrix_missing"):
+        notes.append(f"{len(report['imatrix_missing'])} MatMuls found no imatrix entry and were searched unweighted")
+    return notes
 
 
 # --- files the bundle needs beyond the model --------------------------------------------------
@@ -661,7 +1089,8 @@ def weight_summary(model_path: Path) -> dict[str, Any]:
         elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
             summary["matmul_float"].append(node.name)
         elif node.op_type == "GatherBlockQuantized":
-            summary["embedding"] = "int4"
+            # a tied embedding reads the lm_head's codes: int8 when the lm_head is int8
+            summary["embedding"] = f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)}"
         elif node.op_type == "Gather" and node.input[0] in inits and "embed" in node.name:
             summary["embedding"] = "float"
     return summary
@@ -671,7 +1100,7 @@ def _weight_notes(weights: dict[str, Any]) -> list[str]:
     notes = []
     if weights["matmul_int8"]:
         notes.append(f"{weights['matmul_int8']} of {weights['matmul_int4'] + weights['matmul_int8']} "
-                     "quantized MatMuls are int8 (recipe algorithm)")
+                     "quantized MatMuls are int8 (recipe)")
     if weights["matmul_float"]:
         names = ", ".join(weights["matmul_float"][:3])
         notes.append(f"{len(weights['matmul_float'])} MatMul weights stay float ({names})")

@@ -1,0 +1,335 @@
+"""Quantization recipe keys: onnx-int4 weight_search / int8_matmuls (edgekit re-quantization)
+and gguf-q4_k_m imatrix (importance matrix from the reference model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.errors import BadInput
+from edgekit.formats import gguf_q4km as gguf_fmt
+from edgekit.formats import onnx_int4
+from edgekit.progress import NullProgress
+from edgekit.targets import load_targets
+
+
+def onnx_recipe(**overrides) -> onnx_int4.OnnxRecipe:
+    spec = load_targets().format("onnx-int4")
+    return onnx_int4.parse_recipe({**spec.recipe, **overrides}, "test")
+
+
+# --- onnx-int4 recipe keys ---------------------------------------------------------------------
+
+def test_new_onnx_keys_parse_and_validate():
+    r = onnx_recipe(weight_search="edgekit", int8_matmuls=["v_proj", "down_proj"])
+    assert r.weight_search == "edgekit" and r.int8_matmuls == ("v_proj", "down_proj")
+    # `--set int8_matmuls=k_proj,v_proj` arrives as a string; "" means none
+    assert onnx_recipe(int8_matmuls="k_proj, v_proj").int8_matmuls == ("k_proj", "v_proj")
+    assert onnx_recipe(int8_matmuls="").int8_matmuls == ()
+    with pytest.raises(BadInput, match="weight_search = 'gptq'"):
+        onnx_recipe(weight_search="gptq")
+    with pytest.raises(BadInput, match="int8_matmuls names 'lm_head'"):
+        onnx_recipe(int8_matmuls=["lm_head"])
+    with pytest.raises(BadInput, match="int8_matmuls"):
+        onnx_recipe(int8_matmuls=[8])
+    assert onnx_recipe(int8_block_size=128).int8_block_size == 128
+    for bad in (48, True, "64"):
+        with pytest.raises(BadInput, match="int8_block_size"):
+            onnx_recipe(int8_block_size=bad)
+
+
+def test_defaults_are_the_measured_winners():
+    """benchmarks/recipes.py chose these on SmolLM2-135M (see benchmarks/results/recipes.md)."""
+    r = onnx_recipe()
+    assert (r.weight_search, r.int8_matmuls, r.int8_block_size) == (
+        "imatrix", ("k_proj", "v_proj", "o_proj", "down_proj"), 64)
+    spec = load_targets().format("gguf-q4_k_m")
+    assert gguf_fmt.parse_recipe(spec.recipe, spec.source).imatrix == "calibration"
+
+
+def test_new_onnx_keys_never_reach_the_builder():
+    """They are edgekit's own pass: the builder's extra_options do not change with them."""
+    plain = onnx_recipe(weight_search="builder", int8_matmuls=[])
+    tuned = onnx_recipe(weight_search="imatrix", int8_matmuls=["k_proj", "v_proj", "down_proj"])
+    assert onnx_int4.builder_extra_options(plain, False) == onnx_int4.builder_extra_options(tuned, False)
+
+
+class FakeCheckpoint:
+    def __init__(self, config, path="/nowhere"):
+        self.config, self.path, self.trust_remote_code = config, Path(path), False
+
+
+def test_requant_job():
+    cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    keep = dict(weight_search="builder", int8_matmuls=[], int8_block_size=0)
+    assert onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(**keep)) is None
+    assert onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(precision="fp32", weight_search="imatrix")) is None
+    job = onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_matmuls": ["v_proj"]}))
+    assert job["qkv_sizes"] == [576, 192, 192] and job["int8"] == ["v_proj"] and job["weight_search"] == "builder"
+    assert job["int8_block_size"] == 0
+    assert onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_block_size": 64}))["int8_block_size"] == 64
+    job = onnx_int4.requant_job(FakeCheckpoint({**cfg, "head_dim": 32}), onnx_recipe(weight_search="imatrix"))
+    assert job["qkv_sizes"] == [288, 96, 96]
+
+
+def test_plan_splits_a_fused_qkv_by_width():
+    qkv = [576, 192, 192]
+    node = "/model/layers.3/attn/qkv_proj/MatMul"
+    assert onnx_int4._plan(node, 960, 4, ["v_proj"], qkv) == [("qk", 0, 768, 4), ("v", 768, 960, 8)]
+    assert onnx_int4._plan(node, 960, 4, ["k_proj", "v_proj"], qkv) == [("q", 0, 576, 4), ("kv", 576, 960, 8)]
+    assert onnx_int4._plan(node, 960, 8, ["v_proj"], qkv) == [("", 0, 960, 8)]      # already int8: whole
+    assert onnx_int4._plan(node, 960, 4, ["qkv_proj"], qkv) == [("", 0, 960, 8)]
+    assert onnx_int4._plan(node, 960, 4, ["v_proj"], [576, 192, 100]) == [("", 0, 960, 4)]  # sizes disagree
+    assert onnx_int4._plan("/model/layers.0/self_attn/v_proj/MatMul", 192, 4, ["v_proj"], qkv) == [("", 0, 192, 8)]
+    assert onnx_int4._plan("/model/layers.0/mlp/down_proj/MatMul", 576, 4, ["v_proj"], qkv) == [("", 0, 576, 4)]
+    assert onnx_int4._plan("/lm_head/MatMul", 100, 8, ["down_proj"], qkv) == [("", 0, 100, 8)]
+
+
+# --- the quantizer against the MatMulNBits kernel ---------------------------------------------
+
+def _kernel_weight(b, s, z, k, n, bits, block):
+    """What onnxruntime's MatMulNBits computes with these initializers, as a [N, K] matrix."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=4)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T
+
+
+@pytest.mark.parametrize("k, n, bits, block", [(128, 24, 4, 32), (96, 16, 4, 32), (80, 8, 4, 32),
+                                               (96, 16, 8, 32), (100, 6, 4, 16), (576, 8, 4, 64)])
+def test_packing_matches_the_kernel(k, n, bits, block):
+    """Odd block counts and a K that is not a multiple of the block (padded) included:
+    onnxruntime's own rtn/k_quant cannot pack an odd block count (576 / 64 = 9)."""
+    w = np.random.default_rng(k + n + bits).standard_normal((n, k)).astype(np.float32)
+    q, s, z = onnx_int4.quantize_blocks(w, bits, block)
+    b, s, z = onnx_int4.pack_matmulnbits(q, s, z, bits)
+    got = _kernel_weight(b, s, z, k, n, bits, block)
+    np.testing.assert_allclose(onnx_int4.dequantize_matmulnbits(b, s, z, bits, block, n, k), got, atol=1e-6)
+    rms = float(np.sqrt(np.mean((got - w) ** 2)))
+    assert rms < (0.1 if bits == 4 else 0.006)
+
+
+def test_search_beats_rtn_and_k_quant_and_keeps_constant_blocks_exact():
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor, quant_tensor_k_quant_cpu
+
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+
+    def mse(q, s, z):
+        return float(np.mean((((q.astype(np.float64) - z) * s).reshape(w.shape) - w) ** 2))
+
+    q, s, z = onnx_int4.quantize_blocks(w, 4, 32)
+    mine = mse(q, s[..., None], z[..., None])
+    rtn = mse(*quant_tensor(w, 4, 32, "asym", "uint"))            # min-max asymmetric RTN
+    kq = mse(*quant_tensor_k_quant_cpu(w, 4, 32))                 # the builder's k_quant
+    assert mine < 0.95 * rtn and mine < 0.95 * kq
+
+    const = np.full((2, 64), -0.37, dtype=np.float32)
+    const[1] = 0.0
+    for bits in (4, 8):
+        q, s, z = onnx_int4.quantize_blocks(const, bits, 32)
+        np.testing.assert_allclose((q.astype(np.float32) - z[..., None]) * s[..., None], const.reshape(2, 2, 32), atol=1e-7)
+
+
+def test_importance_moves_error_off_important_columns():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    importance = np.ones(64, dtype=np.float32)
+    importance[::8] = 100.0
+    err = {}
+    for name, imp in (("plain", None), ("weighted", importance)):
+        q, s, z = onnx_int4.quantize_blocks(w, 4, 32, imp)
+        deq = ((q.astype(np.float32) - z[..., None]) * s[..., None]).reshape(w.shape)
+        err[name] = float(np.mean((deq - w)[:, ::8] ** 2))
+    assert err["weighted"] < 0.7 * err["plain"]
+
+
+# --- imatrix ---------------------------------------------------------------------------------
+
+def test_calibration_text_is_not_the_eval_text():
+    from edgekit.imatrix import calibration_text
+    from edgekit.reference import default_eval_text
+
+    cal, ev = calibration_text(), default_eval_text()
+    assert len(cal) > 3000
+    assert not (set(cal.split("\n\n")) & set(ev.split("\n\n")))
+
+
+@pytest.fixture(scope="module")
+def tiny_imatrix(tiny_phi3):
+    from edgekit.checkpoint import resolve
+    from edgekit.imatrix import load_or_compute
+
+    ck = resolve(str(tiny_phi3))
+    return ck, load_or_compute(ck)
+
+
+def test_imatrix_from_the_reference_model(tiny_imatrix):
+    from edgekit.imatrix import load_or_compute
+
+    ck, im = tiny_imatrix
+    cfg = ck.config
+    assert im.tokens > 500
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    assert len(im.values["model.layers.0.self_attn.qkv_proj"]) == hidden
+    assert len(im.values["model.layers.0.mlp.down_proj"]) == inter
+    assert len(im.values["lm_head"]) == hidden
+    assert all(np.all(v >= 0) and np.isfinite(v).all() and v.dtype == np.float32 for v in im.values.values())
+    again = load_or_compute(ck)
+    assert again.cached and again.key == im.key
+    assert all(np.array_equal(again.values[k], im.values[k]) for k in im.values)
+
+
+def test_imatrix_maps_to_onnx_nodes(tiny_imatrix):
+    from edgekit.imatrix import onnx_node_importance
+
+    ck, im = tiny_imatrix
+    hidden, inter = ck.config["hidden_size"], ck.config["intermediate_size"]
+    qkv = im.values["model.layers.1.self_attn.qkv_proj"]
+    for node in ("/model/layers.1/attn/qkv_proj/MatMul_Q4", "/model/layers.1/attn/v_proj/MatMul_Q8"):
+        assert onnx_node_importance(im, node, hidden) is qkv
+    gate_up = im.values["model.layers.1.mlp.gate_up_proj"]
+    assert onnx_node_importance(im, "/model/layers.1/mlp/up_proj/MatMul_Q4", hidden) is gate_up
+    assert onnx_node_importance(im, "/model/layers.1/mlp/down_proj/MatMul", inter) is im.values["model.layers.1.mlp.down_proj"]
+    assert onnx_node_importance(im, "/model/layers.1/mlp/down_proj/MatMul", inter + 1) is None  # K must agree
+    assert onnx_node_importance(im, "/lm_head/MatMul_Q8", hidden) is im.values["lm_head"]
+
+
+def test_imatrix_maps_to_gguf_tensor_names(tiny_imatrix):
+    from edgekit.imatrix import gguf_entries
+
+    ck, im = tiny_imatrix
+    hidden, inter = ck.config["hidden_size"], ck.config["intermediate_size"]
+    rows = {}
+    for i in range(ck.config["num_hidden_layers"]):
+        rows.update({f"blk.{i}.attn_qkv.weight": hidden, f"blk.{i}.attn_output.weight": hidden,
+                     f"blk.{i}.ffn_up.weight": hidden, f"blk.{i}.ffn_down.weight": inter})
+    rows["output.weight"] = hidden
+    rows["blk.1.ffn_down.weight"] = inter + 32  # a row length that disagrees is left out
+    entries, unmatched = gguf_entries(im, "phi3", ck.config["num_hidden_layers"], rows)
+    assert entries["blk.0.attn_qkv.weight"] is im.values["model.layers.0.self_attn.qkv_proj"]
+    assert entries["blk.0.ffn_up.weight"] is im.values["model.layers.0.mlp.gate_up_proj"]
+    assert entries["blk.0.ffn_down.weight"] is im.values["model.layers.0.mlp.down_proj"]
+    assert entries["output.weight"] is im.values["lm_head"]
+    assert "blk.1.ffn_down.weight" not in entries and "model.layers.1.mlp.down_proj" in unmatched
+    assert gguf_entries(im, "no-such-arch", 2, rows)[0] == {}
+
+
+# --- gguf-q4_k_m imatrix key -------------------------------------------------------------------
+
+def test_gguf_imatrix_key():
+    assert gguf_fmt.parse_recipe({"imatrix": "calibration"}, "t").imatrix == "calibration"
+    assert gguf_fmt.parse_recipe({}, "t").imatrix == "none"
+    with pytest.raises(BadInput, match="imatrix must be one of"):
+        gguf_fmt.parse_recipe({"imatrix": "wikitext"}, "t")
+
+
+def test_gguf_export_hands_the_imatrix_to_llama_model_quantize(tiny_phi3, tmp_path):
+    from edgekit.checkpoint import resolve
+
+    ck = resolve(str(tiny_phi3))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "tuned").mkdir()
+    plain = gguf_fmt.export(ck, tmp_path / "plain", gguf_fmt.parse_recipe({"imatrix": "none"}, "t"), NullProgress())
+    tuned = gguf_fmt.export(ck, tmp_path / "tuned", gguf_fmt.parse_recipe({"imatrix": "calibration"}, "t"), NullProgress())
+    assert "imatrix" not in plain.quantization
+    info = tuned.quantization["imatrix"]
+    # every linear but none twice: 2 layers x (qkv, o, gate_up, down) + the untied lm_head
+    assert info["tensors"] == 2 * 4 + 1 and info["unmatched_modules"] == []
+    assert info["accepted_by_llama_cpp"] == info["tensors"]  # llama.cpp's own count of what it received
+    assert plain.quantization["tensor_types"] == tuned.quantization["tensor_types"]  # same mix, other rounding
+    assert (tmp_path / "plain" / "model.gguf").read_bytes() != (tmp_path / "tuned" / "model.gguf").read_bytes()
+    assert any("importance matrix" in n for n in tuned.notes)
+    with gguf_fmt.open_session(tmp_path / "tuned", {}) as s:
+        assert s.logits(s.encode("The capital of France is")).shape[0] == len(s.encode("The capital of France is"))
+
+
+# --- onnx-int4 re-quantization end to end (tiny Phi-3) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def requantized(tiny_phi3, tmp_path_factory):
+    from edgekit.checkpoint import resolve
+
+    out = tmp_path_factory.mktemp("rq") / "bundle"
+    out.mkdir()
+    recipe = onnx_recipe(weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"], algorithm="k_quant")
+    return out, onnx_int4.export(resolve(str(tiny_phi3)), out, recipe, NullProgress())
+
+
+def test_requantized_bundle(requantized, tiny_phi3):
+    import onnx
+
+    out, notes = requantized
+    report = notes.quantization["edgekit_requantization"]
+    layers = json.loads((tiny_phi3 / "config.json").read_text())["num_hidden_layers"]
+    assert report["requantized"] == 5 * layers + 1 and report["kept"] == [] and report["imatrix_missing"] == []
+    assert report["split"] == layers  # q,k int4 | v int8 in every fused qkv_proj
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits["/model/layers.0/attn/qkv_proj/MatMul_qk_Q4"] == 4 and bits["/model/layers.0/attn/qkv_proj/MatMul_v_Q8"] == 8
+    assert bits["/model/layers.0/mlp/down_proj/MatMul_Q8"] == 8 and bits["/model/layers.0/mlp/up_proj/MatMul_Q4"] == 4
+    assert notes.quantization["weights"]["matmul_int8"] == 2 * layers  # v and down; lm_head int4 (k_quant)
+    assert any("split by width" in n for n in notes.notes)
+
+
+def _kld(ref, got):
+    from edgekit.metrics import log_softmax
+
+    lr, lg = log_softmax(ref), log_softmax(got)
+    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+
+
+def test_requantized_bundle_is_closer_to_the_reference(requantized, tiny_phi3, tmp_path):
+    """Teacher-forced KLD against transformers' fp32 logits: the re-quantized bundle beats the
+    builder's own k_quant bundle (a random tiny model is fragile, so the margin is relative)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgekit.checkpoint import resolve
+
+    text = "The capital of France is Paris, and the river that runs through it is the Seine."
+    ids = AutoTokenizer.from_pretrained(str(tiny_phi3))(text, add_special_tokens=False).input_ids
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    ref = ref.detach().numpy()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    onnx_int4.export(resolve(str(tiny_phi3)), plain, onnx_recipe(
+        weight_search="builder", int8_matmuls=[], int8_block_size=0, algorithm="k_quant"), NullProgress())
+    klds = {}
+    for name, bundle in (("builder", plain), ("edgekit", requantized[0])):
+        session = onnx_int4.open_session(bundle, {}, threads=1)
+        try:
+            klds[name] = _kld(ref, session.logits(ids)[:, : ref.shape[-1]])
+        finally:
+            session.close()
+    assert klds["edgekit"] < 0.8 * klds["builder"], klds
+
+
+def test_fallback_path_requantizes_the_same_way(tiny_phi3, tmp_path, requantized):
+    """optimum's graph keeps Phi-3's fused qkv_proj too: the same split, the same widths."""
+    from edgekit.checkpoint import resolve
+
+    out = tmp_path / "fallback"
+    out.mkdir()
+    recipe = onnx_recipe(engine="optimum", weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"],
+                         algorithm="k_quant")
+    notes = onnx_int4.export(resolve(str(tiny_phi3)), out, recipe, NullProgress())
+    report = notes.quantization["edgekit_requantization"]
+    built = requantized[1].quantization
+    weights = notes.quantization["weights"]
+    assert report["kept"] == [] and report["imatrix_missing"] == []
+    # optimum keeps Phi-3's gate_up_proj fused (one MatMul where the builder has two); every
+    # quantized MatMul was re-searched, minus the split's extra node
+    assert report["requantized"] == weights["matmul_int4"] + weights["matmul_int8"] - report["split"]
+    assert report["split"] == built["edgekit_requantization"]["split"]
+    assert weights["matmul_int8"] == built["weights"]["matmul_int8"]
