@@ -98,12 +98,18 @@ def export(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     recipe: dict[str, Any] | None = None,
+    tune: bool = False,
+    eval_text: str | Path | None = None,
+    thresholds: dict[str, Any] | None = None,
     progress=None,
 ) -> list[ExportResult]:
     """Export `model` (local dir, hub id or alias) to one target, or to every target with "all".
 
     `out` is the bundle directory for one target (default dist/<model>-<target>); with
     target="all" it is the parent directory of one bundle per target (default dist/).
+    With tune=True each target's [[tune]] candidates (targets/<target>.toml) are exported and
+    verified, and the smallest bundle that passes the thresholds is published, with every
+    candidate's figures in manifest["tune"]; none passing raises GateFailed and writes nothing.
     Raises EdgekitError subclasses carrying the CLI exit code.
     """
     from .checkpoint import resolve
@@ -129,7 +135,51 @@ def export(
 
     for d in dests.values():
         check_destination(d, force)  # refuse all before building any
+    if tune:
+        return [_tune_one(checkpoint, n, recipe, dests[n], force, eval_text, thresholds, progress) for n in names]
     return [_export_one(checkpoint, n, recipes[n], dests[n], force, progress) for n in names]
+
+
+def _tune_one(checkpoint, name: str, overrides: dict[str, Any] | None, dest: Path, force: bool,
+              eval_text, thresholds, progress) -> ExportResult:
+    """Export every candidate into a hidden work dir beside dest, verify each, publish the
+    smallest passing one. The work dir carries the owner's pid, so a killed run is swept later."""
+    import os
+    import shutil
+
+    from .bundle import TMP_MARK, check_destination, publish, update_manifest
+    from .errors import GateFailed
+    from .targets import load_targets
+
+    candidates = load_targets().format(name).tune or ({"name": "default", "set": {}},)
+    recipes = [_recipe(name, {**(overrides or {}), **c["set"]}) for c in candidates]  # all typed first
+    work = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-tune"
+    work.mkdir(parents=True, exist_ok=True)
+    tried, results = [], []
+    try:
+        for i, (cand, rec) in enumerate(zip(candidates, recipes)):
+            progress.note(f"tune {name}: candidate {i + 1}/{len(candidates)}: {cand['name']}")
+            res = _export_one(checkpoint, name, rec, work / str(i) / dest.name, False, progress)
+            rep = verify(res.bundle, eval_text=eval_text, thresholds=thresholds, progress=progress,
+                         trust_remote_code=checkpoint.trust_remote_code)
+            results.append(res)
+            tried.append({"name": cand["name"], "set": cand["set"], "size_bytes": res.size_bytes,
+                          "kld_mean": rep.kld_mean, "top1_agreement": rep.top1_agreement,
+                          "ppl_ratio": rep.ppl_ratio, "passed": rep.passed, "failed": list(rep.failed)})
+        passing = [i for i, t in enumerate(tried) if t["passed"]]
+        if not passing:
+            figures = "; ".join(f"{t['name']}: {t['size_bytes'] / 1e6:.1f} MB, kld {t['kld_mean']:.4f}" for t in tried)
+            raise GateFailed(f"tune {name}: no candidate passed the thresholds ({figures})",
+                             "Add a larger candidate in targets/" + name + ".toml or relax the thresholds")
+        best = min(passing, key=lambda i: (tried[i]["size_bytes"], tried[i]["kld_mean"]))
+        check_destination(dest, force)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        publish(Path(results[best].bundle), dest, force)
+        update_manifest(dest, tune={"chosen": tried[best]["name"], "tried": tried})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    progress.note(f"tune {name}: kept '{tried[best]['name']}' ({tried[best]['size_bytes'] / 1e6:.1f} MB)")
+    return dataclasses.replace(results[best], bundle=str(dest))
 
 
 def _export_one(checkpoint, name: str, recipe, dest: Path, force: bool, progress) -> ExportResult:

@@ -144,6 +144,8 @@ def targets(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--set", "recipe_set", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key from targets/<target>.toml, e.g. --set block_size=64.")
+@click.option("--tune", is_flag=True,
+              help="Try the [[tune]] candidates of targets/<target>.toml; keep the smallest that passes the gate.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Check parity against the unquantized reference after exporting (exit 3 on a failed gate).")
 @click.option("--eval-text", type=click.Path(), help="Text for the parity check (default: built-in).")
@@ -151,7 +153,7 @@ def targets(as_json: bool) -> None:
 @model_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(model, target, out, force, recipe_set, run_verify, eval_text, max_kld, min_top1, max_ppl_ratio,
+def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, max_kld, min_top1, max_ppl_ratio,
            revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
     """Export MODEL (checkpoint dir, hub id or alias) to a deployable bundle.
 
@@ -160,6 +162,7 @@ def export(model, target, out, force, recipe_set, run_verify, eval_text, max_kld
         edgekit export phi3-mini --target onnx-int4
         edgekit export ./my-checkpoint --target gguf-q4_k_m --out dist/my-q4
         edgekit export smollm2-135m --target all --no-verify
+        edgekit export smollm2-135m --target onnx-int4 --tune
     """
     from . import api
 
@@ -168,9 +171,16 @@ def export(model, target, out, force, recipe_set, run_verify, eval_text, max_kld
 
         raise BadInput("--eval-text has no effect with --no-verify", "Drop one of them")
     progress = _progress(quiet or as_json)
+    if tune and not run_verify:
+        from .errors import BadInput
+
+        raise BadInput("--tune chooses by parity, so it cannot run with --no-verify", "Drop --no-verify")
     results = api.export(model, target, out, force=force, revision=revision, offline=offline,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                         recipe=_parse_sets(recipe_set), progress=progress)
+                         recipe=_parse_sets(recipe_set), tune=tune, eval_text=eval_text,
+                         thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio), progress=progress)
+    if tune:
+        run_verify = False  # every kept bundle was verified while tuning; its parity.json is inside
     reports = []
     for r in results:
         _err(f"wrote {r.bundle}  ({r.format}, {r.size_bytes / 2**20:.1f} MiB, {r.files} files, "

@@ -35,6 +35,8 @@ class FormatSpec:
     recipe: dict[str, Any] = field(default_factory=dict)  # typed by the format module
     thresholds: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # `edgekit export --tune` candidates: ({"name": str, "set": {recipe key: value}}, ...)
+    tune: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
 
 def _format_from_file(path: Path) -> FormatSpec:
     data = read_toml(path)
-    check_keys(data, {"format", "recipe", "thresholds"}, str(path))
+    check_keys(data, {"format", "recipe", "thresholds", "tune"}, str(path))
     fmt = data.get("format")
     if not isinstance(fmt, dict):
         raise BadInput(f"{path}: missing [format] table", "Add [format] with name, description, runtime")
@@ -96,7 +98,24 @@ def _format_from_file(path: Path) -> FormatSpec:
         recipe=dict(data.get("recipe", {})),
         thresholds=dict(data.get("thresholds", {})),
         source=str(path),
+        tune=_tune_candidates(data.get("tune", []), path),
     )
+
+
+def _tune_candidates(items: Any, path: Path) -> tuple[dict[str, Any], ...]:
+    """[[tune]] tables: each a name and the recipe keys it sets (checked by the format later)."""
+    if not isinstance(items, list):
+        raise BadInput(f"{path}: 'tune' must be an array of tables", "Write each candidate as [[tune]]")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path} [[tune]] #{i + 1}"
+        if not isinstance(item, dict):
+            raise BadInput(f"{where}: must be a table", "Write it as [[tune]] with name and set")
+        check_keys(item, {"name", "set"}, where)
+        if not isinstance(item.get("name"), str) or not isinstance(item.get("set", {}), dict):
+            raise BadInput(f"{where}: needs name = \"...\" and set = {{ key = value }}", "Fix the candidate")
+        out.append({"name": item["name"], "set": dict(item.get("set", {}))})
+    return tuple(out)
 
 
 _PROFILE_TYPES = {
