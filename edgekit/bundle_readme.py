@@ -23,6 +23,9 @@ print(out["choices"][0]["message"]["content"])
 
 llama.cpp: `llama-cli -m model.gguf -cnv` (the chat template is stored in the GGUF metadata).
 
+Ollama: `ollama create {name} -f Modelfile` in this directory, then `ollama run {name}`
+(the Modelfile carries the chat template translated to Ollama's syntax and the stop tokens).
+
 With edgekit: `edgekit run . --prompt "What is the capital of France?"`
 """
 

@@ -232,8 +232,9 @@ def test_tiny_export_files_and_notes(tiny_export, tiny_phi3):
     assert not any(n.startswith("model-") for n in names)  # the f16 intermediate is gone
     assert {"tokenizer_config.json", "generation_config.json"} <= names
     assert "config.json" not in names
-    for name in names - {gguf_fmt.MODEL_FILE}:
+    for name in names - {gguf_fmt.MODEL_FILE, "Modelfile"}:
         assert (bundle / name).read_bytes() == (tiny_phi3 / name).read_bytes()
+    assert "FROM ./model.gguf" in (bundle / "Modelfile").read_text()
     assert notes.path_taken == gguf_fmt.PATH_TAKEN
     assert set(notes.reproducible_files) == names
     assert {"llama-cpp-python", "convert_hf_to_gguf", "gguf-py"} <= set(notes.tools)

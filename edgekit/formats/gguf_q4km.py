@@ -134,8 +134,13 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
     finally:
         intermediate.unlink(missing_ok=True)  # 2 bytes/weight: never leave it in a bundle
     copied = _copy_tokenizer_files(Path(checkpoint.path), staging)
+    from ..modelfile import write_modelfile
+
+    family = write_modelfile(Path(checkpoint.path), staging, MODEL_FILE)
 
     notes = list(_fallback_notes(fallbacks))
+    if family is None:
+        notes.append("Modelfile has no TEMPLATE: the chat template is not a family edgekit translates for Ollama")
     if imatrix_info is not None:
         notes.append(f"importance matrix from {imatrix_info['tokens']} calibration tokens weighted "
                      f"{imatrix_info['tensors']} tensors")
@@ -156,7 +161,7 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
         notes=tuple(notes),
         # Converter and quantizer are deterministic (thread count only splits rows):
         # a rebuild from the same checkpoint gives the same bytes.
-        reproducible_files=(MODEL_FILE, *copied),
+        reproducible_files=(MODEL_FILE, *copied, "Modelfile"),
     )
 
 
