@@ -21,6 +21,16 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 install: $(STAMP)
 
+# Headless Chromium (Debian package) renders `edgekit report`'s HTML in a test. Installed with
+# apt as root or through passwordless sudo; the lists are refreshed only if the first try fails.
+BROWSER_STAMP := $(VENV)/.edgekit-browser
+$(BROWSER_STAMP): | $(STAMP)
+	command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
+	touch $@
+
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -39,7 +49,7 @@ demo: install
 	# the gate's verdict instead of hiding it, and fails only on other errors.
 	$(VENV)/bin/edgekit verify dist/demo/smollm2-135m-gguf-q4_k_m dist/demo/smollm2-135m-onnx-int4 || [ $$? -eq 3 ]
 
-test: install
+test: install $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -375,3 +375,29 @@ def bench(
     return _bench(bundles, profile=profile, reps=reps, warmup=warmup, prompt_tokens=prompt_tokens,
                   gen_tokens=gen_tokens, overrides=overrides, output=output, write_manifest=write_manifest,
                   progress=progress)
+
+
+def validate(path: str | Path) -> dict[str, Any]:
+    """Check a bundle directory or a bundle tarball (.tar.gz) against its manifest: schema,
+    every file's size and sha256, nothing missing or extra. A tarball's members are checked
+    (no absolute paths, `..`, links or devices) before anything is extracted, into a temp dir
+    that is removed afterwards. Returns the manifest; raises IntegrityError (exit 4)."""
+    import tempfile
+
+    from .bundle import validate as _validate
+    from .tarball import extract_safely
+
+    path = Path(path)
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tempfile.TemporaryDirectory(prefix="edgekit-validate-") as tmp:
+            return _validate(extract_safely(path, Path(tmp) / "x"))
+    if path.is_file():
+        raise BadInput(f"{path} is neither a bundle directory nor a .tar.gz", "Pass a bundle directory or its tarball")
+    return _validate(path)
+
+
+def build(config: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Build the release matrix of an edgekit.toml; see edgekit.build.build."""
+    from .build import build as _build
+
+    return _build(config, **kwargs)

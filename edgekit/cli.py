@@ -359,6 +359,101 @@ def bench(bundles, profile, reps, warmup, prompt_tokens, gen_tokens, profile_set
     gate(records)
 
 
+@cli.command()
+@click.option("--config", "-c", type=click.Path(), help="Build config (default: ./edgekit.toml).")
+@click.option("--out", "-o", type=click.Path(), help="Output directory (default: [build] out, else dist/).")
+@click.option("--force", is_flag=True, help="Rebuild every entry even if its inputs are unchanged.")
+@click.option("--baseline", type=click.Path(), help="A previous build's output directory: fail on regressions beyond the config's margins.")
+@click.option("--shard", metavar="K/N", help="Build only the K-th of N deterministic slices of the matrix.")
+@click.option("--merge", "merge_dirs", multiple=True, type=click.Path(), metavar="DIR",
+              help="Combine shard outputs (repeat --merge DIR) into --out instead of building.")
+@click.option("--offline", is_flag=True, default=None, help="Never contact the hub.")
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def build(config, out, force, baseline, shard, merge_dirs, offline, as_json, quiet):
+    """Build a matrix of verified, benchmarked bundles from an edgekit.toml; exit with the
+    worst outcome (3 when a gate or a --baseline regression failed).
+
+    Writes each bundle, its <name>.tar.gz, SHA256SUMS, summary.json, summary.md and
+    report.html into the output directory. Entries whose inputs are unchanged are reused.
+
+    \b
+    Example:
+        edgekit build
+        edgekit build --config release.toml --out dist/ --baseline previous-release/ --json
+        edgekit build --shard 1/2 --out shard1/   # in one CI job; --shard 2/2 in another
+        edgekit build --merge shard1/ --merge shard2/ --out dist/
+    """
+    from . import build as _build
+    from .errors import BadInput
+
+    if merge_dirs and (shard or force or config):
+        raise BadInput("--merge combines finished shards; it takes no --shard, --force or --config", "Drop them")
+    if merge_dirs and not out:
+        raise BadInput("--merge needs --out DIR for the combined output", "Add --out")
+    progress = _progress(quiet)  # a matrix runs for long: progress on stderr even with --json
+    error = None
+    try:
+        if merge_dirs:
+            summary = _build.merge(list(merge_dirs), out, baseline=baseline, progress=progress)
+        else:
+            summary = _build.build(config, out=out, force=force, baseline=baseline, shard=shard, offline=offline,
+                                   progress=progress)
+    except _build.BuildFailed as e:  # outputs are written; show them, then exit with the worst code
+        error, summary = e, e.summary
+    if as_json:
+        _emit_json(summary)
+    elif not quiet:
+        _err(_build.render_markdown(summary))
+    if error is not None:
+        raise error
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@json_option
+def validate(paths, as_json):
+    """Check bundle directories or tarballs against their manifests; exit 4 naming the first bad file.
+
+    Checks the manifest schema, every file's size and sha256, and that no file is missing or
+    extra. Tarballs are checked member by member (no absolute paths, `..`, links or devices)
+    before anything is extracted.
+
+    \b
+    Example:
+        edgekit validate dist/phi3-mini-gguf-q4_k_m.tar.gz
+        edgekit validate dist/phi3-mini-onnx-int4
+    """
+    from . import api
+
+    results = []
+    for p in paths:
+        m = api.validate(p)
+        results.append({"path": p, "format": m["format"], "files": len(m["files"]),
+                        "size_bytes": sum(f["size"] for f in m["files"]), "valid": True})
+        if not as_json:
+            _err(f"ok: {p} ({m['format']}, {len(m['files'])} files, sha256 and sizes match the manifest)")
+    if as_json:
+        _emit_json(results)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path())
+@click.option("--out", "-o", type=click.Path(), help="HTML file to write (default: DIRECTORY/report.html).")
+def report(directory, out):
+    """Write a self-contained HTML report (summary table, quality/speed/size trade-off with the
+    Pareto front, peak RSS against budgets) from a build's summary.json.
+
+    \b
+    Example:
+        edgekit report dist/ --out report.html
+    """
+    from .report import write_report
+
+    path = write_report(directory, out)
+    _err(f"wrote {path}")
+
+
 def _on_sigterm(signum, frame):
     # Turn SIGTERM into an exception so staging directories are removed on the way out.
     raise KeyboardInterrupt
