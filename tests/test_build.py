@@ -229,10 +229,22 @@ def test_shards_merged_equal_the_unsharded_build(built, config, tmp_path):
         # Rebuilt from scratch in another directory: the reproducible files are byte-identical.
         for rel in e["reproducible_files"]:
             assert sha256(tmp_path / "merged" / e["bundle"] / rel) == sha256(out / e["bundle"] / rel), rel
+        # Manifests agree apart from timestamps and timings (parity.json holds its wall time).
+        assert _stable(tmp_path / "merged" / e["bundle"]) == _stable(out / e["bundle"])
     sums = (tmp_path / "merged" / "SHA256SUMS").read_text()
     assert all(e["tarball"] in sums for e in merged["entries"])
     r = cli("build", "--merge", tmp_path / "shard1", "--merge", tmp_path / "shard1", "--out", tmp_path / "m2")
     assert r.returncode == 2 and "appears in two shards" in r.stderr
+
+
+def _stable(bundle: Path) -> dict:
+    m = json.loads((bundle / "manifest.json").read_text())
+    for key in ("created_at", "bench"):
+        m.pop(key)
+    for k in ("wall_s", "peak_rss_mb"):
+        m["export"].pop(k)
+    m["files"] = [f for f in m["files"] if f["path"] != "parity.json"]
+    return m
 
 
 def test_report_renders_its_plots_in_headless_chromium(built, tmp_path):
