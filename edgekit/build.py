@@ -290,7 +290,7 @@ def _eval_sha(path: str | None) -> str:
 def _reusable(prev: dict | None, key: str, bundle: Path, tar_path: Path) -> bool:
     """Reuse only what is provably the same: same inputs, bundle intact, tarball unchanged."""
     from .bundle import validate
-    from .tarball import _sha256
+    from .checkpoint import sha256_file as _sha256
 
     if not prev or prev.get("input_key") != key or prev.get("status") not in ("ok", "gate_failed"):
         return False
@@ -405,7 +405,7 @@ def merge(dirs: list[str | Path], out: str | Path, *, baseline: str | Path | Non
     from .buildconfig import _REGRESSION_DEFAULTS
     from .lock import output_lock
     from .progress import NullProgress
-    from .tarball import _sha256
+    from .checkpoint import sha256_file as _sha256
 
     progress = progress or NullProgress()
     out = Path(out)

@@ -8,7 +8,6 @@ written; the archive is read twice (check, then extract) rather than trusting a 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import shutil
@@ -51,7 +50,9 @@ def pack(bundle: Path, tar_path: Path) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return _sha256(tar_path)
+    from .checkpoint import sha256_file
+
+    return sha256_file(tar_path)
 
 
 def _info(name: str, *, dir: bool = False, size: int = 0) -> tarfile.TarInfo:
@@ -63,14 +64,6 @@ def _info(name: str, *, dir: bool = False, size: int = 0) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(8 * 2**20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_members(tar_path: Path) -> tuple[str, list[tarfile.TarInfo]]:
