@@ -216,7 +216,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             failed = [g for g in gates if not g["passed"]]
             return {**prev, "reused": True, "gates": gates, "status": "gate_failed" if failed else "ok",
                     "exit_code": 3 if failed else 0, "message": "; ".join(_gate_text(g) for g in failed),
-                    "baseline": None}
+                    "baseline": None, "timings": {"total_s": round(time.monotonic() - t0, 1)},
+                    "built_timings": prev.get("built_timings") or prev["timings"]}
 
         tar_path.unlink(missing_ok=True)  # never leave a tarball of an older bundle beside a new one
         t = time.monotonic()

@@ -40,6 +40,7 @@ Checkpoint sha256: `{sha}`. Files and hashes: `manifest.json`.
 Python (`pip install onnxruntime-genai`):
 
 ```python
+import json
 import onnxruntime_genai as og
 model = og.Model(".")
 tokenizer = og.Tokenizer(model)
@@ -47,7 +48,8 @@ stream = tokenizer.create_stream()
 params = og.GeneratorParams(model)
 params.set_search_options(max_length=256)
 generator = og.Generator(model, params)
-prompt = "<the chat template in tokenizer_config.json applied to your messages>"
+messages = [{{"role": "user", "content": "What is the capital of France?"}}]
+prompt = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
 generator.append_tokens(tokenizer.encode(prompt))
 while not generator.is_done():
     generator.generate_next_token()
