@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:
-#   make demo   install everything, then export the embedded default model to both formats and run it
+#   make demo   install everything, then build ./edgekit.toml (the embedded default model in both formats:
+#               export, parity gate, bench, tarballs, report) and run both bundles
 #   make test   install everything, then run the test suite
 # Everything installs into .venv with pinned versions (requirements.txt).
 
@@ -41,12 +42,12 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/edgekit export smollm2-135m --target all --out dist/demo --force --no-verify
-	$(VENV)/bin/edgekit run dist/demo/smollm2-135m-gguf-q4_k_m --max-tokens 48 --prompt "What is the capital of France?"
-	$(VENV)/bin/edgekit run dist/demo/smollm2-135m-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
-	# Parity gate on both bundles against the fp32 reference: exit 3 (and a failed demo) if either
-	# drifts past the thresholds in targets/*.toml.
-	$(VENV)/bin/edgekit verify dist/demo/smollm2-135m-gguf-q4_k_m dist/demo/smollm2-135m-onnx-int4
+	# The release build of ./edgekit.toml: SmolLM2-135M exported to both formats, each verified
+	# against the fp32 reference (exit 3 if a parity gate fails), benchmarked on this host's
+	# profile, packed with SHA256SUMS, summary and report.html in dist/release/.
+	$(VENV)/bin/edgekit build
+	$(VENV)/bin/edgekit run dist/release/smollm2-135m-gguf-q4_k_m --max-tokens 48 --prompt "What is the capital of France?"
+	$(VENV)/bin/edgekit run dist/release/smollm2-135m-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
 
 test: install $(BROWSER_STAMP)
 	$(PY) -m pytest -q

@@ -480,7 +480,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     h = summary.get("host") or {}
     lines = [f"# edgekit build: {len(summary['entries'])} bundles", "",
              f"edgekit {summary['edgekit_version']}, {summary['created_at']}, config `{Path(summary['config']).name}` "
-             f"(sha256 {summary['config_sha256'][:12]}), host {h.get('cpu_model', '?')}, {h.get('logical_cores', '?')} cores.",
+             f"(sha256 {summary['config_sha256'][:12]}), host {h.get('cpu', '?')}, {h.get('logical_cores', '?')} cores.",
              "", "| bundle | status | size MiB | kld_mean | top-1 | PPL ratio | profile | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["entries"]:

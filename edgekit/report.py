@@ -130,7 +130,7 @@ def render_html(summary: dict[str, Any]) -> str:
 <body>
 <h1>edgekit build report</h1>
 <p>edgekit {esc(summary['edgekit_version'])}, built {esc(summary['created_at'])} from <code>{esc(Path(summary['config']).name)}</code>
-on {esc(str(h.get('cpu_model', '?')))} ({esc(str(h.get('logical_cores', '?')))} cores, {esc(str(h.get('os', '')))}).</p>
+on {esc(str(h.get('cpu', '?')))} ({esc(str(h.get('logical_cores', '?')))} cores, {esc(str(h.get('os', '')))}).</p>
 <table id="summary"><thead><tr>{''.join(f'<th>{c}</th>' for c in head)}</tr></thead><tbody>
 {''.join(rows)}
 </tbody></table>

@@ -89,7 +89,7 @@ def test_build_writes_bundles_tarballs_sums_summary_and_report(built):
         assert names[0] == e["bundle"] and f"{e['bundle']}/manifest.json" in names
     assert (out / "tiny-gguf-q4_k_m" / "Modelfile").is_file()
     md = (out / "summary.md").read_text()
-    assert "| tiny-onnx-int4 | ok |" in md and "0 failed" in md
+    assert "| tiny-onnx-int4 | ok |" in md and "0 failed" in md and "host ?" not in md
     assert "[1/2] tiny-gguf-q4_k_m" in run.stderr and "[2/2] tiny-onnx-int4" in run.stderr  # matrix progress
     html = (out / "report.html").read_text()
     # Self-contained: two inline plots, nothing fetched (no scripts, stylesheets or images by URL).
@@ -293,13 +293,19 @@ def test_config_errors_name_the_key_and_line(tmp_path):
     assert r.returncode == 2 and "malformed TOML" in r.stderr and not (tmp_path / "o").exists()
 
 
-def test_the_example_config_in_the_repo_is_valid():
+def test_the_example_config_in_the_repo_is_valid(tmp_path):
     cfg = load_config(ROOT / "edgekit.toml")
-    ids = [j.id for j in cfg.jobs()]
-    assert ids == ["phi3-mini-onnx-int4", "smollm2-135m-gguf-q4_k_m", "smollm2-135m-onnx-int4"]
+    assert [j.id for j in cfg.jobs()] == ["smollm2-135m-gguf-q4_k_m", "smollm2-135m-onnx-int4"]
+    assert cfg.jobs()[0].budgets(cfg, "laptop-cpu")["max_peak_rss_mb"] == 2048
+    # Its commented second model is valid too once uncommented.
+    text = (ROOT / "edgekit.toml").read_text()
+    tail = text[text.index("# [[model]]"):]
+    uncommented = "\n".join(line[2:].split("  #")[0] if line.startswith("# ") else line for line in tail.splitlines())
+    (tmp_path / "edgekit.toml").write_text(text[:text.index("# A second model")] + uncommented)
+    cfg = load_config(tmp_path / "edgekit.toml")
     phi = next(j for j in cfg.jobs() if j.id == "phi3-mini-onnx-int4")
     assert phi.profiles == ("laptop-cpu", "mobile-onnx")
-    assert phi.budgets(cfg, "laptop-cpu")["max_peak_rss_mb"] == 2048
+    assert phi.budgets(cfg, "mobile-onnx") == {"max_bundle_mb": 1024.0, "max_peak_rss_mb": 3072.0}
 
 
 def test_shard_slices_are_deterministic_and_cover_the_matrix():
