@@ -61,6 +61,8 @@ def tradeoff_svg(pts: list[dict[str, Any]]) -> str:
     if front:
         ax.plot([p["decode_tok_s"] for p in front], [p["kld_mean"] for p in front], "--", color="#2ca02c",
                 label="Pareto front", zorder=0)
+        ax.scatter([p["decode_tok_s"] for p in front], [p["kld_mean"] for p in front], s=260, facecolors="none",
+                   edgecolors="#2ca02c", linewidths=1.5)  # ring the points on the front
     for p in pts:
         ax.annotate(f"{p['id']} @ {p['profile']}", (p["decode_tok_s"], p["kld_mean"]), fontsize=7,
                     xytext=(6, 4), textcoords="offset points")
@@ -69,9 +71,10 @@ def tradeoff_svg(pts: list[dict[str, Any]]) -> str:
     if pts and min(p["kld_mean"] for p in pts) > 0:
         ax.set_yscale("log")
     ax.set_title("Quality / speed / size (point area = bundle size)")
+    ax.margins(x=0.35, y=0.2)  # room for the labels beside the points
     ax.grid(alpha=0.3)
     if pts:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="best", markerscale=0.5)
     return _svg(fig)
 
 
