@@ -135,6 +135,9 @@ def export(
 
     for d in dests.values():
         check_destination(d, force)  # refuse all before building any
+    from .preflight import check as preflight
+
+    preflight(checkpoint, dests, force)  # RAM and disk estimates; --force overrides
     if tune:
         return [_tune_one(checkpoint, n, recipe, dests[n], force, eval_text, thresholds, progress) for n in names]
     return [_export_one(checkpoint, n, recipes[n], dests[n], force, progress) for n in names]

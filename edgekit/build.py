@@ -108,8 +108,8 @@ def build(config: str | Path | None = None, *, out: str | Path | None = None, fo
     from .progress import NullProgress
 
     progress = progress or NullProgress()
+    sh = parse_shard(shard)  # flags first: a typo there should not wait on the config
     cfg = load_config(config)
-    sh = parse_shard(shard)
     out = Path(out or cfg.out)
     base = read_summary(Path(baseline), "--baseline") if baseline else None
     if cfg.eval_text and not Path(cfg.eval_text).is_file():

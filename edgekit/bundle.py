@@ -70,18 +70,23 @@ def check_destination(dest: Path, force: bool) -> None:
 @contextmanager
 def staging(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temp dir beside `dest`; on success rename it to `dest`, else delete it."""
+    from .lock import output_lock
+
     dest = Path(dest)
     check_destination(dest, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(dest.parent)
-    tmp = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        publish(tmp, dest, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # One writer per destination: a second export into the same --out fails at once, clearly.
+    with output_lock(dest.parent, f".{dest.name}.edgekit.lock"):
+        clean_stale_temps(dest.parent)
+        check_destination(dest, force)  # another process may have published while we waited to start
+        tmp = dest.parent / f".{dest.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            publish(tmp, dest, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def publish(tmp: Path, dest: Path, force: bool) -> None:

@@ -85,6 +85,15 @@ class EdgekitGroup(click.Group):
             raise _Failure(e.one_line(), e.exit_code) from None
         except KeyboardInterrupt:
             raise _Failure("interrupted; nothing was written", 130) from None
+        except OSError as e:
+            import errno
+
+            if debug:
+                raise
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise _Failure(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1) from None
+            raise _Failure(f"disk full while writing {e.filename or 'the output'} ({e.strerror}); nothing was published. "
+                           "Free space or choose another --out", 1) from None
         except Exception as e:  # noqa: BLE001
             if debug:
                 raise
@@ -141,7 +150,7 @@ def targets(as_json: bool) -> None:
 @click.option("--target", "-t", default="onnx-int4", show_default=True,
               help="onnx-int4, gguf-q4_k_m, or all.")
 @click.option("--out", "-o", type=click.Path(), help="Bundle directory (with --target all: parent directory). Default: dist/<model>-<target>.")
-@click.option("--force", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty --out, and export even if the resource preflight says RAM or disk is short.")
 @click.option("--set", "recipe_set", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key from targets/<target>.toml, e.g. --set block_size=64.")
 @click.option("--tune", is_flag=True,

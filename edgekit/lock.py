@@ -8,24 +8,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import EdgekitError
+from .errors import BadInput
 
 LOCK_NAME = ".edgekit.lock"
 
 
-class Busy(EdgekitError):
-    """Another edgekit process holds the lock on this output directory."""
-
-    exit_code = 1
+class Busy(BadInput):
+    """Another edgekit process holds the lock on this output (exit 2: wait, or pick another --out)."""
 
 
 @contextmanager
-def output_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive, non-blocking flock on DIR/.edgekit.lock; the kernel drops it if the
-    process dies, so a killed build never leaves the directory locked."""
+def output_lock(directory: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold an exclusive, non-blocking flock on DIR/NAME; the kernel drops it if the process
+    dies, so a killed run never leaves the output locked."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
+    path = directory / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

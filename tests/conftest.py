@@ -58,3 +58,14 @@ def smol_gguf(smollm2_dir, bundles_dir) -> Path:
 @pytest.fixture(scope="session")
 def smol_onnx(smollm2_dir, bundles_dir) -> Path:
     return _export("smollm2-135m", "onnx-int4", bundles_dir / "smol-onnx")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a full run (no file or -k selection), write docs/reliability.md from what the
+    reliability tests recorded; EDGEKIT_RELIABILITY_DOC=1 forces it for a partial run."""
+    from reliability import DOC, RECORDS, render
+
+    full = session.config.args_source == pytest.Config.ArgsSource.TESTPATHS and not session.config.option.keyword
+    if RECORDS and (full or os.environ.get("EDGEKIT_RELIABILITY_DOC") == "1"):
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(render(), encoding="utf-8")
