@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import BadInput, UnsupportedArchitecture
+from .errors import BadInput, EdgekitError, UnsupportedArchitecture
 
 ALL = "all"
 
@@ -197,7 +197,11 @@ def _export_one(checkpoint, name: str, recipe, dest: Path, force: bool, progress
     progress.note(f"exporting {checkpoint.short_name} ({checkpoint.architecture}) to {name} -> {dest}")
     with staging(dest, force) as tmp:
         with PeakRSS() as usage:
-            notes = mod.export(checkpoint, tmp.resolve(), recipe, progress)  # backends may chdir children
+            try:
+                notes = mod.export(checkpoint, tmp.resolve(), recipe, progress)  # backends may chdir children
+            except (OSError, EdgekitError) as e:
+                _raise_if_disk_full(tmp, dest, e)
+                raise
         manifest = {
             "name": dest.name,
             "format": name,
@@ -227,6 +231,24 @@ def _export_one(checkpoint, name: str, recipe, dest: Path, force: bool, progress
         wall_s=round(usage.wall_s, 2), peak_rss_mb=round(usage.peak_rss_mb, 1),
         size_bytes=bundle_size(manifest), files=len(manifest["files"]), notes=tuple(notes.notes),
     )
+
+
+def _raise_if_disk_full(tmp: Path, dest: Path, error: BaseException) -> None:
+    """Converters die of a full disk with messages like "4096 requested and 3424 written";
+    name the cause instead. The staging directory is removed on the way out as usual."""
+    import shutil
+
+    from .errors import ToolFailed
+
+    try:
+        free = shutil.disk_usage(tmp).free
+    except OSError:
+        return
+    said = any(m in str(error) for m in ("No space left", "Disk quota", "File too large", " requested and "))
+    if free < 4 * 2**20 or said:  # a converter may delete its partial file before we look
+        raise ToolFailed(f"disk full while exporting to {dest} ({free // 1024} KiB left on that filesystem; "
+                         f"{type(error).__name__}: {str(error).splitlines()[0][:120]})",
+                         "Free space or choose another --out; nothing was published") from None
 
 
 def open_bundle(bundle: str | Path, threads: int | None = None, validate: bool = True):

@@ -32,7 +32,16 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process whose parent died first stays a zombie until init reaps it (some
+    # container inits never do): it holds nothing, so its temp dirs are stale.
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except Exception:  # noqa: BLE001 - no psutil view of it: assume alive, keep its files
+        return True
 
 
 def clean_stale_temps(parent: Path) -> list[Path]:
