@@ -19,7 +19,8 @@ class EdgekitError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        return f"{self.problem}. {self.fix}" if self.fix else self.problem
+        text = f"{self.problem}. {self.fix}" if self.fix else self.problem
+        return " ".join(text.split("\n"))  # a quoted tool message must not break the one-line promise
 
 
 class BadInput(EdgekitError):

@@ -91,7 +91,8 @@ def check_members(tar_path: Path) -> tuple[str, list[tarfile.TarInfo]]:
     except IntegrityError:
         raise
     except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
-        raise IntegrityError(f"{tar_path} is truncated or not a valid tar.gz ({type(e).__name__}: {e})",
+        first = str(e).splitlines()[0].rstrip(":") if str(e) else ""  # tarfile lists every method tried
+        raise IntegrityError(f"{tar_path} is truncated or not a valid tar.gz ({type(e).__name__}: {first})",
                              "Re-download or re-pack the bundle") from None
     if not members:
         raise IntegrityError(f"{tar_path} is empty", "Re-pack the bundle")
