@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 
-EXIT_CODES_HELP = "Exit codes: 0 ok, 1 unexpected error, 2 bad input, 3 quality gate failed, 4 integrity check failed."
+EXIT_CODES_HELP = "Exit codes: 0 ok, 1 unexpected error, 2 bad input, 3 quality gate failed, 4 integrity check failed, 130 interrupted."
 
 
 def _emit_json(doc: Any) -> None:

@@ -2,7 +2,7 @@
 
 Exit codes (documented in README.md):
   0 success, 1 unexpected error, 2 bad input or usage, 3 a quality gate failed,
-  4 an integrity check failed.
+  4 an integrity check failed, 130 interrupted (SIGINT or SIGTERM).
 """
 
 from __future__ import annotations
