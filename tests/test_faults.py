@@ -73,7 +73,8 @@ def test_signal_during_export_leaves_nothing_and_a_rerun_succeeds(tiny_phi3, tmp
            passed=True, half_written=0)
 
 
-def test_sigkill_during_build_leaves_no_partial_outputs(tiny_phi3, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_during_build_leaves_no_partial_outputs(tiny_phi3, tmp_path, sig):
     cfg = tmp_path / "edgekit.toml"
     cfg.write_text(f'[build]\nformats = ["gguf-q4_k_m"]\nprofiles = []\n[[model]]\nsource = "{tiny_phi3}"\nname = "t"\n'
                    '[model.thresholds.gguf-q4_k_m]\nkld_mean_max = 50.0\ntop1_agreement_min = 0.0\n'
@@ -82,16 +83,19 @@ def test_sigkill_during_build_leaves_no_partial_outputs(tiny_phi3, tmp_path):
     proc = _start(["build", "--config", cfg, "--out", out, "-q"])
     assert _wait_for_temp(proc, out), proc.communicate()[1]
     time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
     assert not (out / "t-gguf-q4_k_m").exists() and not list(out.glob("*.tar.gz")) and not (out / "summary.json").exists()
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 130 and "interrupted" in err and not _temps(out), err
     r = subprocess.run([EDGEKIT, "build", "--config", cfg, "--out", out, "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not _temps(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["entries"][0]["status"] == "ok"
     assert subprocess.run([EDGEKIT, "validate", out / "t-gguf-q4_k_m.tar.gz"], capture_output=True).returncode == 0
-    record("fault", "build SIGKILL", "SIGKILL 0.5 s into a build's export", "no outputs, rerun ok", passed=True)
+    record("fault", f"build {sig.name}", f"{sig.name} 0.5 s into a build's export", f"exit {proc.returncode}, no outputs, rerun ok",
+           passed=True)
 
 
 @pytest.fixture
