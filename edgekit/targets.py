@@ -194,7 +194,10 @@ def _load(directory: str) -> Targets:
     if ppath.exists():
         data = read_toml(ppath)
         check_keys(data, {"profiles"}, str(ppath))
-        for name, table in data.get("profiles", {}).items():
+        tables = data.get("profiles", {})
+        if not isinstance(tables, dict):
+            raise BadInput(f"{ppath}: 'profiles' must be tables", "Write each profile as [profiles.<name>]")
+        for name, table in tables.items():
             if not isinstance(table, dict):
                 raise BadInput(f"{ppath}: profiles.{name} must be a table", f"Write it as [profiles.{name}]")
             profiles[name] = _profile(name, table, f"{ppath} [profiles.{name}]", set(formats))

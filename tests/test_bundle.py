@@ -55,13 +55,20 @@ def test_stale_temp_of_dead_process_is_removed(tmp_path):
     assert not stale.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_parent_refused(tmp_path):
+    import subprocess
+
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    with pytest.raises(BadInput, match="permission denied"):
-        with staging(ro / "b"):
-            pass
+    if os.geteuid() == 0:  # root ignores mode bits: a read-only mount is what refuses it
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
+    try:
+        with pytest.raises(BadInput, match="permission denied"):
+            with staging(ro / "b"):
+                pass
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
 
 
 @pytest.mark.parametrize(
