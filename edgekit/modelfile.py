@@ -106,17 +106,66 @@ def render_modelfile(model_file: str, chat_template: str | None, vocab: set[str]
     return "\n".join(lines) + "\n", fam.name
 
 
-def write_modelfile(checkpoint_dir: Path, bundle: Path, model_file: str) -> str | None:
-    """Write bundle/Modelfile from the checkpoint's tokenizer; returns the family or None."""
-    from transformers import AutoTokenizer
+def _hf_template_and_vocab(checkpoint_dir: Path) -> tuple[str | None, set[str], dict[str, str]]:
+    """The chat template, token strings and special tokens, read from the tokenizer files
+    directly: importing transformers for this costs ~5 s per export (export_overhead.py)."""
+    import json
 
-    tok = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-    template = getattr(tok, "chat_template", None)
+    cfg_path = checkpoint_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (checkpoint_dir / "chat_template.jinja").is_file():
+        template = (checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (checkpoint_dir / "chat_template.json").is_file():
+        template = json.loads((checkpoint_dir / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    tok = json.loads((checkpoint_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok.get("model", {}).get("vocab", {})
+    names = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab}  # BPE dict / Unigram pairs
+    names |= {t["content"] for t in tok.get("added_tokens", [])}
+
+    def content(v):
+        return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+    special = {k: content(cfg.get(k)) for k in ("bos_token", "eos_token")}
+    return (template if isinstance(template, str) else None), names, special
+
+
+def _jinja_render(template: str, special: dict[str, str]):
+    """Render like transformers' apply_chat_template: sandboxed Jinja, trim/lstrip blocks."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template)
 
     def render(messages):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return compiled.render(messages=messages, add_generation_prompt=True, **special)
 
-    text, family = render_modelfile(model_file, template if isinstance(template, str) else None,
-                                    set(tok.get_vocab()), render)
+    return render
+
+
+def write_modelfile(checkpoint_dir: Path, bundle: Path, model_file: str) -> str | None:
+    """Write bundle/Modelfile from the checkpoint's tokenizer files; returns the family or None."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        template, vocab, special = _hf_template_and_vocab(checkpoint_dir)
+        render = _jinja_render(template, special) if template else None
+    else:  # SentencePiece-only checkpoint: let transformers read tokenizer.model
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+        vocab = set(tok.get_vocab())
+
+        def render(messages):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    text, family = render_modelfile(model_file, template, vocab, render)
     (Path(bundle) / "Modelfile").write_text(text, encoding="utf-8")
     return family

@@ -99,8 +99,13 @@ def test_tiny_families_render_like_the_hf_template(tmp_path, family):
 
     path = make_tiny(family, tmp_path / family)
     tok = AutoTokenizer.from_pretrained(str(path))
-    text, fam = render_modelfile("model.gguf", tok.chat_template, set(tok.get_vocab()),
-                                 lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    # The export's own path (tokenizer files read directly, no transformers), checked against transformers.
+    from edgekit.modelfile import write_modelfile
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    fam = write_modelfile(path, bundle, "model.gguf")
+    text = (bundle / "Modelfile").read_text()
     assert fam is not None
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     system = re.search(r'SYSTEM """(.*?)"""', text, re.S)
