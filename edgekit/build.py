@@ -188,7 +188,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     try:
         from . import api
-        from .bundle import read_manifest, update_manifest, validate
+        from .bundle import update_manifest, validate
         from .checkpoint import resolve
         from .formats import backend
         from .progress import RichProgress
@@ -253,7 +253,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
                       bundle=bundle.name, tarball=tar_path.name, tarball_sha256=sha,
                       size_bytes=sum(f["size"] for f in manifest["files"]), input_key=key,
                       parity=report.summary(), bench=bench, gates=gates, timings=timings,
-                      reproducible_files=read_manifest(bundle).get("reproducible_files", []))
+                      reproducible_files=manifest.get("reproducible_files", []))
     except EdgekitError as e:
         tar_path.unlink(missing_ok=True)
         timings["total_s"] = round(time.monotonic() - t0, 1)

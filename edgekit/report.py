@@ -152,14 +152,13 @@ def _f(v: Any, digits: int) -> str:
 
 def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
     """Render DIR/summary.json (from `edgekit build`) to `out` (default DIR/report.html)."""
-    import os
-
-    from .build import REPORT, read_summary
+    from .build import REPORT, _atomic, read_summary
+    from .errors import BadInput
 
     directory = Path(directory)
     summary = read_summary(directory, "report:")
     out = Path(out) if out else directory / REPORT
-    tmp = out.with_name(f".{out.name}.edgekit-tmp-{os.getpid()}")
-    tmp.write_text(render_html(summary), encoding="utf-8")
-    os.replace(tmp, out)
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: directory {out.parent} does not exist", "Create it or choose another --out")
+    _atomic(out, render_html(summary))
     return out

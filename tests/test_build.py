@@ -255,6 +255,8 @@ def test_report_renders_its_plots_in_headless_chromium(built, tmp_path):
     assert browser, "Chromium is installed by `make test` (Debian package chromium)"
     html = tmp_path / "report.html"
     assert cli("report", out, "--out", html).returncode == 0
+    r = cli("report", out, "--out", tmp_path / "missing-dir" / "r.html")
+    assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "missing-dir").exists()
     png = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={png}", "--window-size=1100,2600", html.as_uri()],
