@@ -579,6 +579,8 @@ def _open(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, int]]
                 f"gpu_layers: the profile offloads {layers} to the GPU (Metal on Apple silicon); this llama.cpp "
                 f"has no GPU offload on {platform.system()} {platform.machine()}, so every layer ran on the CPU")
             info["gpu_layers"] = 0
+        if note := gguf_q4km.longrope_context_note(bundle / gguf_q4km.MODEL_FILE, run.context):
+            info["substitutions"].append(note)
         info["rss_before_load_mb"] = _rss()
         t0 = time.perf_counter()
         session = gguf_q4km.LlamaCppSession.open_offloaded(bundle / gguf_q4km.MODEL_FILE, run.threads, run.context,

@@ -53,6 +53,17 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DEFAULT_CONTEXT = 4096
+
+# What the long-context probe (edgekit.longcontext) names when parity stops early, by where.
+LONG_CONTEXT_LIMITS: dict[str, str] = {
+    # llama.cpp picks LongRoPE's factors once per context: the long ones at every position
+    # when n_ctx exceeds the original context. A run that crosses token {boundary} with a
+    # context sized for it therefore differs from transformers before the boundary.
+    "before": ("llama.cpp uses LongRoPE's long factors at every position once n_ctx exceeds {boundary}, so "
+               "the tokens of a run before {boundary} differ from transformers; edgekit run and bench open "
+               "the context at {boundary} when prompt + output fit in it"),
+    "after": "llama.cpp leaves transformers' behaviour past token {boundary}: parity holds to {reach} tokens",
+}
 _INTERMEDIATES = ("f16", "bf16", "f32")
 # "none": llama.cpp's plain quantizers; "calibration": an importance matrix computed from the
 # reference model over edgekit/data/calibration.txt (edgekit/imatrix.py) weights the rounding.
@@ -478,6 +489,19 @@ def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None
     return LlamaCppSession(model, threads=threads, context=min(context, trained) if trained else context)
 
 
+def longrope_context_note(model: Path, context: int) -> str | None:
+    """What a context above LongRoPE's original one changes in llama.cpp, or None. edgekit
+    run opens DEFAULT_CONTEXT (4096, the Phi models' original context), where the factors are
+    those transformers uses for such lengths; a benchmark profile may ask for more."""
+    value = read_metadata(model, ("{arch}.rope.scaling.original_context_length",))
+    original = value["{arch}.rope.scaling.original_context_length"]
+    if original and original.isdigit() and context > int(original):
+        return (f"context {context} > {original}: llama.cpp applies LongRoPE's long factors at every position "
+                f"(transformers uses the short ones for sequences of up to {original} tokens); speed and memory "
+                "are what they would be either way")
+    return None
+
+
 def _trained_context(model: Path) -> int | None:
     """<arch>.context_length: a context past it only invites garbage (and a llama.cpp warning)."""
     value = read_metadata(model, ("{arch}.context_length",))["{arch}.context_length"]
@@ -533,6 +557,7 @@ class LlamaCppSession:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.context = context
+        self._model_path, self._threads = model_path, threads
 
     # tokenizer -------------------------------------------------------------------------
 
@@ -680,6 +705,59 @@ class LlamaCppSession:
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return out
 
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
+        """Logits the way an application meets them: the prompt in one batch, then the
+        continuation one token at a time. Rows: the prompt's last position, then one per
+        continuation token but the last ([len(continuation), n_vocab]).
+
+        The context is sized to the whole sequence, as `llama-cli -c N` would be. That choice
+        is what picks LongRoPE's factors in llama.cpp (long at every position once n_ctx
+        exceeds the original context), so a larger session is opened for it when needed."""
+        import numpy as np
+
+        needed = len(prompt_ids) + len(continuation)
+        if needed > self.context:
+            with LlamaCppSession(self._model_path, self._threads, needed) as wide:
+                return wide.stepwise_logits(prompt_ids, continuation)
+        lib, ctx = self._lib, self._llm.ctx
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        self._llm.reset()
+        rows = np.empty((len(continuation), self._n_vocab), dtype=np.float32)
+        tokens = [int(t) for t in prompt_ids]
+        n_batch = max(1, int(lib.llama_n_batch(ctx)))
+        for start in range(0, len(tokens), n_batch):   # the prompt, logits for its last token only
+            chunk = tokens[start:start + n_batch]
+            last = start + len(chunk) == len(tokens)
+            self._decode(chunk, start, last)
+        rows[0] = self._last_logits()
+        for i, tok in enumerate(continuation[:-1]):
+            self._decode([int(tok)], len(tokens) + i, True)
+            rows[i + 1] = self._last_logits()
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        return rows
+
+    def _decode(self, chunk: Sequence[int], start: int, logits_for_last: bool) -> None:
+        lib = self._lib
+        batch = lib.llama_batch_init(len(chunk), 0, 1)
+        try:
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = logits_for_last and i == len(chunk) - 1
+            batch.n_tokens = len(chunk)
+            if lib.llama_decode(self._llm.ctx, batch) != 0:
+                raise ToolFailed("llama_decode failed while computing logits")
+        finally:
+            lib.llama_batch_free(batch)
+
+    def _last_logits(self) -> "np.ndarray":
+        import numpy as np
+
+        ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
     def close(self) -> None:
         if self._llm is not None:
             self._llm.close()
@@ -716,6 +794,7 @@ class LlamaCppSession:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.context = context
+        self._model_path, self._threads = model_path, threads
         return self
 
     def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,

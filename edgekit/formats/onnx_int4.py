@@ -85,6 +85,19 @@ BUILDER_EXCLUDED: dict[str, str] = {
 
 SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset(BUILDER_ARCHITECTURES)
 
+# What the long-context probe (edgekit.longcontext) names when parity stops early, by where.
+LONG_CONTEXT_LIMITS: dict[str, str] = {
+    # Measured on tiny phi3-longrope: past the original context onnxruntime-genai 0.15.2
+    # switches to the long cos/sin cache for new tokens (an If on the sequence length) but
+    # keeps the KV cache it filled with the short factors; transformers recomputes it with
+    # the long ones at that point. Matches transformers-without-the-reset to KLD 5e-9.
+    "after": ("onnxruntime-genai 0.15.2 keeps the KV cache it computed with LongRoPE's short factors past "
+              "token {boundary} (transformers recomputes it with the long factors): parity holds to {reach} "
+              "tokens; keep the default context_length, which caps the bundle there"),
+    "context": ("the bundle's context is capped at {context} tokens (recipe context_length), where "
+                "onnxruntime-genai 0.15.2 would otherwise leave transformers' LongRoPE behaviour"),
+}
+
 # What the optimum fallback exports (task text-generation-with-past) into a graph whose KV
 # cache is [batch, kv_heads, seq, head_dim] per layer, the layout onnxruntime-genai drives.
 # Bloom and GPTBigCode are left out on purpose: their caches are fused or transposed.
@@ -145,6 +158,8 @@ class OnnxRecipe:
     weight_search: str = "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
     int8_matmuls: tuple[str, ...] = ()  # projections raised to int8 in every layer, on top of the algorithm's choice
     int8_block_size: int = 0       # block size of the int8 MatMuls edgekit writes; 0: block_size
+    context_length: int = 0        # longest sequence the bundle accepts; 0: the model's, capped where
+                                   # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
@@ -171,6 +186,9 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
         if value not in allowed or isinstance(value, bool):
             raise BadInput(f"{where}: {key} = {value!r} is not allowed",
                            f"Use one of: {', '.join(str(a) for a in allowed)}")
+    if recipe.context_length < 0 or isinstance(recipe.context_length, bool):
+        raise BadInput(f"{where}: context_length = {recipe.context_length!r} is not allowed",
+                       "Use 0 (the model's, capped for LongRoPE) or a number of tokens")
     if recipe.embeddings == "int4" and ALGORITHMS[recipe.algorithm][0] != "default":
         # Measured: the rtn/k_quant quantizers only take MatMul nodes, so the embedding
         # would silently stay float.
@@ -253,13 +271,16 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
         shutil.rmtree(work, ignore_errors=True)
 
     notes += _complete_bundle_files(checkpoint, staging)
+    context, context_note = set_context_length(checkpoint.config, staging / "genai_config.json", recipe.context_length)
+    if context_note:
+        notes.append(context_note)
     weights = weight_summary(staging / "model.onnx")
     notes += _weight_notes(weights)
     if recipe.precision == "int4" and ALGORITHMS[recipe.algorithm][1] and not weights["matmul_int8"]:
         notes.append(f"algorithm {recipe.algorithm} raises some MatMuls to int8, but none matched "
                      "in this graph: every quantized MatMul is int4")
     path_taken = "genai-builder" if engine == "builder" else "optimum+MatMulNBits"
-    quantization = {"path": path_taken, "weights": weights}
+    quantization = {"path": path_taken, "weights": weights, "context_length": context}
     if engine == "builder":
         quantization["builder_extra_options"] = builder_extra_options(recipe, checkpoint.trust_remote_code)
     if requant:
@@ -985,6 +1006,44 @@ def _requant_notes(report: dict[str, Any]) -> list[str]:
 
 # --- files the bundle needs beyond the model --------------------------------------------------
 
+def longrope_switch(config: dict[str, Any]) -> int | None:
+    """The original context where LongRoPE switches from its short to its long factors, or
+    None: onnxruntime-genai leaves transformers' behaviour there (LONG_CONTEXT_LIMITS)."""
+    cfg = config.get("text_config") or config
+    scaling = cfg.get("rope_scaling") or {}
+    original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    if "short_factor" in scaling and "long_factor" in scaling and original \
+            and (cfg.get("max_position_embeddings") or 0) > original:
+        return int(original)
+    return None
+
+
+def set_context_length(config: dict[str, Any], genai_config: Path, wanted: int) -> tuple[int, str | None]:
+    """Write the bundle's context (model.context_length and search.max_length, which
+    onnxruntime-genai enforces) and return it with a note when it is not the model's own."""
+    genai = json.loads(genai_config.read_text(encoding="utf-8"))
+    model_context = int(genai["model"]["context_length"])
+    switch = longrope_switch(config)
+    note = None
+    if wanted:
+        context = wanted
+        if switch and wanted > switch:
+            note = (f"context_length {wanted} is past LongRoPE's switch at {switch} tokens, where onnxruntime-genai "
+                    "0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour")
+    elif switch and switch < model_context:
+        context = switch
+        note = (f"context capped at {switch} tokens (of the model's {model_context}): past LongRoPE's switch "
+                "onnxruntime-genai 0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour; "
+                "--set context_length=N lifts the cap")
+    else:
+        context = model_context
+    if context != model_context:
+        genai["model"]["context_length"] = context
+        genai.setdefault("search", {})["max_length"] = context
+        genai_config.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    return context, note
+
+
 def _complete_bundle_files(checkpoint, staging: Path) -> list[str]:
     """Chat template in tokenizer_config.json and chat_template.jinja, generation_config.json.
 
@@ -1222,6 +1281,27 @@ class OnnxSession:
         logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
         del generator
         return logits.reshape(-1, logits.shape[-1])[-len(ids):]
+
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
+        """Logits the way an application meets them: append_tokens(prompt), then one token at
+        a time. Rows: the prompt's last position, then one per continuation token but the last.
+        Stops early (fewer rows) at the bundle's context length, which the runtime enforces."""
+        import numpy as np
+
+        total = min(len(prompt_ids) + len(continuation), self.context_length)
+        rows = max(0, min(len(continuation), total - len(prompt_ids) + 1))
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=total)
+        generator = self._og.Generator(self._model, params)
+        out: list[np.ndarray] = []
+        generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+        for i in range(rows):
+            if i:
+                generator.append_tokens(np.asarray([continuation[i - 1]], dtype=np.int32))
+            last = np.asarray(generator.get_logits(), dtype=np.float32)
+            out.append(last.reshape(-1, last.shape[-1])[-1])
+        del generator
+        return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
 
     def close(self) -> None:
         self._tokenizer = self._model = None
