@@ -407,13 +407,10 @@ def runtime_shape_problems(settings: dict[str, Any]) -> list[str]:
         problems.append(f"head size {head} is not a multiple of 16 (GroupQueryAttention)")
     if (rotary // 2) % 8:
         problems.append(f"rotary cache width {rotary // 2} is not a multiple of 8 (GroupQueryAttention)")
-    kv = settings.get("num_key_value_heads") or heads
-    vocab = settings["vocab_size"]
-    widths = {"q_proj": heads * head, "k_proj/v_proj": kv * head, "qkv_proj": (heads + 2 * kv) * head,
-              "gate_proj/up_proj": settings["intermediate_size"], "gate_up_proj": 2 * settings["intermediate_size"],
-              "o_proj/down_proj": settings["hidden_size"]}
-    problems += [f"{name} has {w} outputs, the vocabulary size (the genai builder would take it for the lm_head)"
-                 for name, w in widths.items() if w == vocab]
+    from .formats.onnx_int4 import builder_lm_head_lookalikes
+
+    problems += [f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
+                 for name in builder_lm_head_lookalikes(settings)]
     return problems
 
 

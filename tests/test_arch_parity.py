@@ -1,6 +1,6 @@
 """Architecture parity: every Phi fixture, exported unquantized, computes what transformers does.
 
-Unquantized (onnx-int4 precision=fp32, gguf quant_type=F16) so that any difference is the
+Unquantized (onnx-int4 precision=fp32, gguf intermediate=f32 quant_type=F32) so that any difference is the
 converter's or the runtime's, not 4-bit rounding. Short text: the built-in eval text; LongRoPE
 fixtures also go through verify's long-context probe (a prompt ending 64 tokens before 4096,
 then one token at a time to 4352).
@@ -23,7 +23,7 @@ STRICT = {"kld_mean_max": KLD_MAX, "top1_agreement_min": TOP1_MIN,
           # Tokenizers are checked elsewhere (the tiny SentencePiece vocabulary splits space runs
           # differently in the runtimes); this file is about the graph.
           "tokenizer_agreement_min": 0.0}
-UNQUANTIZED = {"onnx-int4": {"precision": "fp32"}, "gguf-q4_k_m": {"quant_type": "F16"}}
+UNQUANTIZED = {"onnx-int4": {"precision": "fp32"}, "gguf-q4_k_m": {"intermediate": "f32", "quant_type": "F32"}}
 
 # (family, format): every Phi variant edgekit.tiny builds, in both formats where the format
 # claims the architecture (Phi-3.5-MoE's ONNX export is CUDA-only in the genai builder).
@@ -51,6 +51,12 @@ def _export_verify(ckpt, fmt, out, **recipe):
 @pytest.mark.parametrize("family, fmt", CELLS, ids=[f"{f}-{fmt}" for f, fmt in CELLS])
 def test_phi_fixture_matches_transformers(family, fmt, ckpts, bundles):
     res, rep = _export_verify(ckpts[family], fmt, bundles / f"{family}-{fmt}")
+    if family == "phimoe":
+        # A named llama.cpp limit (gguf_q4km.KNOWN_DIFFERENCES): the gate fails and says why.
+        assert rep.kld_mean > KLD_MAX and not rep.passed
+        assert any("RMSNorm where transformers' PhiMoE uses LayerNorm" in f for f in rep.failed)
+        assert any("known difference from transformers" in n for n in res.notes)
+        return
     assert rep.kld_mean <= KLD_MAX, rep.kld_mean
     assert rep.top1_agreement >= TOP1_MIN, rep.top1_agreement
     config = json.loads((ckpts[family] / "config.json").read_text())
@@ -67,7 +73,7 @@ def test_phi_fixture_matches_transformers(family, fmt, ckpts, bundles):
     if fmt == "onnx-int4":
         # Capped at the switch by default: the bundle cannot be run where the runtime leaves
         # transformers, and everything it can run matches.
-        assert manifest["export"]["quantization"]["context_length"] == 4096
+        assert manifest["quantization"]["context_length"] == 4096
         assert lc.bundle_context == 4096 and lc.positions_after == 0 and lc.parity_context == 4096
         assert lc.kld_mean <= KLD_MAX and lc.passed and rep.passed, rep.failed
     else:
@@ -173,3 +179,22 @@ def test_shape_check_catches_what_the_runtimes_refuse():
     assert any("multiple of 16" in p for p in runtime_shape_problems({**base, "hidden_size": 96}))
     assert any("multiple of 8" in p for p in runtime_shape_problems({**base, "hidden_size": 256,
                                                                     "partial_rotary_factor": 0.375}))
+
+
+@pytest.mark.slow
+def test_a_width_the_builder_mistakes_for_the_lm_head_is_routed_to_optimum(tmp_path, monkeypatch):
+    """The genai builder writes any Linear with vocab_size outputs as an lm_head; edgekit routes
+    such a checkpoint to the optimum exporter instead of shipping that graph."""
+    import dataclasses
+
+    from edgekit import tiny
+
+    fam = dataclasses.replace(FAMILIES["phi4-mini"], name="phi4-clash", tokenizer="phi3",
+                              config={**FAMILIES["phi4-mini"].config, "vocab_size": 512, "intermediate_size": 384})
+    monkeypatch.setattr(tiny, "runtime_shape_problems", lambda settings: [])
+    (tmp_path / "ckpt").mkdir()
+    tiny._build(fam, tmp_path / "ckpt", 0)          # qkv_proj: (4 + 2 x 2) x 64 = 512 outputs
+    res, rep = _export_verify(tmp_path / "ckpt", "onnx-int4", tmp_path / "b")
+    assert res.path_taken == "optimum+MatMulNBits"
+    assert any("qkv_proj has as many outputs as the vocabulary" in n for n in res.notes)
+    assert rep.kld_mean <= KLD_MAX and rep.top1_agreement >= TOP1_MIN

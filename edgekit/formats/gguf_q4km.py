@@ -64,6 +64,17 @@ LONG_CONTEXT_LIMITS: dict[str, str] = {
                "the context at {boundary} when prompt + output fit in it"),
     "after": "llama.cpp leaves transformers' behaviour past token {boundary}: parity holds to {reach} tokens",
 }
+# Architectures whose llama.cpp graph is known to compute something other than transformers,
+# named by the export notes and by the parity gate when it fails. One row per architecture.
+KNOWN_DIFFERENCES: dict[str, str] = {
+    # Measured on edgekit.tiny's phimoe exported to F32: KLD 1.1 against transformers; with
+    # transformers patched to RMSNorm + softmax top-2 routing, KLD 0.006. llama.cpp 0.3.36
+    # builds PhiMoE with its Phi-3 graph (src/models/models.h: phimoe's graph is phi3's).
+    "PhiMoEForCausalLM": (
+        "llama.cpp (llama-cpp-python 0.3.36) runs PhiMoE through its Phi-3 graph: RMSNorm where transformers' "
+        "PhiMoE uses LayerNorm, softmax top-2 routing with renormalised weights where it uses SparseMixer, and "
+        "the converter's sqrt(1 + ln(s)/ln(n_orig)) attention factor instead of rope_scaling's short/long_mscale"),
+}
 _INTERMEDIATES = ("f16", "bf16", "f32")
 # "none": llama.cpp's plain quantizers; "calibration": an importance matrix computed from the
 # reference model over edgekit/data/calibration.txt (edgekit/imatrix.py) weights the rounding.
@@ -80,10 +91,15 @@ class GgufRecipe:
     imatrix: str = "none"
 
     @property
+    def ftype_name(self) -> str:
+        # F32 is llama.cpp's one "ALL_" type: unquantized, for architecture parity baselines.
+        return "LLAMA_FTYPE_ALL_F32" if self.quant_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{self.quant_type}"
+
+    @property
     def ftype(self) -> int:
         import llama_cpp
 
-        return getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{self.quant_type}")
+        return getattr(llama_cpp, self.ftype_name)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> GgufRecipe:
@@ -150,6 +166,8 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
     family = write_modelfile(Path(checkpoint.path), staging, MODEL_FILE)
 
     notes = list(_fallback_notes(fallbacks))
+    if checkpoint.architecture in KNOWN_DIFFERENCES:
+        notes.append(f"known difference from transformers: {KNOWN_DIFFERENCES[checkpoint.architecture]}")
     if family is None:
         notes.append("Modelfile has no TEMPLATE: the chat template is not a family edgekit translates for Ollama")
     if imatrix_info is not None:
@@ -162,7 +180,7 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
         notes.append("the checkpoint has no chat template: prompt this bundle with raw text (--raw)")
     return ExportNotes(
         quantization={
-            "ftype": f"LLAMA_FTYPE_MOSTLY_{recipe.quant_type}",
+            "ftype": recipe.ftype_name,
             "tensor_types": dict(sorted(Counter(tensor_types.values()).items())),
             "fallback_tensors": len(fallbacks),
             **({"imatrix": imatrix_info} if imatrix_info is not None else {}),

@@ -247,6 +247,10 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     """Write model.onnx, model.onnx.data, genai_config.json, tokenizer and chat template."""
     engine = choose_engine(checkpoint, recipe)
     notes: list[str] = []
+    if clash := builder_lm_head_lookalikes(checkpoint.config):
+        notes.append(f"{', '.join(clash)} has as many outputs as the vocabulary ({checkpoint.config.get('vocab_size')}): "
+                     "the genai builder would write it as an lm_head, so "
+                     + ("the optimum path was used" if engine == "optimum" else "expect the parity gate to fail"))
     requant: dict[str, Any] | None = None
     work = staging.parent / (staging.name + "-onnx-work")  # same disk; stale ones are swept by pid
     work.mkdir()
@@ -295,8 +299,30 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     )
 
 
+def builder_lm_head_lookalikes(config: dict[str, Any]) -> list[str]:
+    """Projections the genai builder (0.15.2, base.py has_lm_head) would take for the lm_head:
+    it treats every Linear whose out_features equals the vocabulary size as one, and writes
+    it as a second lm_head mid-graph. No released model has such a width (Phi-3-mini's widest
+    is 16384 against a 32064 vocabulary), small custom ones can: measured on a tiny Phi-4-mini
+    shape whose fused qkv_proj had 512 outputs over a 512-token vocabulary, KLD 6.4."""
+    cfg = config.get("text_config") or config
+    vocab = cfg.get("vocab_size")
+    heads = cfg.get("num_attention_heads")
+    if not vocab or not heads or not cfg.get("hidden_size"):
+        return []
+    head = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    inter = cfg.get("intermediate_size") or 0
+    widths = {"q_proj": heads * head, "k_proj/v_proj": kv * head, "qkv_proj": (heads + 2 * kv) * head,
+              "gate_proj/up_proj": inter, "gate_up_proj": 2 * inter, "o_proj/down_proj": cfg["hidden_size"]}
+    return [name for name, width in widths.items() if width == vocab]
+
+
 def choose_engine(checkpoint, recipe: OnnxRecipe) -> str:
     arch = checkpoint.architecture
+    clash = builder_lm_head_lookalikes(checkpoint.config)
+    if clash and recipe.engine == "auto" and arch in FALLBACK_ARCHITECTURES:
+        return "optimum"   # the builder's graph would be wrong; export() notes why
     if recipe.engine == "optimum" or (recipe.engine == "auto" and arch not in SUPPORTED_ARCHITECTURES):
         if arch not in FALLBACK_ARCHITECTURES:
             why = BUILDER_EXCLUDED.get(arch, "not in its architecture table")
