@@ -175,7 +175,8 @@ def _tune_one(checkpoint, name: str, overrides: dict[str, Any] | None, dest: Pat
         if not passing:
             figures = "; ".join(f"{t['name']}: {t['size_bytes'] / 1e6:.1f} MB, kld {t['kld_mean']:.4f}" for t in tried)
             raise GateFailed(f"tune {name}: no candidate passed the thresholds ({figures})",
-                             "Add a larger candidate in targets/" + name + ".toml or relax the thresholds")
+                             f"Add a larger [[tune]] candidate in a {name}.toml of your own (--targets-dir) "
+                             "or relax the thresholds")
         best = min(passing, key=lambda i: (tried[i]["size_bytes"], tried[i]["kld_mean"]))
         check_destination(dest, force)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -111,8 +112,11 @@ class EdgekitGroup(click.Group):
 @click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="edgekit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--targets-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Your own target files on top of the shipped ones: a DIR/<name>.toml replaces the shipped file "
+                   "of that name, a new one adds a format (also $EDGEKIT_TARGETS_DIR).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, targets_dir: str | None) -> None:
     """Export, verify and benchmark small language models for on-device runtimes.
 
     \b
@@ -121,12 +125,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
         edgekit run dist/smollm2-135m-gguf-q4_k_m --prompt "What is the capital of France?"
     """
     ctx.obj = {"debug": debug}
+    if targets_dir:
+        from .targets import USER_DIR_ENV
+
+        # An environment variable, not a parameter: build and bench children read it too.
+        os.environ[USER_DIR_ENV] = str(Path(targets_dir).resolve())
 
 
 @cli.command()
 @json_option
 def targets(as_json: bool) -> None:
-    """List export formats and device profiles from targets/*.toml.
+    """List export formats and device profiles (the shipped target files, and --targets-dir's).
 
     \b
     Example:
