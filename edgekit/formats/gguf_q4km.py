@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import BadInput, ToolFailed
+from ..errors import BadInput, OutOfMemory, ToolFailed
+from ..measure import ChildWatch
 from ..progress import NullProgress
 from . import ExportNotes, Generation
 
@@ -210,6 +211,7 @@ def _convert(checkpoint, tools_root: Path, out: Path, outtype: str, progress) ->
     expected = _count_checkpoint_tensors(checkpoint)
     tail: deque[str] = deque(maxlen=60)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    watch = ChildWatch(proc.pid).__enter__()
     try:
         lines = _records(proc.stdout)
         mapped, writing = 0, False
@@ -236,6 +238,9 @@ def _convert(checkpoint, tools_root: Path, out: Path, outtype: str, progress) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        watch.__exit__(None, None, None)
+    if oom := watch.out_of_memory(rc, "convert_hf_to_gguf.py"):
+        raise OutOfMemory(oom + "; nothing was published", "Use a machine with more RAM or close other programs")
     if rc != 0 or not out.is_file():
         raise ToolFailed(f"convert_hf_to_gguf.py failed on {checkpoint.path}: {_last_error(tail)}",
                          f"For its full log run: PYTHONPATH={shlex.quote(gguf_py)} {shlex.join(cmd)}")

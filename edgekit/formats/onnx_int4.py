@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import BadInput, ToolFailed, UnsupportedArchitecture
+from ..errors import BadInput, OutOfMemory, ToolFailed, UnsupportedArchitecture
+from ..measure import ChildWatch
 from . import ExportNotes, Generation
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +421,7 @@ def _run_child(job: dict[str, Any], work: Path, progress, output: "_ChildOutput"
     steps = _Steps(progress)
     proc = subprocess.Popen([sys.executable, "-c", _CHILD_BOOT, str(job_path)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work)
+    watch = ChildWatch(proc.pid).__enter__()
     try:
         steps.start("loading checkpoint")
         with open(log_path, "wb") as log:
@@ -435,7 +437,11 @@ def _run_child(job: dict[str, Any], work: Path, progress, output: "_ChildOutput"
         if proc.poll() is None:  # interrupted: do not leave a converter running
             proc.kill()
             proc.wait()
+        watch.__exit__(None, None, None)
         steps.close()
+    if oom := watch.out_of_memory(returncode, f"the {job['engine']} child"):
+        raise OutOfMemory(oom + "; nothing was published",
+                          "Use a machine with more RAM or close other programs; the gguf-q4_k_m target streams the checkpoint")
     result = json.loads(result_path.read_text()) if result_path.is_file() else {"ok": False}
     if returncode != 0:
         result["ok"] = False
