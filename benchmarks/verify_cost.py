@@ -42,11 +42,17 @@ def main() -> None:
     part = parser.parse_args().part
     previous = ROOT / "benchmarks" / "results" / f"{NAME}.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
-    rows = short_rows() if part in ("all", "short") else old.get("rows", [])
-    long_rows = probe_rows() if part in ("all", "long") else old.get("long_rows", [])
     facts = host_facts()
-    md = "\n".join(short_table(rows, facts) + [""] + long_table(long_rows, facts))
-    write_results(NAME, {"host": facts, "rows": rows, "long_rows": long_rows}, md)
+    today = str(dt.date.today())
+    # Each table keeps the date and host it was measured on when the other is rerun.
+    short = ({"rows": short_rows(), "date": today, "host": facts} if part in ("all", "short")
+             else {"rows": old.get("rows", []), "date": old.get("date", "2026-11-23"), "host": old.get("host", facts)})
+    long = ({"rows": probe_rows(), "date": today, "host": facts} if part in ("all", "long")
+            else {"rows": old.get("long_rows", []), "date": old.get("long_date", today), "host": old.get("long_host", facts)})
+    md = "\n".join(short_table(short["rows"], short["host"], short["date"]) + [""]
+                   + long_table(long["rows"], long["host"], long["date"]))
+    write_results(NAME, {"host": short["host"], "date": short["date"], "rows": short["rows"],
+                         "long_host": long["host"], "long_date": long["date"], "long_rows": long["rows"]}, md)
     update_readme("verify-cost", "## Verify cost\n\n" + md)
     print(md)
 
@@ -94,11 +100,11 @@ def probe_rows() -> list[dict]:
     return rows
 
 
-def long_table(rows: list[dict], facts: dict) -> list[str]:
+def long_table(rows: list[dict], facts: dict, date: str) -> list[str]:
     lines = [
         "### The long-context probe",
         "",
-        f"Measured {dt.date.today()} on {host_line(facts)}: `edgekit verify` of default-recipe bundles with the probe "
+        f"Measured {date} on {host_line(facts)}: `edgekit verify` of default-recipe bundles with the probe "
         "off (`--no-long-context`) and on (SmolLM2 with `--long-context`; the LongRoPE fixtures by default). Positions: "
         "those the bundle could run (ONNX LongRoPE bundles stop at their 4096-token cap). Random-weight fixtures: the "
         "KLD column is about the graph, not quality.",
@@ -145,9 +151,9 @@ def short_rows() -> list[dict]:
     return rows
 
 
-def short_table(rows: list[dict], facts: dict) -> list[str]:
+def short_table(rows: list[dict], facts: dict, date: str) -> list[str]:
     lines = [
-        f"Measured {dt.date.today()} on {host_line(facts)}: `edgekit verify` on SmolLM2-135M, reference "
+        f"Measured {date} on {host_line(facts)}: `edgekit verify` on SmolLM2-135M, reference "
         "fp32 transformers, 512-token windows; cold = reference logits computed (and cached), warm = "
         "read from the cache. Peak RSS is the whole process tree. Rerun: `.venv/bin/python benchmarks/verify_cost.py`.",
         "",
