@@ -58,6 +58,8 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
     edgekit and for the raw tools, so their figures are comparable."""
     import psutil
 
+    from edgekit.measure import tree_rss_bytes
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
@@ -71,17 +73,7 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
         except psutil.Error:
             return
         while not stop.is_set():
-            total = 0
-            try:
-                procs = [root] + root.children(recursive=True)
-            except psutil.Error:
-                procs = []
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak = max(peak, total)
+            peak = max(peak, tree_rss_bytes(root))
             stop.wait(interval)
 
     th = threading.Thread(target=sample, daemon=True)

@@ -73,6 +73,23 @@ def maxrss_mb(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def tree_rss_bytes(root) -> int:
+    """RSS of a psutil.Process and all its descendants (processes that vanish count 0)."""
+    import psutil
+
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 def memory_limit_bytes() -> int:
     """What the processes here may use: the cgroup's memory.max if one is set, else physical
     RAM. EDGEKIT_MEMORY_LIMIT_MB pretends a smaller host (tests)."""
@@ -112,17 +129,7 @@ class ChildWatch:
         except psutil.Error:
             return
         while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                procs = []
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_bytes = max(self.peak_bytes, total)
+            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(root))
             avail = psutil.virtual_memory().available
             self.min_available = avail if self.min_available is None else min(self.min_available, avail)
             self._stop.wait(self.interval)

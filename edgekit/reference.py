@@ -160,14 +160,19 @@ def _compute(checkpoint, windows, prompt_ids, greedy_tokens, dtype, directory: P
                     step.advance()
         del model
         (tmp / "meta.json").write_text(json.dumps({"greedy": greedy, "dtype": dtype, "windows": len(windows)}))
-        if directory.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _publish_entry(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return greedy
+
+
+def _publish_entry(tmp: Path, directory: Path) -> None:
+    """A finished cache entry appears whole; if another process finished first, keep theirs."""
+    if directory.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
@@ -230,10 +235,7 @@ def long_reference(checkpoint, ids: Sequence[int], prompt_tokens: int, boundary:
         tmp.mkdir()
         try:
             np.save(tmp / "logits.npy", _long_logits(checkpoint, ids, prompt_tokens, boundary, dtype, progress))
-            if directory.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            _publish_entry(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

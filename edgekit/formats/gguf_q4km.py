@@ -710,21 +710,9 @@ class LlamaCppSession:
         out = np.empty((len(ids), self._n_vocab), dtype=np.float32)
         for start in range(0, len(ids), n_batch):
             chunk = ids[start:start + n_batch]
-            batch = lib.llama_batch_init(len(chunk), 0, 1)
-            try:
-                for i, tok in enumerate(chunk):
-                    batch.token[i] = tok
-                    batch.pos[i] = start + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = True
-                batch.n_tokens = len(chunk)
-                if lib.llama_decode(ctx, batch) != 0:
-                    raise ToolFailed("llama_decode failed while computing logits")
-                rows = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(len(chunk) * self._n_vocab,))
-                out[start:start + len(chunk)] = rows.reshape(len(chunk), self._n_vocab)
-            finally:
-                lib.llama_batch_free(batch)
+            self._decode(chunk, start, every_row=True)
+            rows = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(len(chunk) * self._n_vocab,))
+            out[start:start + len(chunk)] = rows.reshape(len(chunk), self._n_vocab)
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return out
 
@@ -750,16 +738,17 @@ class LlamaCppSession:
         n_batch = max(1, int(lib.llama_n_batch(ctx)))
         for start in range(0, len(tokens), n_batch):   # the prompt, logits for its last token only
             chunk = tokens[start:start + n_batch]
-            last = start + len(chunk) == len(tokens)
-            self._decode(chunk, start, last)
+            self._decode(chunk, start, last_row=start + len(chunk) == len(tokens))
         rows[0] = self._last_logits()
         for i, tok in enumerate(continuation[:-1]):
-            self._decode([int(tok)], len(tokens) + i, True)
+            self._decode([int(tok)], len(tokens) + i, last_row=True)
             rows[i + 1] = self._last_logits()
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return rows
 
-    def _decode(self, chunk: Sequence[int], start: int, logits_for_last: bool) -> None:
+    def _decode(self, chunk: Sequence[int], start: int, *, every_row: bool = False, last_row: bool = False) -> None:
+        """One llama_decode of `chunk` at positions start..; logits kept for every row, the
+        last one only, or none (a prompt chunk that is not the last)."""
         lib = self._lib
         batch = lib.llama_batch_init(len(chunk), 0, 1)
         try:
@@ -768,7 +757,7 @@ class LlamaCppSession:
                 batch.pos[i] = start + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = logits_for_last and i == len(chunk) - 1
+                batch.logits[i] = every_row or (last_row and i == len(chunk) - 1)
             batch.n_tokens = len(chunk)
             if lib.llama_decode(self._llm.ctx, batch) != 0:
                 raise ToolFailed("llama_decode failed while computing logits")
