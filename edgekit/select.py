@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -162,6 +163,8 @@ def select(cands: Sequence[Candidate], constraints: Constraints, *, raise_if_non
             reason = "picked: the most accurate bundle that meets every constraint"
         elif misses[c.name]:
             reason = "breaks " + "; ".join(t for t, _ in misses[c.name])
+            if dominated_by:
+                reason += f"; also dominated by {Path(min(dominated_by, key=_rank).name).name}"
         elif dominated_by:
             by = pick if pick in dominated_by else min(dominated_by, key=_rank)
             reason = f"dominated by {Path(by.name).name}"
@@ -195,7 +198,7 @@ def print_selection(sel: Selection) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
     table = Table(title="edgekit select", title_justify="left")
     for col in ("bundle", "accuracy", "drop", "p95 e2e ms", "peak RSS MiB", "size MiB", "front", "verdict"):
         table.add_column(col, justify="left" if col in ("bundle", "verdict") else "right")
