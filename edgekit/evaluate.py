@@ -388,3 +388,42 @@ def print_table(report: EvalReport) -> None:
                         f"({r.paraphrase_drop_max:g} / {r.format_sensitivity_max:g})", markup=False)
     for w in report.warnings:
         console.print(f"warning: {w}", markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# gates and the build summary
+
+GATE_KEYS = {  # [eval] key in edgekit.toml -> (record field, operator)
+    "min_accuracy": ("accuracy", ">="),
+    "max_accuracy_drop": ("accuracy_drop", "<="),
+    "max_flip_rate": ("flip_rate", "<="),
+    "max_paraphrase_drop": ("paraphrase_drop", "<="),
+    "max_format_sensitivity": ("format_sensitivity", "<="),
+}
+
+
+def gates(record: EvalRecord, limits: dict[str, float | None]) -> list[dict[str, Any]]:
+    """One gate per limit set. A figure that cannot be computed (no reference for a drop or
+    flip rate, no groups for robustness) fails its gate rather than passing unseen."""
+    out = []
+    for key, limit in limits.items():
+        if limit is None or key not in GATE_KEYS:
+            continue
+        name, op = GATE_KEYS[key]
+        figure = -record.accuracy_delta if name == "accuracy_drop" and record.accuracy_delta is not None \
+            else getattr(record, name, None)
+        passed = figure is not None and (figure >= limit if op == ">=" else figure <= limit)
+        out.append({"kind": "eval", "name": f"eval.{name}", "figure": figure if figure is None else round(figure, 4),
+                    "op": op, "threshold": limit, "passed": passed})
+    return out
+
+
+SUMMARY_KEYS = ("tasks", "n_items", "accuracy", "accuracy_low", "accuracy_high", "reference_accuracy",
+                "accuracy_delta", "flip_rate", "flips_lost", "flips_gained", "mcnemar_p", "ece", "paraphrase_drop",
+                "format_sensitivity", "robust", "ttft_ms_p50", "ttft_ms_p95", "e2e_ms_p50", "e2e_ms_p95",
+                "decode_tok_s", "peak_rss_mb", "size_bytes", "profile", "host_id")
+
+
+def build_summary(record: EvalRecord) -> dict[str, Any]:
+    """What a build's summary.json keeps per entry (select and the report read these keys)."""
+    return {k: getattr(record, k) for k in SUMMARY_KEYS}
