@@ -39,9 +39,9 @@ def tiny_tasks(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smol_tasks(tmp_path_factory) -> Path:
-    """The first 60 shipped items: 12 facts, each as a raw completion, two chat phrasings, a
+    """The first 40 shipped items: 8 facts, each as a raw completion, two chat phrasings, a
     one-word chat answer and a raw multiple choice."""
-    lines = [ln for ln in shipped_path().read_text().splitlines() if ln.startswith("{")][:60]
+    lines = [ln for ln in shipped_path().read_text().splitlines() if ln.startswith("{")][:40]
     return _write(tmp_path_factory.mktemp("tasks") / "smol.jsonl", lines)
 
 
@@ -129,10 +129,12 @@ def smol_eval(smol_onnx, smol_tasks, tmp_path_factory):
                     location="model.onnx.data", size_threshold=0)
     write_manifest(damaged, read_manifest(damaged))  # re-hash: the damage must reach eval, not validate
 
+    # A template written for another message schema ({"text": ...}): every message renders empty.
+    # (Milder drifts, e.g. a missing generation prompt, cost this model almost nothing.)
     drifted = _copy(smol_onnx, root / "drifted")
     cfg = json.loads((drifted / "tokenizer_config.json").read_text())
-    assert "'<|im_start|>assistant\\n'" in cfg["chat_template"]
-    cfg["chat_template"] = cfg["chat_template"].replace("'<|im_start|>assistant\\n'", "'<|im_start|>user\\n'")
+    assert "message['content']" in cfg["chat_template"]
+    cfg["chat_template"] = cfg["chat_template"].replace("message['content']", "message['text']")
     (drifted / "tokenizer_config.json").write_text(json.dumps(cfg))
     (drifted / "chat_template.jinja").write_text(cfg["chat_template"])
     write_manifest(drifted, read_manifest(drifted))
@@ -189,7 +191,8 @@ def test_chat_template_drift_costs_chat_items_only(smol_eval):
     chat = [(g, d) for g, d in pairs if g.format.startswith("chat/")]
     raw = [(g, d) for g, d in pairs if g.format.startswith("raw/")]
     assert chat and raw
-    assert sum(d.correct for _, d in chat) < sum(g.correct for g, _ in chat) - 3
+    right = sum(g.correct for g, _ in chat)
+    assert right >= 4 and sum(d.correct for _, d in chat) <= right // 2
     for g, d in raw:  # same weights, same tokenizer: raw prompts answer exactly as before
         assert (g.prompt_ids, g.answer, g.correct, g.choice_probs) == (d.prompt_ids, d.answer, d.correct, d.choice_probs)
     for g, d in chat:
