@@ -209,19 +209,27 @@ def make_record(*, name: str, kind: str, fmt: str, model: str, tasks: TaskSet, i
     )
 
 
-def _reference_child(checkpoint, tasks: TaskSet, threads: int, progress) -> tuple[dict[str, Any], bool]:
-    """The reference's child result, from the cache when the checkpoint, the items and the
-    library versions are the same (its timings are then those of the run that filled it)."""
+def reference_cache_path(checkpoint, tasks: TaskSet, threads: int) -> Path:
+    """Where the reference's answers for these items are cached: keyed by the checkpoint's
+    content, the items as sent, the threads and the transformers / torch versions."""
     from importlib.metadata import version
 
-    from . import childjob
     from .checkpoint import content_hash
     from .paths import cache_dir
 
+    key_src = json.dumps({"v": CACHE_FORMAT, "ckpt": content_hash(checkpoint.path), "items": _items_job(tasks),
+                          "threads": threads, "versions": [version(p) for p in ("transformers", "torch")]},
+                         sort_keys=True)
+    return cache_dir() / "eval-reference" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.json"
+
+
+def _reference_child(checkpoint, tasks: TaskSet, threads: int, progress) -> tuple[dict[str, Any], bool]:
+    """The reference's child result, from the cache when the checkpoint, the items and the
+    library versions are the same (its timings are then those of the run that filled it)."""
+    from . import childjob
+
     items = _items_job(tasks)
-    key_src = json.dumps({"v": CACHE_FORMAT, "ckpt": content_hash(checkpoint.path), "items": items, "threads": threads,
-                          "versions": [version(p) for p in ("transformers", "torch")]}, sort_keys=True)
-    path = cache_dir() / "eval-reference" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.json"
+    path = reference_cache_path(checkpoint, tasks, threads)
     if path.is_file():
         try:
             return json.loads(path.read_text(encoding="utf-8")), True
