@@ -436,7 +436,7 @@ def load_tasks(tasks: str | Path | None = None, *, limit: int | None = None,
     return _load(tasks, limit=limit, normalization=normalization)
 
 
-def _references(bundles, reference: str | None, offline: bool | None, trust_remote_code: bool) -> dict[str, Any]:
+def reference_checkpoints(bundles, reference: str | None, offline: bool | None, trust_remote_code: bool) -> dict[str, Any]:
     """checkpoint content sha256 -> the checkpoint each bundle was exported from (one per
     distinct checkpoint, so bundles of several models can be evaluated in one run)."""
     from .bench import discover_bundles
@@ -479,7 +479,7 @@ def evaluate(
     from .evaluate import evaluate as _evaluate
 
     task_set = load_tasks(tasks, limit=limit, normalization=normalization)
-    refs = _references(bundles, reference if isinstance(reference, str) else None, offline,
+    refs = reference_checkpoints(bundles, reference if isinstance(reference, str) else None, offline,
                        trust_remote_code) if reference else {}
     return _evaluate(bundles, task_set, references=refs, profile=profile, overrides=overrides, output=output,
                      write_manifest=write_manifest, paraphrase_max=max_paraphrase_drop,
