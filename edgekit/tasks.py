@@ -116,7 +116,9 @@ class TaskSet:
     @property
     def key(self) -> str:
         """Names the items evaluated: results of different files or limits never mix."""
-        return f"{self.name}@{self.sha256[:12]}" + (f"/first{self.limit}" if self.limit else "")
+        key = f"{self.name}@{self.sha256[:12]}" + (f"/first{self.limit}" if self.limit else "")
+        off = [k for k in ("case", "whitespace", "punctuation") if not getattr(self.normalization, k)]
+        return key + (f"/keep-{'-'.join(off)}" if off else "")
 
 
 def shipped_path() -> Path:

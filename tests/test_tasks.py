@@ -131,3 +131,9 @@ def test_regex_and_choice_scoring(tmp_path):
                                        "choices": ["Paris", "Rome"]}, name="k.jsonl")).tasks[0]
     assert choice_continuation(chat, "Paris") == "Paris"
     assert chat.chat()[0] == {"role": "system", "content": "Be brief."} and chat.format == "chat/choice"
+
+
+def test_key_separates_limits_and_normalisation(tmp_path):
+    p = _file(tmp_path, GOOD, {**GOOD, "id": "b"})
+    keys = {load_tasks(p).key, load_tasks(p, limit=1).key, load_tasks(p, normalization={"case": False}).key}
+    assert len(keys) == 3  # results of different items or scoring never share a manifest entry
