@@ -106,6 +106,23 @@ def test_eval_pick_exits_3_when_no_bundle_is_feasible(tiny_gguf, tiny_tasks, tmp
     assert "eval" not in read_manifest(b)  # --no-manifest
 
 
+def test_select_runs_eval_when_given_bundles(tiny_gguf, tiny_onnx, tiny_tasks, tmp_path):
+    a, b = _copy(tiny_gguf, tmp_path / "a"), _copy(tiny_onnx, tmp_path / "b")
+    r = subprocess.run([*EDGEKIT, "select", str(a), str(b), "--tasks", str(tiny_tasks), "--no-reference",
+                        "--max-rss-mb", "100000", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sel = json.loads(r.stdout)["selection"]
+    assert sel["pick"] in (str(a), str(b)) and sel["front"]
+    verdicts = {v["name"]: v for v in sel["verdicts"]}
+    assert verdicts[sel["pick"]]["picked"] and len(verdicts) == 2
+    other = next(v for n, v in verdicts.items() if n != sel["pick"])
+    assert other["reason"] and not other["picked"]
+    # the constraint that needs a reference cannot be met without one: exit 3, nearest miss named
+    r = subprocess.run([*EDGEKIT, "select", str(a), "--tasks", str(tiny_tasks), "--no-reference",
+                        "--max-accuracy-drop", "0.5"], capture_output=True, text=True)
+    assert r.returncode == 3 and "accuracy drop unknown" in r.stderr.splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def smol_eval(smol_onnx, smol_tasks, tmp_path_factory):
     """The undamaged ONNX bundle, a copy with a damaged lm_head and one with a drifted chat
