@@ -28,6 +28,11 @@ from .tasks import TaskSet, choice_continuation
 
 MIN_ITEMS = 30            # below this an accuracy interval is too wide to decide anything
 CACHE_FORMAT = 1          # bump when what the reference cache stores changes
+# The reference runs torch on one thread: on SmolLM2-135M one and two threads both decode about
+# 22 tok/s here (per-op overhead dominates), but with two threads on a 2-core machine busy with
+# other jobs the intra-op barriers waited on descheduled threads and one run of the shipped set
+# took 1186 s instead of about 2 minutes. Its answers do not depend on the thread count.
+REFERENCE_THREADS = 1
 
 
 def _items_job(tasks: TaskSet) -> list[dict[str, Any]]:
@@ -118,11 +123,11 @@ def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[
 
     ref_records: dict[str, EvalRecord] = {}
     for sha, ck in (references or {}).items():
-        child, cached = _reference_child(ck, tasks, runs[0].threads, progress)
+        child, cached = _reference_child(ck, tasks, REFERENCE_THREADS, progress)
         ref_records[sha] = make_record(
             name=REFERENCE, kind=REFERENCE, fmt="transformers", model=ck.short_name, tasks=tasks,
             items=item_results(tasks, child["items"]), child=child, reference=None, size_bytes=None,
-            threads=runs[0].threads, profile=prof.name, host_id=host.host_id, paraphrase_max=paraphrase_max,
+            threads=REFERENCE_THREADS, profile=prof.name, host_id=host.host_id, paraphrase_max=paraphrase_max,
             format_max=format_max, cached=cached)
     records = []
     job_items = _items_job(tasks)
