@@ -27,6 +27,8 @@ Writes benchmarks/results/eval_overhead.{json,md}.
 Usage:
     .venv/bin/python benchmarks/eval_overhead.py               # 3 rounds, about 6 minutes on 2 cores
     .venv/bin/python benchmarks/eval_overhead.py --rounds 5 --limit 100
+    .venv/bin/python benchmarks/eval_overhead.py --threads 1   # both sides on one thread: steadier on a
+        # machine shared with other jobs (two spinning threads on one free core stall each other)
 """
 
 from __future__ import annotations
@@ -235,10 +237,11 @@ def ensure_bundles() -> dict[str, Path]:
     return out
 
 
-def run_edgekit(bundle: Path, limit: int | None):
+def run_edgekit(bundle: Path, limit: int | None, threads: int | None):
     from edgekit import api
 
-    report = api.evaluate([bundle], limit=limit, profile=PROFILE, reference=False, write_manifest=False)
+    report = api.evaluate([bundle], limit=limit, profile=PROFILE, overrides={"threads": threads} if threads else None,
+                          reference=False, write_manifest=False)
     return report.bundles[0]
 
 
@@ -254,14 +257,14 @@ def run_raw(fmt: str, bundle: Path, run, items: list[dict]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(fmt: str, bundle: Path, rounds: int, limit: int | None) -> dict:
+def compare(fmt: str, bundle: Path, rounds: int, limit: int | None, threads: int | None) -> dict:
     from edgekit import host as hostmod
     from edgekit.bench import choose_profile, plan
     from edgekit.tasks import choice_continuation, load_tasks
 
     tasks = load_tasks(None, limit=limit)
     host = hostmod.facts()
-    profile, source, _ = choose_profile(PROFILE, None, host)
+    profile, source, _ = choose_profile(PROFILE, {"threads": threads} if threads else None, host)
     [run] = plan([bundle], profile, source, host, reps=1, warmup=0, prompt_tokens=1, gen_tokens=2)
     sides: dict[str, list] = {"edgekit": [], "raw": []}
     items: list[dict] | None = None
@@ -271,7 +274,7 @@ def compare(fmt: str, bundle: Path, rounds: int, limit: int | None) -> dict:
         for side in (("edgekit", "raw") if i % 2 == 0 else ("raw", "edgekit")):
             print(f"[{NAME}] {fmt}: round {i + 1}/{rounds}, {side}", file=sys.stderr)
             if side == "edgekit":
-                rec = run_edgekit(bundle, limit)
+                rec = run_edgekit(bundle, limit, threads)
                 sides["edgekit"].append(rec)
                 if items is None:
                     items = [{**t.to_job(), "prompt_ids": list(r.prompt_ids),
@@ -279,7 +282,7 @@ def compare(fmt: str, bundle: Path, rounds: int, limit: int | None) -> dict:
                              for t, r in zip(tasks.tasks, rec.items)]
             else:
                 if items is None:  # the raw side needs edgekit's prompt ids: run edgekit first
-                    rec = run_edgekit(bundle, limit)
+                    rec = run_edgekit(bundle, limit, threads)
                     items = [{**t.to_job(), "prompt_ids": list(r.prompt_ids),
                               "continuations": [choice_continuation(t, c) for c in t.choices]}
                              for t, r in zip(tasks.tasks, rec.items)]
@@ -326,15 +329,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per side (default 3)")
     ap.add_argument("--limit", type=int, help="only the first N items of the shipped set")
     ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    ap.add_argument("--threads", type=int, help="override the profile's threads (both sides)")
     args = ap.parse_args()
     bundles = ensure_bundles()
     t0 = time.monotonic()
-    results = {fmt: compare(fmt, bundles[fmt], args.rounds, args.limit) for fmt in args.formats}
+    results = {fmt: compare(fmt, bundles[fmt], args.rounds, args.limit, args.threads) for fmt in args.formats}
     doc = {"host": host_facts(), "date": dt.date.today().isoformat(), "model": MODEL, "profile": PROFILE,
            "rounds": args.rounds, "limit": args.limit, "command": " ".join([RERUN, *sys.argv[1:]]),
            "wall_s": round(time.monotonic() - t0, 1), "results": results, "goal_ratio_range": RATIO_RANGE}
     md = render(doc)
-    write_results(NAME, doc, md)
+    write_results(NAME + (f"-t{args.threads}" if args.threads else ""), doc, md)  # a side run keeps the default's file
     print(md)
 
 
