@@ -101,6 +101,7 @@ def export(
     tune: bool = False,
     eval_text: str | Path | None = None,
     thresholds: dict[str, Any] | None = None,
+    long_context: bool | None = None,
     progress=None,
 ) -> list[ExportResult]:
     """Export `model` (local dir, hub id or alias) to one target, or to every target with "all".
@@ -139,12 +140,13 @@ def export(
 
     preflight(checkpoint, dests, force)  # RAM and disk estimates; --force overrides
     if tune:
-        return [_tune_one(checkpoint, n, recipe, dests[n], force, eval_text, thresholds, progress) for n in names]
+        return [_tune_one(checkpoint, n, recipe, dests[n], force, eval_text, thresholds, progress, long_context)
+                for n in names]
     return [_export_one(checkpoint, n, recipes[n], dests[n], force, progress) for n in names]
 
 
 def _tune_one(checkpoint, name: str, overrides: dict[str, Any] | None, dest: Path, force: bool,
-              eval_text, thresholds, progress) -> ExportResult:
+              eval_text, thresholds, progress, long_context: bool | None = None) -> ExportResult:
     """Export every candidate into a hidden work dir beside dest, verify each, publish the
     smallest passing one. The work dir carries the owner's pid, so a killed run is swept later."""
     import os
@@ -164,7 +166,7 @@ def _tune_one(checkpoint, name: str, overrides: dict[str, Any] | None, dest: Pat
             progress.note(f"tune {name}: candidate {i + 1}/{len(candidates)}: {cand['name']}")
             res = _export_one(checkpoint, name, rec, work / str(i) / dest.name, False, progress)
             rep = verify(res.bundle, eval_text=eval_text, thresholds=thresholds, progress=progress,
-                         trust_remote_code=checkpoint.trust_remote_code)
+                         trust_remote_code=checkpoint.trust_remote_code, long_context=long_context)
             results.append(res)
             tried.append({"name": cand["name"], "set": cand["set"], "size_bytes": res.size_bytes,
                           "kld_mean": rep.kld_mean, "top1_agreement": rep.top1_agreement,
@@ -173,7 +175,8 @@ def _tune_one(checkpoint, name: str, overrides: dict[str, Any] | None, dest: Pat
         if not passing:
             figures = "; ".join(f"{t['name']}: {t['size_bytes'] / 1e6:.1f} MB, kld {t['kld_mean']:.4f}" for t in tried)
             raise GateFailed(f"tune {name}: no candidate passed the thresholds ({figures})",
-                             "Add a larger candidate in targets/" + name + ".toml or relax the thresholds")
+                             f"Add a larger [[tune]] candidate in a {name}.toml of your own (--targets-dir) "
+                             "or relax the thresholds")
         best = min(passing, key=lambda i: (tried[i]["size_bytes"], tried[i]["kld_mean"]))
         check_destination(dest, force)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -348,10 +351,15 @@ def verify(
     offline: bool | None = None,
     trust_remote_code: bool = False,
     write: bool = True,
+    long_context: bool | None = None,
     progress=None,
 ):
     """Parity of `bundle` against its unquantized checkpoint. Returns a ParityReport (check
-    `.passed`); writes parity.json and the manifest summary into the bundle unless write=False."""
+    `.passed`); writes parity.json and the manifest summary into the bundle unless write=False.
+
+    long_context: None (default) runs the long-context probe for checkpoints whose RoPE changes
+    past an original context (LongRoPE, Llama 3 scaling, YaRN); True runs it for any model;
+    False skips it."""
     from .parity import verify_session, write_report
     from .progress import NullProgress
     from .reference import DEFAULT_WINDOW, load_eval_text
@@ -365,7 +373,8 @@ def verify(
     try:
         limits = thresholds_for(manifest["format"], thresholds)
         checkpoint = _reference_checkpoint(manifest, reference, offline, trust_remote_code)
-        report = verify_session(session, Path(bundle), manifest["format"], checkpoint, text, limits, window, progress)
+        report = verify_session(session, Path(bundle), manifest["format"], checkpoint, text, limits, window, progress,
+                                long_context=long_context)
     finally:
         session.close()
     if write:

@@ -126,6 +126,12 @@ class BenchRecord:
     trials: tuple[Trial, ...] = field(repr=False)
     edgekit_version: str = __version__
     created_at: str = ""
+    # Both runtimes allocate the KV cache for the whole context when the session opens
+    # (llama.cpp's n_ctx, onnxruntime-genai's max_length with a shared past/present buffer),
+    # so it is kv_bytes_per_token x context, whatever the prompt: `--set context=N` shows
+    # the peak at the context an app will use.
+    kv_cache_mb: float = 0.0
+    kv_share_of_peak: float = 0.0  # kv_cache_mb / peak_rss_mb
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,6 +356,7 @@ def make_record(run: Run, child: dict[str, Any], host, bandwidth_gbs: float) -> 
     bytes_per_token = int(run.model_bytes + run.kv_bytes_per_token * (run.prompt_tokens + run.gen_tokens / 2))
     utilization = round(decode[0] * bytes_per_token / (bandwidth_gbs * 1e9), 3) if bandwidth_gbs > 0 else 0.0
     peak = round(child["peak_rss_mb"], 1)
+    kv_mb = round(run.kv_bytes_per_token * run.context / 2**20, 1)
     failures = []
     if run.max_peak_rss_mb is not None and peak > run.max_peak_rss_mb:
         failures.append(f"peak RSS {peak:.1f} MB > max_peak_rss_mb {run.max_peak_rss_mb:g}")
@@ -373,6 +380,7 @@ def make_record(run: Run, child: dict[str, Any], host, bandwidth_gbs: float) -> 
         substitutions=run.substitutions + tuple(child.get("substitutions", ())), notes=run.notes,
         host=host.to_dict(), runtime=dict(child.get("runtime", {})), trials=trials,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        kv_cache_mb=kv_mb, kv_share_of_peak=round(kv_mb / peak, 3) if peak else 0.0,
     )
 
 
@@ -464,18 +472,19 @@ def print_table(records: Sequence[BenchRecord]) -> None:
     budgets = any(r.budget_failures or r.profile == "mobile-onnx" for r in records)
     table = Table(title=f"edgekit bench, profile {r0.profile}, host {r0.host_id} ({r0.host['cpu']})",
                   title_justify="left")
-    cols = ["bundle", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "BW util"]
+    cols = ["bundle", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "KV cache MB", "BW util"]
     for col in cols + (["budget"] if budgets else []):
         table.add_column(col, justify="left" if col in ("bundle", "budget") else "right")
     for r in records:
         row = [Path(r.bundle).name, f"{r.load_s:.2f}", spread(r.ttft_ms, r.ttft_ms_stddev, ".1f"),
                spread(r.prefill_tok_s, r.prefill_tok_s_stddev, ".0f"), spread(r.decode_tok_s, r.decode_tok_s_stddev, ".1f"),
-               f"{r.peak_rss_mb:.0f}", f"{r.bandwidth_utilization:.0%}"]
+               f"{r.peak_rss_mb:.0f}", f"{r.kv_cache_mb:.0f} ({r.kv_share_of_peak:.0%})", f"{r.bandwidth_utilization:.0%}"]
         if budgets:
             row.append("ok" if r.passed else "FAIL: " + "; ".join(r.budget_failures))
         table.add_row(*row)
     console.print(table)
-    console.print(f"{r0.prompt_tokens} prompt tokens, {r0.gen_tokens} generated, {r0.threads} threads; median of "
+    console.print(f"{r0.prompt_tokens} prompt tokens, {r0.gen_tokens} generated, context {r0.context} (the KV cache "
+                  f"is allocated for all of it), {r0.threads} threads; median of "
                   f"{r0.reps} after {r0.warmup} warm-up (± relative stddev); read bandwidth "
                   f"{r0.read_bandwidth_gbs:.1f} GB/s", markup=False)
 
@@ -547,6 +556,8 @@ def open_run(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, in
                 f"gpu_layers: the profile offloads {layers} to the GPU (Metal on Apple silicon); this llama.cpp "
                 f"has no GPU offload on {platform.system()} {platform.machine()}, so every layer ran on the CPU")
             info["gpu_layers"] = 0
+        if note := gguf_q4km.longrope_context_note(bundle / gguf_q4km.MODEL_FILE, run.context):
+            info["substitutions"].append(note)
         info["rss_before_load_mb"] = _rss()
         t0 = time.perf_counter()
         session = gguf_q4km.LlamaCppSession.open_offloaded(bundle / gguf_q4km.MODEL_FILE, run.threads, run.context,

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,6 +45,13 @@ def threshold_options(f):
     f = click.option("--min-top1", type=float, help="Override top1_agreement_min.")(f)
     f = click.option("--max-ppl-ratio", type=float, help="Override ppl_ratio_max.")(f)
     return f
+
+
+def long_context_option(f):
+    return click.option(
+        "--long-context/--no-long-context", "long_context", default=None,
+        help="Probe parity past the original context (a prompt below it, then token by token across it). "
+             "Default: on for checkpoints whose RoPE changes there (LongRoPE, Llama 3 scaling, YaRN).")(f)
 
 
 def _threshold_overrides(max_kld, min_top1, max_ppl_ratio) -> dict[str, Any]:
@@ -104,8 +112,11 @@ class EdgekitGroup(click.Group):
 @click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="edgekit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--targets-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Your own target files on top of the shipped ones: a DIR/<name>.toml replaces the shipped file "
+                   "of that name, a new one adds a format (also $EDGEKIT_TARGETS_DIR).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, targets_dir: str | None) -> None:
     """Export, verify and benchmark small language models for on-device runtimes.
 
     \b
@@ -114,12 +125,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
         edgekit run dist/smollm2-135m-gguf-q4_k_m --prompt "What is the capital of France?"
     """
     ctx.obj = {"debug": debug}
+    if targets_dir:
+        from .targets import USER_DIR_ENV
+
+        # An environment variable, not a parameter: build and bench children read it too.
+        os.environ[USER_DIR_ENV] = str(Path(targets_dir).resolve())
 
 
 @cli.command()
 @json_option
 def targets(as_json: bool) -> None:
-    """List export formats and device profiles from targets/*.toml.
+    """List export formats and device profiles (the shipped target files, and --targets-dir's).
 
     \b
     Example:
@@ -158,12 +174,13 @@ def targets(as_json: bool) -> None:
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Check parity against the unquantized reference after exporting (exit 3 on a failed gate).")
 @click.option("--eval-text", type=click.Path(), help="Text for the parity check (default: built-in).")
+@long_context_option
 @threshold_options
 @model_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, max_kld, min_top1, max_ppl_ratio,
-           revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
+def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, long_context, max_kld, min_top1,
+           max_ppl_ratio, revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
     """Export MODEL (checkpoint dir, hub id or alias) to a deployable bundle.
 
     \b
@@ -179,6 +196,10 @@ def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, m
         from .errors import BadInput
 
         raise BadInput("--eval-text has no effect with --no-verify", "Drop one of them")
+    if long_context and not run_verify:
+        from .errors import BadInput
+
+        raise BadInput("--long-context has no effect with --no-verify", "Drop one of them")
     progress = _progress(quiet or as_json)
     if tune and not run_verify:
         from .errors import BadInput
@@ -186,7 +207,7 @@ def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, m
         raise BadInput("--tune chooses by parity, so it cannot run with --no-verify", "Drop --no-verify")
     results = api.export(model, target, out, force=force, revision=revision, offline=offline,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                         recipe=_parse_sets(recipe_set), tune=tune, eval_text=eval_text,
+                         recipe=_parse_sets(recipe_set), tune=tune, eval_text=eval_text, long_context=long_context,
                          thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio), progress=progress)
     if tune:
         run_verify = False  # every kept bundle was verified while tuning; its parity.json is inside
@@ -196,7 +217,7 @@ def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, m
              f"{r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MiB, via {r.path_taken})")
         if run_verify:
             reports.append(api.verify(r.bundle, eval_text=eval_text, offline=offline, trust_remote_code=trust_remote_code,
-                                      thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio), progress=progress))
+                                      long_context=long_context, thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio), progress=progress))
             if not as_json:
                 _print_parity(reports[-1])
     if as_json:
@@ -227,6 +248,15 @@ def _print_parity(report) -> None:
                   f"{report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB", highlight=False)
     for failure in report.tokenizer_failures[:5]:
         console.print(f"  tokenizer: {failure}", markup=False, highlight=False)
+    lc = report.long_context
+    if lc is not None:
+        after = (f"past it KLD {lc.kld_mean_after:.3g}, top-1 {lc.top1_after:.3f}" if lc.kld_mean_after is not None
+                 else "no position past it (the bundle's context ends first)")
+        console.print(f"long context: {lc.positions} positions across token {lc.boundary} (prompt {lc.prompt_tokens}, "
+                      f"then one at a time): {after}; before it KLD {lc.kld_mean_before:.3g}; parity holds to "
+                      f"{lc.parity_context} tokens {'✓' if lc.passed else '✗ FAIL'}", markup=False, highlight=False)
+        if lc.limit:
+            console.print(f"  {lc.limit}", markup=False, highlight=False)
 
 
 def _gate(reports) -> None:
@@ -242,12 +272,13 @@ def _gate(reports) -> None:
 @click.option("--eval-text", type=click.Path(), help="UTF-8 text to evaluate on (default: edgekit's built-in mix).")
 @click.option("--reference", help="The unquantized checkpoint (default: the one recorded in the manifest).")
 @click.option("--window", type=int, help="Tokens per evaluation window (default 512).")
+@long_context_option
 @threshold_options
 @click.option("--offline", is_flag=True, default=None, help="Never contact the hub for the reference.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the reference checkpoint's own Python code to run.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def verify(bundles, eval_text, reference, window, max_kld, min_top1, max_ppl_ratio, offline, trust_remote_code, as_json, quiet):
+def verify(bundles, eval_text, reference, window, long_context, max_kld, min_top1, max_ppl_ratio, offline, trust_remote_code, as_json, quiet):
     """Check BUNDLES against the unquantized reference; exit 3 if a threshold fails.
 
     Reports KL divergence, top-1 agreement, perplexity ratio, greedy continuation,
@@ -262,7 +293,7 @@ def verify(bundles, eval_text, reference, window, max_kld, min_top1, max_ppl_rat
 
     progress = _progress(quiet or as_json)
     reports = [api.verify(b, eval_text=eval_text, reference=reference, window=window, offline=offline,
-                          trust_remote_code=trust_remote_code, progress=progress,
+                          trust_remote_code=trust_remote_code, progress=progress, long_context=long_context,
                           thresholds=_threshold_overrides(max_kld, min_top1, max_ppl_ratio)) for b in bundles]
     if as_json:
         _emit_json({"reports": [r.to_dict() for r in reports]})

@@ -53,3 +53,9 @@ class ToolFailed(EdgekitError):
     """An underlying converter or runtime failed; the message carries its last words."""
 
     exit_code = 1
+
+
+class OutOfMemory(ToolFailed):
+    """A converter or runtime child was killed by the kernel while memory was nearly gone."""
+
+    exit_code = 1

@@ -71,3 +71,83 @@ def maxrss_mb(children: bool = False) -> float:
     """Kernel high-water mark (Linux reports KiB)."""
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / 1024
+
+
+def memory_limit_bytes() -> int:
+    """What the processes here may use: the cgroup's memory.max if one is set, else physical
+    RAM. EDGEKIT_MEMORY_LIMIT_MB pretends a smaller host (tests)."""
+    import os
+
+    import psutil
+
+    if os.environ.get("EDGEKIT_MEMORY_LIMIT_MB"):
+        return int(float(os.environ["EDGEKIT_MEMORY_LIMIT_MB"]) * 2**20)
+    limit = psutil.virtual_memory().total
+    try:
+        text = open("/sys/fs/cgroup/memory.max").read().strip()
+        if text.isdigit():
+            limit = min(limit, int(text))
+    except OSError:
+        pass
+    return limit
+
+
+class ChildWatch:
+    """Samples one child's process tree (its RSS) and the host's available memory while the
+    child runs, so that a SIGKILL can be told apart: the kernel's OOM killer, or someone else."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid = pid
+        self.interval = interval
+        self.peak_bytes = 0
+        self.min_available = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+            avail = psutil.virtual_memory().available
+            self.min_available = avail if self.min_available is None else min(self.min_available, avail)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "ChildWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def out_of_memory(self, returncode: int | None, what: str) -> str | None:
+        """The one-line reason when `returncode` says SIGKILL and memory was nearly gone (the
+        child's tree at 80 % of the limit, or the host with under 5 % available), else None."""
+        import signal
+
+        import psutil
+
+        if returncode != -signal.SIGKILL:
+            return None
+        limit = memory_limit_bytes()
+        near = self.peak_bytes >= 0.8 * limit or (
+            self.min_available is not None and self.min_available <= 0.05 * psutil.virtual_memory().total)
+        if not near:
+            return None
+        return (f"out of memory: {what} reached {self.peak_bytes / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB "
+                "and was killed by the kernel (SIGKILL)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
+from .longcontext import LongContextReport
 
 # Completion prompts for greedy_match_tokens: short, factual, varied.
 GREEDY_PROMPTS = (
@@ -56,6 +57,10 @@ class Thresholds:
     greedy_match_min: float | None = None   # mean tokens before divergence
     tokenizer_agreement_min: float = 1.0
     chat_template_match: bool = True
+    # The long-context probe's gate, over the positions past the original context; unset:
+    # the same limits as the short text (kld_mean_max, top1_agreement_min).
+    long_context_kld_mean_max: float | None = None
+    long_context_top1_min: float | None = None
 
     @classmethod
     def from_table(cls, table: dict[str, Any], where: str) -> "Thresholds":
@@ -114,6 +119,7 @@ class ParityReport:
     wall_s: float
     peak_rss_mb: float
     failed: tuple[str, ...] = field(default=())
+    long_context: LongContextReport | None = None   # None: the probe did not run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,7 +127,13 @@ class ParityReport:
     def summary(self) -> dict[str, Any]:
         keys = ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "greedy_match_tokens_mean",
                 "tokenizer_agreement", "chat_template_match", "passed", "failed")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.long_context is not None:
+            lc = self.long_context
+            out["long_context"] = {"parity_context": lc.parity_context, "boundary": lc.boundary,
+                                   "kld_mean_after": lc.kld_mean_after, "top1_after": lc.top1_after,
+                                   "limit": lc.limit, "passed": lc.passed}
+        return out
 
 
 def evaluate_checks(metrics: dict[str, Any], t: Thresholds) -> list[Check]:
@@ -205,12 +217,89 @@ def chat_match(session, tokenizer) -> bool:
     return session.chat_prompt_ids(list(CHAT)) == want
 
 
+def long_context_probe(session, fmt: str, checkpoint, text: str, thresholds: Thresholds, boundary: int,
+                       progress) -> tuple[LongContextReport, list[Check]]:
+    """Past the original context, teacher-forced as an application runs it (edgekit.longcontext)."""
+    import numpy as np
+
+    from .formats import backend
+    from .longcontext import ProbePlan, parity_context
+    from .metrics import position_stats
+    from .reference import load_tokenizer, long_reference, probe_ids
+
+    plan = ProbePlan.at(boundary)
+    tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
+    ids = probe_ids(tokenizer, text, plan.total_tokens)
+    ref = long_reference(checkpoint, ids, plan.prompt_tokens, plan.boundary, progress)
+    with progress.step(f"bundle logits across token {boundary}", total=None):
+        got = session.stepwise_logits(ids[:plan.prompt_tokens], ids[plan.prompt_tokens:])
+    n = len(got)
+    first = plan.prompt_tokens - 1                       # position of the first compared row
+    stats = position_stats(np.asarray(ref[:n]), got, np.asarray(ids[plan.prompt_tokens:plan.prompt_tokens + n]))
+    after = np.arange(first, first + n) >= boundary
+    kld_max = thresholds.long_context_kld_mean_max if thresholds.long_context_kld_mean_max is not None \
+        else thresholds.kld_mean_max
+    top1_min = thresholds.long_context_top1_min if thresholds.long_context_top1_min is not None \
+        else thresholds.top1_agreement_min
+    bundle_context = getattr(session, "context_length", None)
+    if bundle_context is not None and bundle_context >= plan.total_tokens:
+        bundle_context = None                            # no limit the probe ran into
+    # Gated: the positions past the boundary, where nothing else looks; if the bundle stops
+    # before it, the positions it can run.
+    gated = after if after.any() else np.ones(n, dtype=bool)
+    kld_gated = float(stats.kld[gated].mean())
+    top1_gated = float(stats.top1_same[gated].mean())
+    checks = [Check("long_context_kld_mean", kld_gated, kld_max, "<=", kld_gated <= kld_max),
+              Check("long_context_top1", top1_gated, top1_min, ">=", top1_gated >= top1_min)]
+    if after.any():
+        reach = parity_context(stats.kld[after], boundary, kld_max)
+    else:
+        reach = parity_context(stats.kld, first, kld_max)
+    limits = getattr(backend(fmt), "LONG_CONTEXT_LIMITS", {})
+    kld_before = float(stats.kld[~after].mean()) if (~after).any() else 0.0
+    limit = None
+    if after.any() and reach < first + n:
+        limit = limits.get("after")
+    elif not after.any() and bundle_context is not None:
+        limit = limits.get("context", "the bundle's context ends at {context} tokens")
+    elif kld_before > kld_max:
+        limit = limits.get("before")
+    if limit:
+        limit = limit.format(boundary=boundary, context=bundle_context, reach=reach)
+    report = LongContextReport(
+        boundary=boundary, prompt_tokens=plan.prompt_tokens, total_tokens=plan.total_tokens, positions=n,
+        positions_after=int(after.sum()), kld_mean=float(stats.kld.mean()), top1_agreement=float(stats.top1_same.mean()),
+        kld_mean_before=kld_before, kld_mean_after=float(stats.kld[after].mean()) if after.any() else None,
+        top1_after=float(stats.top1_same[after].mean()) if after.any() else None,
+        parity_context=min(reach, bundle_context) if bundle_context else reach, bundle_context=bundle_context,
+        limit=limit, passed=all(c.passed for c in checks))
+    return report, checks
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def long_context_boundary(checkpoint, long_context: bool | None) -> int | None:
+    """Where the probe crosses, or None when it does not run: by default (None) only for
+    configs whose RoPE changes past an original context; True probes any model at 4096
+    tokens (or half its context), False never."""
+    from .longcontext import boundary_of, forced_boundary
+
+    if long_context is False:
+        return None
+    found = boundary_of(checkpoint.config)
+    if found is None and long_context:
+        found = forced_boundary(checkpoint.config)
+        if found is None:
+            raise BadInput("--long-context: the model's context is too short for the probe",
+                           "Drop --long-context")
+    return found
+
+
 def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thresholds: Thresholds,
-                   window: int, progress) -> ParityReport:
+                   window: int, progress, long_context: bool | None = None) -> ParityReport:
+    from .formats import backend
     from .measure import PeakRSS
     from .reference import build_reference, load_tokenizer, reference_info
 
@@ -224,9 +313,19 @@ def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thres
             g_mean, g_min = greedy_agreement(session, reference)
             tok_share, tok_failures = tokenizer_agreement(session, tokenizer)
             chat_ok = chat_match(session, tokenizer)
+        boundary = long_context_boundary(checkpoint, long_context)
+        long_report, long_checks = (long_context_probe(session, fmt, checkpoint, text, thresholds, boundary, progress)
+                                    if boundary else (None, []))
     metrics.update(greedy_match_tokens_mean=g_mean, tokenizer_agreement=tok_share, chat_template_match=chat_ok)
-    checks = evaluate_checks(metrics, thresholds)
+    checks = evaluate_checks(metrics, thresholds) + long_checks
     failed = tuple(c.line() for c in checks if not c.passed)
+    short_failed = any(c.name in ("kld_mean", "top1_agreement", "ppl_ratio") and not c.passed for c in checks)
+    known = getattr(backend(fmt), "KNOWN_DIFFERENCES", {}).get(checkpoint.architecture)
+    if known and short_failed:
+        failed += (f"known runtime difference: {known}",)
+    elif long_report is not None and long_report.limit and not long_report.passed and not short_failed:
+        # Only when the bundle matches on the short text: otherwise the limit is not the reason.
+        failed += (f"long context: {long_report.limit}",)
     return ParityReport(
         bundle=str(bundle), format=fmt, reference=reference_info(reference), eval_text_sha256=text_sha256(text),
         positions=metrics["positions"], kld_mean=metrics["kld_mean"], kld_p99=metrics["kld_p99"],
@@ -237,6 +336,7 @@ def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thres
         tokenizer_agreement=tok_share, tokenizer_failures=tuple(tok_failures), chat_template_match=chat_ok,
         checks=tuple(checks), passed=not failed, failed=failed,
         wall_s=round(time.perf_counter() - t0, 2), peak_rss_mb=round(usage.peak_rss_mb, 1),
+        long_context=long_report,
     )
 
 

@@ -193,3 +193,74 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
 def reference_info(ref: Reference) -> dict[str, Any]:
     return {"key": ref.key, "dtype": ref.dtype, "windows": len(ref.windows),
             "tokens": sum(len(w) for w in ref.windows), "cached": ref.cached}
+
+
+def probe_ids(tokenizer, text: str, total: int) -> list[int]:
+    """`total` token ids of `text` repeated as often as needed, BOS first when the tokenizer
+    adds one: the long-context probe's input."""
+    bos = tokenizer_bos(tokenizer)
+    piece = tokenizer(text, add_special_tokens=False).input_ids
+    if not piece:
+        raise BadInput("the evaluation text has no tokens", "Pass a text of a few sentences")
+    ids = [bos] if bos is not None else []
+    while len(ids) < total:
+        ids += piece
+    return ids[:total]
+
+
+def long_reference(checkpoint, ids: Sequence[int], prompt_tokens: int, boundary: int, progress=None):
+    """Reference logits for the long-context probe, [len(ids) - prompt_tokens, vocab] float32
+    (memory-mapped from the cache): positions prompt_tokens - 1 .. len(ids) - 2, each as a
+    forward pass over its own prefix would give it (see edgekit.longcontext)."""
+    import numpy as np
+
+    from .checkpoint import content_hash
+    from .progress import NullProgress
+
+    progress = progress or NullProgress()
+    ids = [int(t) for t in ids]
+    dtype = reference_dtype()
+    key_src = json.dumps({"v": REFERENCE_FORMAT, "kind": "long", "ckpt": content_hash(checkpoint.path), "ids": ids,
+                          "prompt": prompt_tokens, "boundary": boundary, "dtype": dtype}, sort_keys=True)
+    directory = cache_dir() / "reference" / ("long-" + hashlib.sha256(key_src.encode()).hexdigest()[:32])
+    path = directory / "logits.npy"
+    if not path.is_file():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        try:
+            np.save(tmp / "logits.npy", _long_logits(checkpoint, ids, prompt_tokens, boundary, dtype, progress))
+            if directory.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return np.load(path, mmap_mode="r")
+
+
+def _long_logits(checkpoint, ids: list[int], prompt_tokens: int, boundary: int, dtype: str, progress):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = checkpoint.config.get("text_config") or checkpoint.config
+    # eager only where sdpa would be wrong (Gemma 2's soft-capping): at 4k+ tokens eager's
+    # attention matrices cost gigabytes.
+    attn = "eager" if cfg.get("attn_logit_softcapping") else "sdpa"
+    with progress.step("loading reference model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(checkpoint.path), dtype=getattr(torch, dtype), attn_implementation=attn,
+            trust_remote_code=checkpoint.trust_remote_code).eval()
+    n = len(ids)
+    with torch.inference_mode(), progress.step("reference logits past the original context", total=2) as step:
+        # Positions prompt_tokens-1 .. boundary-1 see at most `boundary` tokens: short factors.
+        short = model(torch.tensor([ids[:boundary]]), logits_to_keep=boundary - prompt_tokens + 1).logits[0]
+        step.advance()
+        # Positions boundary .. n-2 see more: the long factors, over their whole prefix.
+        long = model(torch.tensor([ids[:n - 1]]), logits_to_keep=n - 1 - boundary).logits[0]
+        step.advance()
+    out = torch.cat([short, long]).float().numpy().astype(np.float32)
+    del model
+    return out

@@ -1,7 +1,13 @@
-"""Load targets/*.toml (formats and device profiles) into frozen dataclasses.
+"""Load the targets (formats and device profiles, TOML files) into frozen dataclasses.
 
 The TOML files are the single source of truth for recipes and profiles; code never
 hard-codes a block size or a thread count. Unknown keys are errors naming key and file.
+
+The shipped files live inside the package (edgekit/data/targets/, read through
+importlib.resources, so an installed wheel has them). A user's own directory
+(`edgekit --targets-dir DIR`, or $EDGEKIT_TARGETS_DIR) lies on top: a format file there
+replaces the shipped file of the same name (a recipe tuned for a fleet) or adds a format; the
+profiles of its profiles.toml are added to the shipped ones, replacing those of the same name.
 """
 
 from __future__ import annotations
@@ -18,12 +24,20 @@ from .errors import BadInput
 PROFILES_FILE = "profiles.toml"
 
 
+USER_DIR_ENV = "EDGEKIT_TARGETS_DIR"
+
+
 def targets_dir() -> Path:
-    """targets/ beside the package (editable install / checkout), or $EDGEKIT_TARGETS_DIR."""
-    env = os.environ.get("EDGEKIT_TARGETS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "targets"
+    """The shipped targets, inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("edgekit").joinpath("data", "targets")))
+
+
+def user_targets_dir() -> Path | None:
+    """The user's own targets directory ($EDGEKIT_TARGETS_DIR; `--targets-dir` sets it), if any."""
+    value = os.environ.get(USER_DIR_ENV)
+    return Path(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -172,26 +186,42 @@ class Targets:
 
 
 def load_targets(directory: Path | None = None) -> Targets:
-    directory = directory or targets_dir()
-    return _load(str(directory))
+    """The shipped targets with the user's directory on top; or exactly `directory`'s."""
+    if directory is not None:
+        return _load((str(directory),))
+    user = user_targets_dir()
+    return _load((str(targets_dir()),) + ((str(user),) if user else ()))
+
+
+def _files(directories: tuple[str, ...]) -> tuple[dict[str, Path], list[Path]]:
+    """Format files by name (later directories replacing earlier ones) and every profiles file
+    in order (their profiles are merged by name, later ones winning)."""
+    found: dict[str, Path] = {}
+    profile_files: list[Path] = []
+    for i, directory in enumerate(directories):
+        root = Path(directory)
+        if not root.is_dir():
+            if i == 0:
+                raise BadInput(f"targets directory not found: {root}", "Reinstall edgekit")
+            raise BadInput(f"targets directory not found: {root} ({USER_DIR_ENV} or --targets-dir)",
+                           "Point it at a directory of *.toml target files, or unset it")
+        found.update({p.name: p for p in sorted(root.glob("*.toml")) if p.name != PROFILES_FILE})
+        if (root / PROFILES_FILE).is_file():
+            profile_files.append(root / PROFILES_FILE)
+    return found, profile_files
 
 
 @lru_cache(maxsize=8)
-def _load(directory: str) -> Targets:
-    root = Path(directory)
-    if not root.is_dir():
-        raise BadInput(f"targets directory not found: {root}", "Set EDGEKIT_TARGETS_DIR or reinstall edgekit")
+def _load(directories: tuple[str, ...]) -> Targets:
+    files, profile_files = _files(directories)
     formats: dict[str, FormatSpec] = {}
-    for path in sorted(root.glob("*.toml")):
-        if path.name == PROFILES_FILE:
-            continue
+    for name, path in sorted(files.items()):
         spec = _format_from_file(path)
         if spec.name != path.stem:
             raise BadInput(f"{path}: format name '{spec.name}' does not match the file name", f"Rename to {spec.name}.toml")
         formats[spec.name] = spec
     profiles: dict[str, Profile] = {}
-    ppath = root / PROFILES_FILE
-    if ppath.exists():
+    for ppath in profile_files:
         data = read_toml(ppath)
         check_keys(data, {"profiles"}, str(ppath))
         tables = data.get("profiles", {})

@@ -96,13 +96,14 @@ GEMMA_TEMPLATE = (
 )
 
 
-def _longrope(**extra: Any) -> dict[str, Any]:
-    """Phi-3-mini-128k's rope_scaling shape: one factor per rotary frequency (head_dim / 2).
+def _longrope(rotary_dim: int = HEAD_DIM, **extra: Any) -> dict[str, Any]:
+    """Phi-3-mini-128k's rope_scaling shape: one factor per rotary frequency (rotary_dim / 2;
+    the whole head for Phi-3, 3/4 of it for Phi-4-mini).
 
     The values are made up but shaped like the real ones: short factors near 1, long factors
     growing with the wavelength, so switching between them changes the output.
     """
-    n = HEAD_DIM // 2
+    n = rotary_dim // 2
     return {
         "type": "longrope",
         "short_factor": [round(1.0 + 0.05 * i, 4) for i in range(n)],
@@ -124,7 +125,7 @@ class Family:
     @property
     def needs_embedded(self) -> bool:
         """True when building it needs the SmolLM2 tokenizer (a one-time download and build)."""
-        return self.tokenizer == "smollm2"
+        return self.tokenizer.startswith("smollm2")
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -133,11 +134,29 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     # in the real model; 491 -> 512 here) that exporters must tolerate.
     Family("phi3", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
            dict(vocab_size=512, max_position_embeddings=4096, original_max_position_embeddings=4096)),
-    # Phi-3-mini-128k: same weights, LongRoPE rope_scaling; exporters pick another code path
+    # Phi-3-mini-128k and Phi-3.5-mini: same weights, LongRoPE rope_scaling over the whole
+    # head; exporters pick another code path
     # (genai builder: Phi3MiniLongRoPEModel; llama.cpp: rope_factors_long/short tensors).
     Family("phi3-longrope", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
            dict(vocab_size=512, max_position_embeddings=131072, original_max_position_embeddings=4096,
                 rope_scaling=_longrope())),
+    # Phi-4-mini: partial rotary (rotary on 3/4 of each head: 96 of 128 lanes in the real
+    # model, 48 of 64 here), LongRoPE whose factor lists cover the rotary dims only
+    # (rotary_dim / 2 entries), 131072 over an original 4096, tied embeddings, GQA, and a
+    # byte-level BPE vocabulary. Head size 64 and a rotary cache 24 wide respect ONNX
+    # Runtime's GroupQueryAttention (head size a multiple of 16, cache width a multiple of 8).
+    # The vocabulary is SmolLM2's (llama.cpp must recognise the pre-tokenizer by its hash;
+    # Phi-4-mini's own o200k one cannot be trained here) plus Phi-4's chat tokens.
+    Family("phi4-mini", "Phi3ForCausalLM", "phi3", "smollm2-phi4", PHI3_TEMPLATE,
+           dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                partial_rotary_factor=0.75, tie_word_embeddings=True,
+                max_position_embeddings=131072, original_max_position_embeddings=4096,
+                rope_scaling=_longrope(rotary_dim=48))),
+    # Phi-3-medium (14B): GQA at 4 query heads per KV head (40 / 10 in the real model, 8 / 2
+    # here), where the minis have none; 4k context, plain RoPE.
+    Family("phi3-medium", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
+           dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=4096)),
     # Llama 2 / TinyLlama: the baseline SentencePiece Llama, separate q/k/v and gate/up.
     Family("llama", "LlamaForCausalLM", "llama", "llama", LLAMA2_TEMPLATE,
            dict(max_position_embeddings=2048)),
@@ -340,16 +359,60 @@ def _smollm2_tokenizer(fam: Family, out: Path) -> _Tokens:
     return _tokens_of(tok, [tok.eos_token])
 
 
+def _smollm2_phi4_tokenizer(fam: Family, out: Path) -> _Tokens:
+    """SmolLM2's byte-level BPE with Phi-4-mini's chat tokens added after it, eos
+    <|endoftext|> and <|end|> as the end of a turn, like the real Phi-4-mini tokenizer.
+
+    Re-saved through transformers (adding tokens needs it); the pre-tokenizer and decoder
+    repairs survive that, which the llama.cpp conversion test checks."""
+    from transformers import AddedToken, AutoTokenizer
+
+    _smollm2_tokenizer(fam, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _PHI3_ADDED
+                    if t not in tok.get_vocab()], special_tokens=True)
+    tok.eos_token = tok.pad_token = "<|endoftext|>"
+    tok.chat_template = fam.chat_template
+    tok.save_pretrained(out, save_jinja_files=False)
+    return _tokens_of(tok, ["<|endoftext|>", "<|end|>"])
+
+
 def _tokens_of(tok, stop: list[str]) -> _Tokens:
     return _Tokens(count=len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id,
                    stop=[tok.convert_tokens_to_ids(t) for t in stop])
 
 
 _TOKENIZERS = {"phi3": _spm_tokenizer, "llama": _spm_tokenizer, "mistral": _spm_tokenizer,
-               "gemma": _spm_tokenizer, "smollm2": _smollm2_tokenizer}
+               "gemma": _spm_tokenizer, "smollm2": _smollm2_tokenizer,
+               "smollm2-phi4": _smollm2_phi4_tokenizer}
 
 
 # --- model -----------------------------------------------------------------------------------
+
+def runtime_shape_problems(settings: dict[str, Any]) -> list[str]:
+    """Shapes a tiny model must avoid so that it fails only where the real model would.
+
+    - ONNX Runtime's GroupQueryAttention refuses head sizes that are not a multiple of 16, and
+      rotary caches (rotary_dim / 2 wide) that are not a multiple of 8.
+    - onnxruntime-genai 0.15.2's builder takes any Linear whose out_features equals the
+      vocabulary size for the lm_head (base.py has_lm_head), so a fused gate_up_proj of
+      2 x intermediate = vocab rows gets written as a second lm_head. Real models never meet
+      that (Phi-3-mini: 16384 vs 32064), a 512-token tiny vocabulary easily does.
+    """
+    problems = []
+    heads = settings["num_attention_heads"]
+    head = settings.get("head_dim") or settings["hidden_size"] // heads
+    rotary = int(head * settings.get("partial_rotary_factor", 1.0))
+    if head % 16:
+        problems.append(f"head size {head} is not a multiple of 16 (GroupQueryAttention)")
+    if (rotary // 2) % 8:
+        problems.append(f"rotary cache width {rotary // 2} is not a multiple of 8 (GroupQueryAttention)")
+    from .formats.onnx_int4 import builder_lm_head_lookalikes
+
+    problems += [f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
+                 for name in builder_lm_head_lookalikes(settings)]
+    return problems
+
 
 def _write_model(fam: Family, tokens: _Tokens, out: Path, seed: int) -> None:
     import copy
@@ -361,6 +424,8 @@ def _write_model(fam: Family, tokens: _Tokens, out: Path, seed: int) -> None:
     settings.setdefault("vocab_size", tokens.count)
     if settings["vocab_size"] < tokens.count:
         raise EdgekitError(f"tiny {fam.name}: vocab_size {settings['vocab_size']} < {tokens.count} tokens")
+    if problems := runtime_shape_problems(settings):
+        raise EdgekitError(f"tiny {fam.name}: {'; '.join(problems)}")
     config = AutoConfig.for_model(fam.model_type, bos_token_id=tokens.bos, eos_token_id=tokens.eos,
                                   pad_token_id=tokens.pad, **settings)
     with torch.random.fork_rng(devices=[]):              # leave the caller's RNG alone

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from edgekit.targets import targets_dir
+
 from reliability import record
 
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")
@@ -60,7 +62,7 @@ def _no_tokenizer(d: Path) -> None:
 
 def _targets(tmp: Path, edit) -> Path:
     t = tmp / "targets"
-    shutil.copytree(ROOT / "targets", t)
+    shutil.copytree(targets_dir(), t)
     edit(t)
     return t
 

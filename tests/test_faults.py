@@ -19,10 +19,16 @@ from reliability import record
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")
 
 
+def _default_sigint() -> None:
+    # A test run started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then keeps it ignored: give the export the disposition a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, **kw):
     # Its own session, so a signal reaches the converter children too, as a CI cancel would.
     return subprocess.Popen([EDGEKIT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kw)
+                            start_new_session=True, preexec_fn=_default_sigint, **kw)
 
 
 def _temps(parent: Path) -> list[Path]:

@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from edgekit.targets import targets_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -110,13 +112,13 @@ def _load_targets(directory: Path):
 @pytest.mark.parametrize("which", ["onnx-int4.toml", "profiles.toml"])
 def test_targets_and_profiles_parsers(tmp_path_factory, which):
     counts: dict = {}
-    original = (ROOT / "targets" / which).read_text()
+    original = (targets_dir() / which).read_text()
 
     @SETTINGS
     @given(text=st.one_of(mutated(original), DOCS.map(toml_doc), st.text(max_size=200)))
     def run(text):
         d = tmp_path_factory.mktemp("targets")
-        shutil.copytree(ROOT / "targets", d, dirs_exist_ok=True)
+        shutil.copytree(targets_dir(), d, dirs_exist_ok=True)
         (d / which).write_text(text)
         _expect_clean(lambda: _load_targets(d), counts)
 

@@ -163,8 +163,9 @@ def test_extra_options_mapping():
 
 
 class FakeCheckpoint:
-    def __init__(self, architecture):
+    def __init__(self, architecture, config=None):
         self.architecture = architecture
+        self.config = config or {}
 
 
 @pytest.mark.parametrize("arch, engine, expected", [
@@ -181,6 +182,38 @@ def test_engine_choice(arch, engine, expected):
     else:
         with pytest.raises(expected):
             onnx_int4.choose_engine(FakeCheckpoint(arch), recipe(engine=engine))
+
+
+def test_a_width_equal_to_the_vocabulary_routes_to_optimum():
+    # The builder takes any Linear with vocab_size outputs for the lm_head (has_lm_head).
+    clash = {"vocab_size": 512, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 384}          # qkv_proj: (4 + 2 x 2) x 64 = 512
+    assert onnx_int4.builder_lm_head_lookalikes(clash) == ["qkv_proj"]
+    assert onnx_int4.choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe()) == "optimum"
+    assert onnx_int4.choose_engine(FakeCheckpoint("Phi3ForCausalLM", {**clash, "vocab_size": 32064}), recipe()) == "builder"
+    # A forced engine is the user's call.
+    assert onnx_int4.choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe(engine="builder")) == "builder"
+
+
+def test_longrope_context_cap(tmp_path):
+    genai = tmp_path / "genai_config.json"
+    longrope = {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}}
+
+    def write():
+        genai.write_text(json.dumps({"model": {"context_length": 131072}, "search": {"max_length": 131072}}))
+
+    write()
+    assert onnx_int4.set_context_length(longrope, genai, 0)[0] == 4096
+    cfg = json.loads(genai.read_text())
+    assert cfg["model"]["context_length"] == cfg["search"]["max_length"] == 4096
+    write()
+    context, note = onnx_int4.set_context_length(longrope, genai, 131072)
+    assert context == 131072 and "past LongRoPE's switch" in note
+    write()
+    assert onnx_int4.set_context_length({"max_position_embeddings": 131072}, genai, 0) == (131072, None)
+    with pytest.raises(BadInput, match="context_length"):
+        recipe(context_length=-1)
 
 
 def test_catalog_families_are_in_the_table():

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import BadInput, ToolFailed
+from ..errors import BadInput, OutOfMemory, ToolFailed
+from ..measure import ChildWatch
 from ..progress import NullProgress
 from . import ExportNotes, Generation
 
@@ -53,6 +54,28 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DEFAULT_CONTEXT = 4096
+
+# What the long-context probe (edgekit.longcontext) names when parity stops early, by where.
+LONG_CONTEXT_LIMITS: dict[str, str] = {
+    # llama.cpp picks LongRoPE's factors once per context: the long ones at every position
+    # when n_ctx exceeds the original context. A run that crosses token {boundary} with a
+    # context sized for it therefore differs from transformers before the boundary.
+    "before": ("llama.cpp uses LongRoPE's long factors at every position once n_ctx exceeds {boundary}, so "
+               "the tokens of a run before {boundary} differ from transformers; edgekit run and bench open "
+               "the context at {boundary} when prompt + output fit in it"),
+    "after": "llama.cpp leaves transformers' behaviour past token {boundary}: parity holds to {reach} tokens",
+}
+# Architectures whose llama.cpp graph is known to compute something other than transformers,
+# named by the export notes and by the parity gate when it fails. One row per architecture.
+KNOWN_DIFFERENCES: dict[str, str] = {
+    # Measured on edgekit.tiny's phimoe exported to F32: KLD 1.1 against transformers; with
+    # transformers patched to RMSNorm + softmax top-2 routing, KLD 0.006. llama.cpp 0.3.36
+    # builds PhiMoE with its Phi-3 graph (src/models/models.h: phimoe's graph is phi3's).
+    "PhiMoEForCausalLM": (
+        "llama.cpp (llama-cpp-python 0.3.36) runs PhiMoE through its Phi-3 graph: RMSNorm where transformers' "
+        "PhiMoE uses LayerNorm, softmax top-2 routing with renormalised weights where it uses SparseMixer, and "
+        "the converter's sqrt(1 + ln(s)/ln(n_orig)) attention factor instead of rope_scaling's short/long_mscale"),
+}
 _INTERMEDIATES = ("f16", "bf16", "f32")
 # "none": llama.cpp's plain quantizers; "calibration": an importance matrix computed from the
 # reference model over edgekit/data/calibration.txt (edgekit/imatrix.py) weights the rounding.
@@ -69,10 +92,15 @@ class GgufRecipe:
     imatrix: str = "none"
 
     @property
+    def ftype_name(self) -> str:
+        # F32 is llama.cpp's one "ALL_" type: unquantized, for architecture parity baselines.
+        return "LLAMA_FTYPE_ALL_F32" if self.quant_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{self.quant_type}"
+
+    @property
     def ftype(self) -> int:
         import llama_cpp
 
-        return getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{self.quant_type}")
+        return getattr(llama_cpp, self.ftype_name)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> GgufRecipe:
@@ -139,6 +167,8 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
     family = write_modelfile(Path(checkpoint.path), staging, MODEL_FILE)
 
     notes = list(_fallback_notes(fallbacks))
+    if checkpoint.architecture in KNOWN_DIFFERENCES:
+        notes.append(f"known difference from transformers: {KNOWN_DIFFERENCES[checkpoint.architecture]}")
     if family is None:
         notes.append("Modelfile has no TEMPLATE: the chat template is not a family edgekit translates for Ollama")
     if imatrix_info is not None:
@@ -151,7 +181,7 @@ def export(checkpoint, staging: Path, recipe: GgufRecipe, progress=None) -> Expo
         notes.append("the checkpoint has no chat template: prompt this bundle with raw text (--raw)")
     return ExportNotes(
         quantization={
-            "ftype": f"LLAMA_FTYPE_MOSTLY_{recipe.quant_type}",
+            "ftype": recipe.ftype_name,
             "tensor_types": dict(sorted(Counter(tensor_types.values()).items())),
             "fallback_tensors": len(fallbacks),
             **({"imatrix": imatrix_info} if imatrix_info is not None else {}),
@@ -181,6 +211,7 @@ def _convert(checkpoint, tools_root: Path, out: Path, outtype: str, progress) ->
     expected = _count_checkpoint_tensors(checkpoint)
     tail: deque[str] = deque(maxlen=60)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    watch = ChildWatch(proc.pid).__enter__()
     try:
         lines = _records(proc.stdout)
         mapped, writing = 0, False
@@ -207,6 +238,9 @@ def _convert(checkpoint, tools_root: Path, out: Path, outtype: str, progress) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        watch.__exit__(None, None, None)
+    if oom := watch.out_of_memory(rc, "convert_hf_to_gguf.py"):
+        raise OutOfMemory(oom + "; nothing was published", "Use a machine with more RAM or close other programs")
     if rc != 0 or not out.is_file():
         raise ToolFailed(f"convert_hf_to_gguf.py failed on {checkpoint.path}: {_last_error(tail)}",
                          f"For its full log run: PYTHONPATH={shlex.quote(gguf_py)} {shlex.join(cmd)}")
@@ -478,6 +512,19 @@ def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None
     return LlamaCppSession(model, threads=threads, context=min(context, trained) if trained else context)
 
 
+def longrope_context_note(model: Path, context: int) -> str | None:
+    """What a context above LongRoPE's original one changes in llama.cpp, or None. edgekit
+    run opens DEFAULT_CONTEXT (4096, the Phi models' original context), where the factors are
+    those transformers uses for such lengths; a benchmark profile may ask for more."""
+    value = read_metadata(model, ("{arch}.rope.scaling.original_context_length",))
+    original = value["{arch}.rope.scaling.original_context_length"]
+    if original and original.isdigit() and context > int(original):
+        return (f"context {context} > {original}: llama.cpp applies LongRoPE's long factors at every position "
+                f"(transformers uses the short ones for sequences of up to {original} tokens); speed and memory "
+                "are what they would be either way")
+    return None
+
+
 def _trained_context(model: Path) -> int | None:
     """<arch>.context_length: a context past it only invites garbage (and a llama.cpp warning)."""
     value = read_metadata(model, ("{arch}.context_length",))["{arch}.context_length"]
@@ -533,6 +580,7 @@ class LlamaCppSession:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.context = context
+        self._model_path, self._threads = model_path, threads
 
     # tokenizer -------------------------------------------------------------------------
 
@@ -680,6 +728,59 @@ class LlamaCppSession:
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return out
 
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
+        """Logits the way an application meets them: the prompt in one batch, then the
+        continuation one token at a time. Rows: the prompt's last position, then one per
+        continuation token but the last ([len(continuation), n_vocab]).
+
+        The context is sized to the whole sequence, as `llama-cli -c N` would be. That choice
+        is what picks LongRoPE's factors in llama.cpp (long at every position once n_ctx
+        exceeds the original context), so a larger session is opened for it when needed."""
+        import numpy as np
+
+        needed = len(prompt_ids) + len(continuation)
+        if needed > self.context:
+            with LlamaCppSession(self._model_path, self._threads, needed) as wide:
+                return wide.stepwise_logits(prompt_ids, continuation)
+        lib, ctx = self._lib, self._llm.ctx
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        self._llm.reset()
+        rows = np.empty((len(continuation), self._n_vocab), dtype=np.float32)
+        tokens = [int(t) for t in prompt_ids]
+        n_batch = max(1, int(lib.llama_n_batch(ctx)))
+        for start in range(0, len(tokens), n_batch):   # the prompt, logits for its last token only
+            chunk = tokens[start:start + n_batch]
+            last = start + len(chunk) == len(tokens)
+            self._decode(chunk, start, last)
+        rows[0] = self._last_logits()
+        for i, tok in enumerate(continuation[:-1]):
+            self._decode([int(tok)], len(tokens) + i, True)
+            rows[i + 1] = self._last_logits()
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        return rows
+
+    def _decode(self, chunk: Sequence[int], start: int, logits_for_last: bool) -> None:
+        lib = self._lib
+        batch = lib.llama_batch_init(len(chunk), 0, 1)
+        try:
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = logits_for_last and i == len(chunk) - 1
+            batch.n_tokens = len(chunk)
+            if lib.llama_decode(self._llm.ctx, batch) != 0:
+                raise ToolFailed("llama_decode failed while computing logits")
+        finally:
+            lib.llama_batch_free(batch)
+
+    def _last_logits(self) -> "np.ndarray":
+        import numpy as np
+
+        ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
     def close(self) -> None:
         if self._llm is not None:
             self._llm.close()
@@ -716,6 +817,7 @@ class LlamaCppSession:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.context = context
+        self._model_path, self._threads = model_path, threads
         return self
 
     def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,

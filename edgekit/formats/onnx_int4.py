@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import BadInput, ToolFailed, UnsupportedArchitecture
+from ..errors import BadInput, OutOfMemory, ToolFailed, UnsupportedArchitecture
+from ..measure import ChildWatch
 from . import ExportNotes, Generation
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +85,19 @@ BUILDER_EXCLUDED: dict[str, str] = {
 }
 
 SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset(BUILDER_ARCHITECTURES)
+
+# What the long-context probe (edgekit.longcontext) names when parity stops early, by where.
+LONG_CONTEXT_LIMITS: dict[str, str] = {
+    # Measured on tiny phi3-longrope: past the original context onnxruntime-genai 0.15.2
+    # switches to the long cos/sin cache for new tokens (an If on the sequence length) but
+    # keeps the KV cache it filled with the short factors; transformers recomputes it with
+    # the long ones at that point. Matches transformers-without-the-reset to KLD 5e-9.
+    "after": ("onnxruntime-genai 0.15.2 keeps the KV cache it computed with LongRoPE's short factors past "
+              "token {boundary} (transformers recomputes it with the long factors): parity holds to {reach} "
+              "tokens; keep the default context_length, which caps the bundle there"),
+    "context": ("the bundle's context is capped at {context} tokens (recipe context_length), where "
+                "onnxruntime-genai 0.15.2 would otherwise leave transformers' LongRoPE behaviour"),
+}
 
 # What the optimum fallback exports (task text-generation-with-past) into a graph whose KV
 # cache is [batch, kv_heads, seq, head_dim] per layer, the layout onnxruntime-genai drives.
@@ -145,6 +159,8 @@ class OnnxRecipe:
     weight_search: str = "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
     int8_matmuls: tuple[str, ...] = ()  # projections raised to int8 in every layer, on top of the algorithm's choice
     int8_block_size: int = 0       # block size of the int8 MatMuls edgekit writes; 0: block_size
+    context_length: int = 0        # longest sequence the bundle accepts; 0: the model's, capped where
+                                   # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
@@ -171,6 +187,9 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
         if value not in allowed or isinstance(value, bool):
             raise BadInput(f"{where}: {key} = {value!r} is not allowed",
                            f"Use one of: {', '.join(str(a) for a in allowed)}")
+    if recipe.context_length < 0 or isinstance(recipe.context_length, bool):
+        raise BadInput(f"{where}: context_length = {recipe.context_length!r} is not allowed",
+                       "Use 0 (the model's, capped for LongRoPE) or a number of tokens")
     if recipe.embeddings == "int4" and ALGORITHMS[recipe.algorithm][0] != "default":
         # Measured: the rtn/k_quant quantizers only take MatMul nodes, so the embedding
         # would silently stay float.
@@ -229,6 +248,10 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     """Write model.onnx, model.onnx.data, genai_config.json, tokenizer and chat template."""
     engine = choose_engine(checkpoint, recipe)
     notes: list[str] = []
+    if clash := builder_lm_head_lookalikes(checkpoint.config):
+        notes.append(f"{', '.join(clash)} has as many outputs as the vocabulary ({checkpoint.config.get('vocab_size')}): "
+                     "the genai builder would write it as an lm_head, so "
+                     + ("the optimum path was used" if engine == "optimum" else "expect the parity gate to fail"))
     requant: dict[str, Any] | None = None
     work = staging.parent / (staging.name + "-onnx-work")  # same disk; stale ones are swept by pid
     work.mkdir()
@@ -253,13 +276,16 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
         shutil.rmtree(work, ignore_errors=True)
 
     notes += _complete_bundle_files(checkpoint, staging)
+    context, context_note = set_context_length(checkpoint.config, staging / "genai_config.json", recipe.context_length)
+    if context_note:
+        notes.append(context_note)
     weights = weight_summary(staging / "model.onnx")
     notes += _weight_notes(weights)
     if recipe.precision == "int4" and ALGORITHMS[recipe.algorithm][1] and not weights["matmul_int8"]:
         notes.append(f"algorithm {recipe.algorithm} raises some MatMuls to int8, but none matched "
                      "in this graph: every quantized MatMul is int4")
     path_taken = "genai-builder" if engine == "builder" else "optimum+MatMulNBits"
-    quantization = {"path": path_taken, "weights": weights}
+    quantization = {"path": path_taken, "weights": weights, "context_length": context}
     if engine == "builder":
         quantization["builder_extra_options"] = builder_extra_options(recipe, checkpoint.trust_remote_code)
     if requant:
@@ -274,8 +300,30 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     )
 
 
+def builder_lm_head_lookalikes(config: dict[str, Any]) -> list[str]:
+    """Projections the genai builder (0.15.2, base.py has_lm_head) would take for the lm_head:
+    it treats every Linear whose out_features equals the vocabulary size as one, and writes
+    it as a second lm_head mid-graph. No released model has such a width (Phi-3-mini's widest
+    is 16384 against a 32064 vocabulary), small custom ones can: measured on a tiny Phi-4-mini
+    shape whose fused qkv_proj had 512 outputs over a 512-token vocabulary, KLD 6.4."""
+    cfg = config.get("text_config") or config
+    vocab = cfg.get("vocab_size")
+    heads = cfg.get("num_attention_heads")
+    if not vocab or not heads or not cfg.get("hidden_size"):
+        return []
+    head = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    inter = cfg.get("intermediate_size") or 0
+    widths = {"q_proj": heads * head, "k_proj/v_proj": kv * head, "qkv_proj": (heads + 2 * kv) * head,
+              "gate_proj/up_proj": inter, "gate_up_proj": 2 * inter, "o_proj/down_proj": cfg["hidden_size"]}
+    return [name for name, width in widths.items() if width == vocab]
+
+
 def choose_engine(checkpoint, recipe: OnnxRecipe) -> str:
     arch = checkpoint.architecture
+    clash = builder_lm_head_lookalikes(checkpoint.config)
+    if clash and recipe.engine == "auto" and arch in FALLBACK_ARCHITECTURES:
+        return "optimum"   # the builder's graph would be wrong; export() notes why
     if recipe.engine == "optimum" or (recipe.engine == "auto" and arch not in SUPPORTED_ARCHITECTURES):
         if arch not in FALLBACK_ARCHITECTURES:
             why = BUILDER_EXCLUDED.get(arch, "not in its architecture table")
@@ -373,6 +421,7 @@ def _run_child(job: dict[str, Any], work: Path, progress, output: "_ChildOutput"
     steps = _Steps(progress)
     proc = subprocess.Popen([sys.executable, "-c", _CHILD_BOOT, str(job_path)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work)
+    watch = ChildWatch(proc.pid).__enter__()
     try:
         steps.start("loading checkpoint")
         with open(log_path, "wb") as log:
@@ -388,7 +437,11 @@ def _run_child(job: dict[str, Any], work: Path, progress, output: "_ChildOutput"
         if proc.poll() is None:  # interrupted: do not leave a converter running
             proc.kill()
             proc.wait()
+        watch.__exit__(None, None, None)
         steps.close()
+    if oom := watch.out_of_memory(returncode, f"the {job['engine']} child"):
+        raise OutOfMemory(oom + "; nothing was published",
+                          "Use a machine with more RAM or close other programs; the gguf-q4_k_m target streams the checkpoint")
     result = json.loads(result_path.read_text()) if result_path.is_file() else {"ok": False}
     if returncode != 0:
         result["ok"] = False
@@ -985,6 +1038,44 @@ def _requant_notes(report: dict[str, Any]) -> list[str]:
 
 # --- files the bundle needs beyond the model --------------------------------------------------
 
+def longrope_switch(config: dict[str, Any]) -> int | None:
+    """The original context where LongRoPE switches from its short to its long factors, or
+    None: onnxruntime-genai leaves transformers' behaviour there (LONG_CONTEXT_LIMITS)."""
+    cfg = config.get("text_config") or config
+    scaling = cfg.get("rope_scaling") or {}
+    original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    if "short_factor" in scaling and "long_factor" in scaling and original \
+            and (cfg.get("max_position_embeddings") or 0) > original:
+        return int(original)
+    return None
+
+
+def set_context_length(config: dict[str, Any], genai_config: Path, wanted: int) -> tuple[int, str | None]:
+    """Write the bundle's context (model.context_length and search.max_length, which
+    onnxruntime-genai enforces) and return it with a note when it is not the model's own."""
+    genai = json.loads(genai_config.read_text(encoding="utf-8"))
+    model_context = int(genai["model"]["context_length"])
+    switch = longrope_switch(config)
+    note = None
+    if wanted:
+        context = wanted
+        if switch and wanted > switch:
+            note = (f"context_length {wanted} is past LongRoPE's switch at {switch} tokens, where onnxruntime-genai "
+                    "0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour")
+    elif switch and switch < model_context:
+        context = switch
+        note = (f"context capped at {switch} tokens (of the model's {model_context}): past LongRoPE's switch "
+                "onnxruntime-genai 0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour; "
+                "--set context_length=N lifts the cap")
+    else:
+        context = model_context
+    if context != model_context:
+        genai["model"]["context_length"] = context
+        genai.setdefault("search", {})["max_length"] = context
+        genai_config.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    return context, note
+
+
 def _complete_bundle_files(checkpoint, staging: Path) -> list[str]:
     """Chat template in tokenizer_config.json and chat_template.jinja, generation_config.json.
 
@@ -1222,6 +1313,27 @@ class OnnxSession:
         logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
         del generator
         return logits.reshape(-1, logits.shape[-1])[-len(ids):]
+
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
+        """Logits the way an application meets them: append_tokens(prompt), then one token at
+        a time. Rows: the prompt's last position, then one per continuation token but the last.
+        Stops early (fewer rows) at the bundle's context length, which the runtime enforces."""
+        import numpy as np
+
+        total = min(len(prompt_ids) + len(continuation), self.context_length)
+        rows = max(0, min(len(continuation), total - len(prompt_ids) + 1))
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=total)
+        generator = self._og.Generator(self._model, params)
+        out: list[np.ndarray] = []
+        generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+        for i in range(rows):
+            if i:
+                generator.append_tokens(np.asarray([continuation[i - 1]], dtype=np.int32))
+            last = np.asarray(generator.get_logits(), dtype=np.float32)
+            out.append(last.reshape(-1, last.shape[-1])[-1])
+        del generator
+        return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
 
     def close(self) -> None:
         self._tokenizer = self._model = None
