@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   install everything, then build ./edgekit.toml (the embedded default model in both formats:
-#               export, parity gate, bench, tarballs, report) and run both bundles
+#               export, parity gate, bench, eval, tarballs, report), select one and run both bundles
 #   make test   install everything, then run the test suite
 # Everything installs into .venv with pinned versions (requirements.txt).
 
@@ -44,8 +44,11 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	# The release build of ./edgekit.toml: SmolLM2-135M exported to both formats, each verified
 	# against the fp32 reference (exit 3 if a parity gate fails), benchmarked on this host's
-	# profile, packed with SHA256SUMS, summary and report.html in dist/release/.
+	# profile, evaluated on the first 100 items of the shipped task set against the transformers
+	# reference ([eval] gates; the eval table is in the build's summary), packed with SHA256SUMS,
+	# summary and report.html in dist/release/. Then select picks a bundle from the stored results.
 	$(VENV)/bin/edgekit build
+	$(VENV)/bin/edgekit select dist/release/smollm2-135m-gguf-q4_k_m dist/release/smollm2-135m-onnx-int4 --stored --limit 100
 	$(VENV)/bin/edgekit run dist/release/smollm2-135m-gguf-q4_k_m --max-tokens 48 --prompt "What is the capital of France?"
 	$(VENV)/bin/edgekit run dist/release/smollm2-135m-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
 

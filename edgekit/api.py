@@ -435,3 +435,108 @@ def build(config: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     from .build import build as _build
 
     return _build(config, **kwargs)
+
+
+def load_tasks(tasks: str | Path | None = None, *, limit: int | None = None,
+               normalization: dict[str, bool] | None = None):
+    """Read and check a JSONL task file (default: edgekit's shipped set); see edgekit.tasks."""
+    from .tasks import load_tasks as _load
+
+    return _load(tasks, limit=limit, normalization=normalization)
+
+
+def reference_checkpoints(bundles, reference: str | None, offline: bool | None, trust_remote_code: bool) -> dict[str, Any]:
+    """checkpoint content sha256 -> the checkpoint each bundle was exported from (one per
+    distinct checkpoint, so bundles of several models can be evaluated in one run)."""
+    from .bench import discover_bundles
+    from .bundle import read_manifest
+
+    refs: dict[str, Any] = {}
+    for b in bundles or discover_bundles():
+        manifest = read_manifest(Path(b))
+        sha = manifest["source"].get("content_sha256")
+        if sha not in refs:
+            refs[sha] = _reference_checkpoint(manifest, reference, offline, trust_remote_code)
+    return refs
+
+
+def evaluate(
+    bundles: list[str | Path] | tuple[str | Path, ...] = (),
+    *,
+    tasks: str | Path | None = None,
+    limit: int | None = None,
+    normalization: dict[str, bool] | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    reference: bool | str = True,
+    offline: bool | None = None,
+    trust_remote_code: bool = False,
+    output: str | Path | None = None,
+    write_manifest: bool = True,
+    max_paraphrase_drop: float = 0.10,
+    max_format_sensitivity: float = 0.05,
+    progress=None,
+):
+    """Run a task file (default: the shipped edgekit-basic set) on each bundle (default: every
+    bundle under dist/) and on the unquantized reference in transformers, each in a fresh
+    process. Returns an EvalReport: per bundle accuracy with a 95 % Wilson interval, per-match
+    accuracy, delta, flips and McNemar's exact p against the reference, ECE of choice items,
+    paraphrase drop and format sensitivity, TTFT / end-to-end latency p50 / p95 / max, decode
+    tok/s, peak RSS and size. `reference` may be False (no baseline row) or a checkpoint path
+    to use instead of the one in the manifest. Every input is checked before a model loads.
+    """
+    from .evaluate import evaluate as _evaluate
+
+    task_set = load_tasks(tasks, limit=limit, normalization=normalization)
+    refs = reference_checkpoints(bundles, reference if isinstance(reference, str) else None, offline,
+                       trust_remote_code) if reference else {}
+    return _evaluate(bundles, task_set, references=refs, profile=profile, overrides=overrides, output=output,
+                     write_manifest=write_manifest, paraphrase_max=max_paraphrase_drop,
+                     format_max=max_format_sensitivity, progress=progress)
+
+
+def select(
+    records=None,
+    *,
+    bundles: list[str | Path] | tuple[str | Path, ...] = (),
+    from_json: str | Path | None = None,
+    stored: bool = False,
+    tasks: str | Path | None = None,
+    limit: int | None = None,
+    min_accuracy: float | None = None,
+    max_accuracy_drop: float | None = None,
+    max_p95_ms: float | None = None,
+    max_rss_mb: float | None = None,
+    max_size_mb: float | None = None,
+    progress=None,
+    **eval_kwargs: Any,
+):
+    """The Pareto set over (accuracy up, p95 end-to-end latency down, peak RSS down, size down)
+    and the pick: the most accurate bundle that meets every constraint (ties: lower RSS, then
+    smaller). Candidates come from `records` (EvalRecords or their summaries), from `from_json`
+    (an `edgekit eval --json` document), from the bundles' manifests (stored=True, for the task
+    file given), or else from a fresh evaluate(bundles, tasks=...). Returns a Selection; no
+    feasible bundle raises GateFailed (exit 3) naming the nearest miss."""
+    from .select import Constraints, candidates_from, load_eval_json, select as _select
+
+    constraints = Constraints(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_p95_ms=max_p95_ms,
+                              max_rss_mb=max_rss_mb, max_size_mb=max_size_mb)
+    constraints.check()
+    if records is None:
+        if from_json is not None:
+            records = load_eval_json(from_json)
+        elif stored:
+            from .bench import discover_bundles
+            from .evaluate import stored_record
+
+            key = load_tasks(tasks, limit=limit).key
+            records = []
+            for b in bundles or discover_bundles():
+                rec = stored_record(b, key)
+                if rec is None:
+                    raise BadInput(f"{b} has no stored eval for {key}",
+                                   "Run edgekit eval on it first, or drop --stored to evaluate now")
+                records.append(rec)
+        else:
+            records = list(evaluate(bundles, tasks=tasks, limit=limit, progress=progress, **eval_kwargs).bundles)
+    return _select(candidates_from(records), constraints)

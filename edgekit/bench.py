@@ -19,18 +19,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__
-from .errors import BadInput, EdgekitError, GateFailed, IntegrityError, ToolFailed
+from .errors import BadInput, GateFailed, ToolFailed
 
 CHILD_MARK = "@edgekit-bench"
 DEFAULT_REPS = 5
@@ -334,44 +331,13 @@ def plan(bundles: Sequence[str | Path], profile, profile_source: str, host, *, r
 # the parent: one child per run
 # --------------------------------------------------------------------------------------------
 
-_ERRORS: dict[int, type[EdgekitError]] = {2: BadInput, 3: GateFailed, 4: IntegrityError}
-
-
 def run_child(run: Run, wrap: Sequence[str] = (), on_mark: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
     """Run one benchmark in a fresh `python -m edgekit.bench` process (prefixed by `wrap`, e.g.
     /usr/bin/time -v). Returns the child's result and everything it printed (marks removed)."""
-    pkg_root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
-        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps(dataclasses.asdict(run)), encoding="utf-8")
-        cmd = [*wrap, sys.executable, "-m", "edgekit.bench", str(job), str(result)]
-        output: list[str] = []
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env=env)
-        try:
-            for line in proc.stdout:
-                if line.startswith(CHILD_MARK):
-                    if on_mark:
-                        on_mark(line[len(CHILD_MARK):].strip())
-                else:
-                    output.append(line)
-            rc = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        text = "".join(output)
-        if not result.is_file():
-            last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "no output")
-            raise ToolFailed(f"the benchmark process for {run.bundle} died (exit {rc}): {last.strip()}",
-                             "Rerun with EDGEKIT_DEBUG=1 python -m edgekit.bench to see its output")
-        data = json.loads(result.read_text(encoding="utf-8"))
-    if "error" in data:
-        err = data["error"]
-        raise _ERRORS.get(err.get("exit_code"), ToolFailed)(err["message"])
-    return data, text
+    from . import childjob
+
+    return childjob.run("edgekit.bench", dataclasses.asdict(run), f"the benchmark process for {run.bundle}",
+                        CHILD_MARK, wrap=wrap, on_mark=on_mark)
 
 
 def _stats(values: Sequence[float], digits: int) -> tuple[float, float, float, float]:
@@ -558,7 +524,9 @@ def run_trials(timed_generate: Callable[..., tuple[float, float, float, int]], p
 
 
 def _mark(text: str) -> None:
-    print(f"{CHILD_MARK} {text}", file=sys.stderr, flush=True)
+    from .childjob import emit_mark
+
+    emit_mark(CHILD_MARK, text)
 
 
 def _package_version(name: str) -> str:
@@ -570,7 +538,7 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
-def _open(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, int]], dict[str, Any]]:
+def open_run(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, int]], dict[str, Any]]:
     """Import the runtime (outside the load timing), then open the bundle in it, timed."""
     import platform
 
@@ -623,7 +591,7 @@ def _rss() -> float:
 def child_run(run: Run) -> dict[str, Any]:
     from .host import peak_rss_mb
 
-    session, timed_generate, info = _open(run)
+    session, timed_generate, info = open_run(run)
     _mark("load")
     rss = {"load": _rss()}
     try:
@@ -641,24 +609,15 @@ def child_run(run: Run) -> dict[str, Any]:
     }
 
 
-def child_main(argv: Sequence[str]) -> int:
-    job_path, result_path = argv
+def run_from_job(job: dict[str, Any]) -> Run:
     fields = {f.name for f in dataclasses.fields(Run)}
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    run = Run(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.items() if k in fields})
-    try:
-        result = child_run(run)
-    except EdgekitError as e:
-        result = {"error": {"exit_code": e.exit_code, "message": e.one_line()}}
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        if os.environ.get("EDGEKIT_DEBUG") == "1":
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        result = {"error": {"exit_code": 1, "message": f"{run.bundle}: {type(e).__name__}: {first}"}}
-    tmp = Path(result_path + ".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    os.replace(tmp, result_path)
-    return 1 if "error" in result else 0
+    return Run(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.items() if k in fields})
+
+
+def child_main(argv: Sequence[str]) -> int:
+    from . import childjob
+
+    return childjob.main(argv, lambda job: child_run(run_from_job(job)), lambda job: job.get("bundle", "?"))
 
 
 if __name__ == "__main__":

@@ -114,6 +114,10 @@ def build(config: str | Path | None = None, *, out: str | Path | None = None, fo
     base = read_summary(Path(baseline), "--baseline") if baseline else None
     if cfg.eval_text and not Path(cfg.eval_text).is_file():
         raise BadInput(f"eval_text {cfg.eval_text} (from {cfg.path}) does not exist", "Fix [build] eval_text")
+    if cfg.eval is not None:
+        from .tasks import load_tasks
+
+        load_tasks(cfg.eval.tasks, limit=cfg.eval.limit)  # a bad task file fails here, before any entry
     jobs = take_shard(cfg.jobs(), sh)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
@@ -151,6 +155,7 @@ def _run_job_child(cfg, job, out: Path, previous: dict | None, force: bool, offl
                 "budgets": {p: job.budgets(cfg, p) for p in job.profiles}},
         "bench": {"reps": cfg.reps, "warmup": cfg.warmup, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens},
         "eval_text": cfg.eval_text, "config_sha256": cfg.sha256, "out": str(out.resolve()),
+        "eval": dataclasses.asdict(cfg.eval) if cfg.eval is not None else None,
         "previous": previous, "force": force, "offline": offline, "quiet": quiet,
     }
     with tempfile.TemporaryDirectory(prefix="edgekit-build-") as tmp:
@@ -171,7 +176,7 @@ def _run_job_child(cfg, job, out: Path, previous: dict | None, force: bool, offl
 def _entry(id_: str, model: str, fmt: str, **kw: Any) -> dict[str, Any]:
     e = {"id": id_, "model": model, "format": fmt, "status": "ok", "exit_code": 0, "message": "", "reused": False,
          "bundle": None, "tarball": None, "tarball_sha256": None, "size_bytes": None, "input_key": None,
-         "parity": None, "bench": [], "gates": [], "timings": {}}
+         "parity": None, "bench": [], "eval": None, "gates": [], "timings": {}}
     e.update(kw)
     return e
 
@@ -208,6 +213,12 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             "eval_text_sha256": _eval_sha(spec["eval_text"]),
             "bench": {**spec["bench"], "profiles": job["profiles"], "budgets": job["budgets"]},
         }
+        if spec.get("eval"):
+            from .tasks import load_tasks
+
+            # the task file's hash, not its path, so an edited task file is never reused
+            inputs["eval"] = {**spec["eval"], "tasks": None,
+                              "tasks_sha256": load_tasks(spec["eval"]["tasks"]).sha256}
         key = _sha(inputs)
         prev = spec.get("previous")
         if not spec["force"] and _reusable(prev, key, bundle, tar_path):
@@ -242,6 +253,17 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             bench.append(_bench_summary(r))
             gates += _budget_gates(r, profile, budgets)
         timings["bench_s"] = round(time.monotonic() - t, 1)
+        evaluation = None
+        if spec.get("eval"):
+            from .evaluate import build_summary, gates as eval_gates
+
+            t, ev = time.monotonic(), spec["eval"]
+            rep = api.evaluate([bundle], tasks=ev["tasks"], limit=ev["limit"], reference=ev["reference"],
+                               profile=job["profiles"][0] if job["profiles"] else None, offline=spec["offline"],
+                               trust_remote_code=model["trust_remote_code"], progress=progress)
+            evaluation = build_summary(rep.bundles[0])
+            gates += eval_gates(rep.bundles[0], {k: ev[k] for k in ev if k.startswith(("min_", "max_"))})
+            timings["eval_s"] = round(time.monotonic() - t, 1)
         update_manifest(bundle, build={"input_key": key, "inputs": inputs, "config_sha256": spec["config_sha256"]})
         manifest = validate(bundle)
         sha = pack(bundle, tar_path)
@@ -252,7 +274,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
                       message="; ".join(_gate_text(g) for g in failed),
                       bundle=bundle.name, tarball=tar_path.name, tarball_sha256=sha,
                       size_bytes=sum(f["size"] for f in manifest["files"]), input_key=key,
-                      parity=report.summary(), bench=bench, gates=gates, timings=timings,
+                      parity=report.summary(), bench=bench, eval=evaluation, gates=gates, timings=timings,
                       reproducible_files=manifest.get("reproducible_files", []))
     except EdgekitError as e:
         tar_path.unlink(missing_ok=True)
@@ -493,6 +515,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells + [r.get("profile", "-"), _fmt(r.get("prefill_tok_s"), 1),
                                                      _fmt(r.get("decode_tok_s"), 1), _fmt(r.get("ttft_ms"), 0),
                                                      _fmt(r.get("peak_rss_mb"), 0)]) + " |")
+    lines += _eval_markdown(summary)
     failed = [(e["id"], g) for e in summary["entries"] for g in e.get("gates", []) if not g["passed"]]
     errors = [e for e in summary["entries"] if e["status"] == "error"]
     lines += ["", f"Gates: {sum(len(e.get('gates', [])) for e in summary['entries'])} checked, {len(failed)} failed."]
@@ -502,6 +525,23 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- **{e['id']}**: error (exit {e['exit_code']}): {e['message']}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _eval_markdown(summary: dict[str, Any]) -> list[str]:
+    rows = [e for e in summary["entries"] if e.get("eval")]
+    if not rows:
+        return []
+    lines = ["", f"Eval on `{rows[0]['eval']['tasks']}` ({rows[0]['eval']['n_items']} items; latency: generation items, "
+             "after one warm-up):", "",
+             "| bundle | accuracy [95% CI] | reference | Δ | flip rate | McNemar p | ECE | p50 / p95 e2e ms | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in rows:
+        v = e["eval"]
+        lines.append(f"| {e['id']} | {v['accuracy']:.3f} [{v['accuracy_low']:.3f}, {v['accuracy_high']:.3f}] | "
+                     f"{_fmt(v['reference_accuracy'], 3)} | {_fmt(v['accuracy_delta'], 3)} | {_fmt(v['flip_rate'], 3)} | "
+                     f"{_fmt(v['mcnemar_p'], 3)} | {_fmt(v['ece'], 3)} | {_fmt(v['e2e_ms_p50'], 0)} / "
+                     f"{_fmt(v['e2e_ms_p95'], 0)} | {_fmt(v['peak_rss_mb'], 0)} |")
+    return lines
 
 
 def _fmt(v: Any, digits: int) -> str:

@@ -33,6 +33,26 @@ _REGRESSION_DEFAULTS: dict[str, float] = {
 }
 
 
+_EVAL_LIMITS = ("min_accuracy", "max_accuracy_drop", "max_flip_rate", "max_paraphrase_drop", "max_format_sensitivity")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """[eval]: run a task file on every entry after bench; each limit set is a gate."""
+
+    tasks: str | None = None            # path (relative to the config); None: the shipped set
+    limit: int | None = None
+    reference: bool = True
+    min_accuracy: float | None = None
+    max_accuracy_drop: float | None = None
+    max_flip_rate: float | None = None
+    max_paraphrase_drop: float | None = None
+    max_format_sensitivity: float | None = None
+
+    def limits(self) -> dict[str, float | None]:
+        return {k: getattr(self, k) for k in _EVAL_LIMITS}
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str                   # bundle names are <name>-<format>
@@ -73,6 +93,7 @@ class BuildConfig:
     eval_text: str | None = None
     budgets: dict[str, dict[str, float]] = field(default_factory=dict)
     regression: dict[str, float] = field(default_factory=lambda: dict(_REGRESSION_DEFAULTS))
+    eval: EvalConfig | None = None
 
     def jobs(self) -> list[Job]:
         """The matrix in a fixed order (model name, format): shards slice this list."""
@@ -188,7 +209,7 @@ def load_config(path: str | Path | None = None) -> BuildConfig:
     targets = load_targets()
     formats, profiles = set(targets.formats), set(targets.profiles)
 
-    _check_keys(data, {"build", "budgets", "regression", "model"}, where, None)
+    _check_keys(data, {"build", "budgets", "regression", "model", "eval"}, where, None)
     build = _expect(data.get("build", {}), (dict,), "build", where, None)
     _check_keys(build, {"out", "formats", "profiles", "reps", "warmup", "prompt_tokens", "gen_tokens", "eval_text"},
                 where, "build")
@@ -213,6 +234,8 @@ def load_config(path: str | Path | None = None) -> BuildConfig:
         regression[k] = float(_expect(v, (int, float), k, where, "regression"))
         if regression[k] < 0:
             raise BadInput(f"{where.at(k, 'regression')}: '{k}' must not be negative", f"Fix {k}")
+
+    eval_cfg = _eval(data["eval"], where, path) if "eval" in data else None
 
     items = data.get("model", [])
     if not isinstance(items, list) or not items:
@@ -269,7 +292,31 @@ def load_config(path: str | Path | None = None) -> BuildConfig:
         path=str(path), sha256=hashlib.sha256(raw).hexdigest(), out=out, models=tuple(models),
         reps=build.get("reps", 3), warmup=build.get("warmup", 1), prompt_tokens=build.get("prompt_tokens"),
         gen_tokens=build.get("gen_tokens"), eval_text=eval_text, budgets=budgets, regression=regression,
+        eval=eval_cfg,
     )
+
+
+def _eval(table: Any, where: _Where, path: Path) -> EvalConfig:
+    _expect(table, (dict,), "eval", where, None)
+    _check_keys(table, {"tasks", "limit", "reference", *_EVAL_LIMITS}, where, "eval")
+    tasks = table.get("tasks")
+    if tasks is not None:
+        _expect(tasks, (str,), "tasks", where, "eval")
+        tasks = str(path.parent / tasks) if not Path(tasks).is_absolute() else tasks
+    limit = table.get("limit")
+    if limit is not None and (_expect(limit, (int,), "limit", where, "eval") < 1):
+        raise BadInput(f"{where.at('limit', 'eval')}: 'limit' must be at least 1", "Fix limit")
+    for key in _EVAL_LIMITS:
+        if key in table:
+            v = _expect(table[key], (int, float), key, where, "eval")
+            if not 0 <= v <= 1:
+                raise BadInput(f"{where.at(key, 'eval')}: '{key}' must be between 0 and 1, got {v}", f"Fix {key}")
+    reference = _expect(table.get("reference", True), (bool,), "reference", where, "eval")
+    if not reference and any(k in table for k in ("max_accuracy_drop", "max_flip_rate")):
+        raise BadInput(f"{where.at('reference', 'eval')}: max_accuracy_drop and max_flip_rate need reference = true",
+                       "Drop those gates or the reference = false")
+    return EvalConfig(tasks=tasks, limit=limit, reference=reference,
+                      **{k: float(table[k]) for k in _EVAL_LIMITS if k in table})
 
 
 def canonical(obj: Any) -> str:

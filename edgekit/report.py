@@ -6,6 +6,7 @@ attached to a release or opened from a CI artifact as is.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 from pathlib import Path
@@ -106,6 +107,60 @@ def rss_svg(summary: dict[str, Any]) -> str:
     return _svg(fig)
 
 
+def eval_selection(summary: dict[str, Any]):
+    """(candidates, Selection or None) over the entries with eval results: the front over all of
+    them, the pick among the entries that passed every gate (no candidate: no pick)."""
+    from .select import Constraints, candidates_from, select
+
+    rows = [{**e["eval"], "name": e["id"], "format": e["format"]} for e in summary["entries"] if e.get("eval")]
+    if not rows:
+        return [], None
+    cands = candidates_from(rows)
+    sel = select(cands, Constraints(), raise_if_none=False)
+    ok = {e["id"] for e in summary["entries"] if e.get("eval") and e["status"] == "ok"}
+    passing = [c for c in cands if c.name in ok]
+    pick = select(passing, Constraints(), raise_if_none=False).pick if passing else None
+    return cands, dataclasses.replace(sel, pick=pick)
+
+
+def accuracy_latency_svg(summary: dict[str, Any]) -> str:
+    """Accuracy (with its 95 % interval) against p95 end-to-end latency, the Pareto front over
+    (accuracy, p95, peak RSS, size) ringed, the pick starred."""
+    from matplotlib.figure import Figure
+
+    cands, sel = eval_selection(summary)
+    intervals = {e["id"]: (e["eval"]["accuracy_low"], e["eval"]["accuracy_high"])
+                 for e in summary["entries"] if e.get("eval")}
+    pts = [c for c in cands if c.p95_ms is not None]
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
+    for c in pts:
+        lo, hi = intervals[c.name]
+        ax.errorbar([c.p95_ms], [c.accuracy], yerr=[[c.accuracy - lo], [hi - c.accuracy]], fmt="o", capsize=3,
+                    color=FORMAT_COLORS.get(c.format, "#555"), alpha=POINT_ALPHA)
+        ax.annotate(c.name, (c.p95_ms, c.accuracy), fontsize=7, xytext=(6, 4), textcoords="offset points")
+    front = sorted((c for c in pts if sel and c.name in sel.front), key=lambda c: c.p95_ms)
+    if front:
+        ax.plot([c.p95_ms for c in front], [c.accuracy for c in front], "--", color="#2ca02c", zorder=0,
+                label="Pareto front (accuracy, p95, RSS, size)")
+        ax.scatter([c.p95_ms for c in front], [c.accuracy for c in front], s=260, facecolors="none",
+                   edgecolors="#2ca02c", linewidths=1.5)
+    pick = next((c for c in pts if sel and c.name == sel.pick), None)
+    if pick is not None:
+        ax.scatter([pick.p95_ms], [pick.accuracy], marker="*", s=420, color="#ff7f0e", edgecolors="black",
+                   zorder=5, label=f"pick: {pick.name}")
+    for ref in {e["eval"]["reference_accuracy"] for e in summary["entries"] if e.get("eval")} - {None}:
+        ax.axhline(ref, color="#7f7f7f", linestyle=":", label=f"reference {ref:.3f}")
+    ax.set_xlabel("p95 end-to-end latency per request, ms (lower is better)")
+    ax.set_ylabel("task accuracy (95 % Wilson interval)")
+    ax.set_title("Accuracy / latency on the eval task set")
+    ax.margins(x=0.35, y=0.2)
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8, loc="best")
+    return _svg(fig)
+
+
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}
 .ok{color:#2a7}.gate_failed,.error{color:#c22;font-weight:bold}figure{margin:1.5em 0}"""
@@ -140,10 +195,22 @@ on {esc(str(h.get('cpu', '?')))} ({esc(str(h.get('logical_cores', '?')))} cores,
 {'<h2>Failures</h2><ul id="failures">' + ''.join(failures) + '</ul>' if failures else '<p id="failures">Every gate passed.</p>'}
 <h2>Trade-off</h2>
 <figure id="tradeoff">{tradeoff_svg(points(summary))}</figure>
+{_eval_section(summary)}
 <h2>Memory against budgets</h2>
 <figure id="rss">{rss_svg(summary)}</figure>
 </body></html>
 """
+
+
+def _eval_section(summary: dict[str, Any]) -> str:
+    if not any(e.get("eval") for e in summary["entries"]):
+        return ""
+    _, sel = eval_selection(summary)
+    pick = f"<p id=\"pick\">Pick (most accurate entry that passed every gate): <b>{html.escape(sel.pick)}</b></p>" \
+        if sel and sel.pick else '<p id="pick">No entry passed every gate: no pick.</p>'
+    return f"""<h2>Accuracy against latency</h2>
+{pick}
+<figure id="accuracy-latency">{accuracy_latency_svg(summary)}</figure>"""
 
 
 def _f(v: Any, digits: int) -> str:
