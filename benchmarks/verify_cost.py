@@ -106,8 +106,9 @@ def long_table(rows: list[dict], facts: dict, date: str) -> list[str]:
         "",
         f"Measured {date} on {host_line(facts)}: `edgekit verify` of default-recipe bundles with the probe "
         "off (`--no-long-context`) and on (SmolLM2 with `--long-context`; the LongRoPE fixtures by default). Positions: "
-        "those the bundle could run (ONNX LongRoPE bundles stop at their 4096-token cap). Random-weight fixtures: the "
-        "KLD column is about the graph, not quality.",
+        "those the bundle could run (ONNX LongRoPE bundles stop at their 4096-token cap). The fixtures are int4 bundles "
+        "of random weights: their KLD is large and says nothing about a real model (the rows are there for the cost; "
+        "architecture parity is in Supported architectures).",
         "",
         "| model | format | probe | reference | positions | KLD past 4096 | parity to | wall s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
