@@ -104,5 +104,23 @@ def update_readme(marker: str, markdown: str) -> None:
     readme.write_text(pattern.sub(lambda m: m.group(1) + markdown.rstrip() + "\n" + m.group(2), text))
 
 
+BENCH_BUNDLES = ROOT / "dist" / "bench"
+
+
+def ensure_bundles(name: str, model: str, formats: tuple[str, ...], root: Path = BENCH_BUNDLES) -> dict[str, Path]:
+    """format -> bundle of `model` under root, exported once and reused by every benchmark
+    that measures the same SmolLM2 bundles (bench_table, harness_overhead, eval_*)."""
+    from edgekit import api
+
+    out = {}
+    for fmt in formats:
+        dest = root / f"{model}-{fmt}"
+        if not (dest / "manifest.json").is_file():
+            print(f"[{name}] exporting {model} to {fmt} -> {dest}", file=sys.stderr)
+            api.export(model, fmt, dest, force=True)
+        out[fmt] = dest
+    return out
+
+
 def venv_python() -> str:
     return sys.executable

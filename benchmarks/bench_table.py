@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+import _common  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,16 +40,7 @@ RERUN = ".venv/bin/python benchmarks/bench_table.py"
 
 
 def ensure_bundles() -> list[Path]:
-    from edgekit import api
-
-    out = []
-    for fmt in FORMATS:
-        dest = BUNDLES / f"{MODEL}-{fmt}"
-        if not (dest / "manifest.json").is_file():
-            print(f"[{NAME}] exporting {MODEL} to {fmt} -> {dest}", file=sys.stderr)
-            api.export(MODEL, fmt, dest, force=True)
-        out.append(dest)
-    return out
+    return list(_common.ensure_bundles(NAME, MODEL, FORMATS, BUNDLES).values())
 
 
 def render(doc: dict) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+import _common  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,12 +71,7 @@ def main() -> None:
     from edgekit.evaluate import reference_cache_path
     from edgekit.tasks import load_tasks
 
-    bundles = []
-    for fmt in FORMATS:
-        dest = BUNDLES / f"{MODEL}-{fmt}"
-        if not (dest / "manifest.json").is_file():
-            api.export(MODEL, fmt, dest, force=True)
-        bundles.append(dest)
+    bundles = list(_common.ensure_bundles(NAME, MODEL, FORMATS, BUNDLES).values())
     tasks = load_tasks()
     refs = api.reference_checkpoints(bundles, None, True, False)  # the same lookup eval does
     from edgekit.evaluate import REFERENCE_THREADS

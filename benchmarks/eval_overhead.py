@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, host_facts, host_line, write_results  # noqa: E402
+import _common  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -225,16 +226,7 @@ def raw_child(job_path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def ensure_bundles() -> dict[str, Path]:
-    from edgekit import api
-
-    out = {}
-    for fmt in FORMATS:
-        dest = BUNDLES / f"{MODEL}-{fmt}"
-        if not (dest / "manifest.json").is_file():
-            print(f"[{NAME}] exporting {MODEL} to {fmt} -> {dest}", file=sys.stderr)
-            api.export(MODEL, fmt, dest, force=True)
-        out[fmt] = dest
-    return out
+    return _common.ensure_bundles(NAME, MODEL, FORMATS, BUNDLES)
 
 
 def run_edgekit(bundle: Path, limit: int | None, threads: int | None):

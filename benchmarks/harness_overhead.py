@@ -54,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, host_facts, host_line, write_results  # noqa: E402
+import _common  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,16 +74,7 @@ RERUN = ".venv/bin/python benchmarks/harness_overhead.py"
 
 
 def ensure_bundles() -> dict[str, Path]:
-    from edgekit import api
-
-    out = {}
-    for fmt in FORMATS:
-        dest = BUNDLES / f"{MODEL}-{fmt}"
-        if not (dest / "manifest.json").is_file():
-            print(f"[{NAME}] exporting {MODEL} to {fmt} -> {dest}", file=sys.stderr)
-            api.export(MODEL, fmt, dest, force=True)
-        out[fmt] = dest
-    return out
+    return _common.ensure_bundles(NAME, MODEL, FORMATS, BUNDLES)
 
 
 # --------------------------------------------------------------------------------------------
