@@ -217,7 +217,7 @@ def chat_match(session, tokenizer) -> bool:
     return session.chat_prompt_ids(list(CHAT)) == want
 
 
-def long_context_probe(session, fmt: str, checkpoint, text: str, thresholds: Thresholds, boundary: int,
+def long_context_probe(session, fmt: str, checkpoint, tokenizer, text: str, thresholds: Thresholds, boundary: int,
                        progress) -> tuple[LongContextReport, list[Check]]:
     """Past the original context, teacher-forced as an application runs it (edgekit.longcontext)."""
     import numpy as np
@@ -225,10 +225,9 @@ def long_context_probe(session, fmt: str, checkpoint, text: str, thresholds: Thr
     from .formats import backend
     from .longcontext import ProbePlan, parity_context
     from .metrics import position_stats
-    from .reference import load_tokenizer, long_reference, probe_ids
+    from .reference import long_reference, probe_ids
 
     plan = ProbePlan.at(boundary)
-    tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
     ids = probe_ids(tokenizer, text, plan.total_tokens)
     ref = long_reference(checkpoint, ids, plan.prompt_tokens, plan.boundary, progress)
     with progress.step(f"bundle logits across token {boundary}", total=None):
@@ -314,7 +313,7 @@ def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thres
             tok_share, tok_failures = tokenizer_agreement(session, tokenizer)
             chat_ok = chat_match(session, tokenizer)
         boundary = long_context_boundary(checkpoint, long_context)
-        long_report, long_checks = (long_context_probe(session, fmt, checkpoint, text, thresholds, boundary, progress)
+        long_report, long_checks = (long_context_probe(session, fmt, checkpoint, tokenizer, text, thresholds, boundary, progress)
                                     if boundary else (None, []))
     metrics.update(greedy_match_tokens_mean=g_mean, tokenizer_agreement=tok_share, chat_template_match=chat_ok)
     checks = evaluate_checks(metrics, thresholds) + long_checks

@@ -198,3 +198,17 @@ def test_a_width_the_builder_mistakes_for_the_lm_head_is_routed_to_optimum(tmp_p
     assert res.path_taken == "optimum+MatMulNBits"
     assert any("qkv_proj has as many outputs as the vocabulary" in n for n in res.notes)
     assert rep.kld_mean <= KLD_MAX and rep.top1_agreement >= TOP1_MIN
+
+
+@pytest.mark.slow
+def test_bench_notes_a_context_past_longropes_switch_in_llama_cpp(ckpts, bundles):
+    from edgekit.formats import gguf_q4km
+
+    [res] = api.export(str(ckpts["phi3-longrope"]), "gguf-q4_k_m", bundles / "note", force=True,
+                       recipe=UNQUANTIZED["gguf-q4_k_m"])
+    model = bundles / "note" / gguf_q4km.MODEL_FILE
+    assert gguf_q4km.longrope_context_note(model, 4096) is None
+    assert "long factors at every position" in gguf_q4km.longrope_context_note(model, 8192)
+    [plain] = api.export(str(ckpts["phi3"]), "gguf-q4_k_m", bundles / "note-4k", force=True,
+                         recipe=UNQUANTIZED["gguf-q4_k_m"])
+    assert gguf_q4km.longrope_context_note(bundles / "note-4k" / gguf_q4km.MODEL_FILE, 8192) is None

@@ -62,6 +62,11 @@ class Session(Protocol):
     def logits(self, ids: Sequence[int]) -> Any:
         """Teacher-forced logits, a float32 numpy array [len(ids), vocab] (vocab may be padded)."""
 
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> Any:
+        """Logits as an application meets them: the prompt in one prefill, then the continuation
+        one token at a time. Rows: the prompt's last position, then one per continuation token
+        but the last; fewer when the bundle's context ends first (the long-context probe)."""
+
     def close(self) -> None: ...
 
 

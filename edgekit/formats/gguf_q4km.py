@@ -516,9 +516,12 @@ def longrope_context_note(model: Path, context: int) -> str | None:
     """What a context above LongRoPE's original one changes in llama.cpp, or None. edgekit
     run opens DEFAULT_CONTEXT (4096, the Phi models' original context), where the factors are
     those transformers uses for such lengths; a benchmark profile may ask for more."""
-    value = read_metadata(model, ("{arch}.rope.scaling.original_context_length",))
+    # The converter writes original_context_length for every Phi-3, but the attention factor
+    # only in its LongRoPE (and YaRN) branch: that is what says the factors switch.
+    value = read_metadata(model, ("{arch}.rope.scaling.original_context_length", "{arch}.rope.scaling.attn_factor"))
     original = value["{arch}.rope.scaling.original_context_length"]
-    if original and original.isdigit() and context > int(original):
+    longrope = value["{arch}.rope.scaling.attn_factor"] is not None
+    if longrope and original and original.isdigit() and context > int(original):
         return (f"context {context} > {original}: llama.cpp applies LongRoPE's long factors at every position "
                 f"(transformers uses the short ones for sequences of up to {original} tokens); speed and memory "
                 "are what they would be either way")
