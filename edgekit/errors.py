@@ -7,11 +7,24 @@ Exit codes (documented in README.md):
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What the CLI returns; documented in README.md. Scripts in release pipelines branch on these."""
+
+    OK = 0
+    ERROR = 1          # unexpected error, a tool failed, out of memory
+    BAD_INPUT = 2      # bad input or usage: a path, a name, a flag value
+    GATE_FAILED = 3    # a quality, size, speed or memory threshold was not met
+    INTEGRITY = 4      # a bundle's files do not match its manifest, or a tarball is unsafe
+    INTERRUPTED = 130  # SIGINT or SIGTERM
+
 
 class EdgekitError(Exception):
     """Base error: one line naming the problem, optionally followed by the fix."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
     def __init__(self, problem: str, fix: str | None = None):
         self.problem = problem
@@ -26,7 +39,7 @@ class EdgekitError(Exception):
 class BadInput(EdgekitError):
     """The user gave something we cannot use: a path, a name, a flag value."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class UnsupportedArchitecture(BadInput):
@@ -40,22 +53,22 @@ class OfflineError(BadInput):
 class GateFailed(EdgekitError):
     """A quality, size or memory threshold was not met."""
 
-    exit_code = 3
+    exit_code = ExitCode.GATE_FAILED
 
 
 class IntegrityError(EdgekitError):
     """A bundle's files do not match its manifest, or a tarball is unsafe."""
 
-    exit_code = 4
+    exit_code = ExitCode.INTEGRITY
 
 
 class ToolFailed(EdgekitError):
     """An underlying converter or runtime failed; the message carries its last words."""
 
-    exit_code = 1
+    exit_code = ExitCode.ERROR
 
 
 class OutOfMemory(ToolFailed):
     """A converter or runtime child was killed by the kernel while memory was nearly gone."""
 
-    exit_code = 1
+    exit_code = ExitCode.ERROR
