@@ -18,7 +18,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # llama-cpp-python compiles llama.cpp (about 11 minutes on 2 cores; pip caches the wheel).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -55,8 +55,17 @@ demo: install
 test: install $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
+# The fast tier: every test not marked slow (no real export, no runtime), under two minutes.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Static checks, fastest first so a typo fails in seconds. actionlint runs shellcheck (from the
+# venv) on every `run:` script of the workflows.
+lint: install
+	$(VENV)/bin/ruff check edgekit tests benchmarks
+	$(VENV)/bin/ruff format --check edgekit tests benchmarks
+	$(VENV)/bin/mypy
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/actionlint .github/workflows/*.yml
 
 bench: install
 	$(PY) benchmarks/export_overhead.py
