@@ -60,6 +60,16 @@ def smol_onnx(smollm2_dir, bundles_dir) -> Path:
     return _export("smollm2-135m", "onnx-int4", bundles_dir / "smol-onnx")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Reliability records take their verdict from how the test ended (tests/reliability.py)."""
+    from reliability import observe
+
+    report = yield
+    observe(item, call, report)
+    return report
+
+
 def pytest_sessionfinish(session, exitstatus):
     """After a full run (no file or -k selection), write docs/reliability.md from what the
     reliability tests recorded; EDGEKIT_RELIABILITY_DOC=1 forces it for a partial run."""
