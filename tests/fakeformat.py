@@ -105,11 +105,20 @@ def export(checkpoint: Any, staging: Path, recipe: FakeRecipe, progress: Any) ->
         for src in sorted(Path(checkpoint.path).iterdir()):
             if src.is_file() and not src.name.endswith(_WEIGHTS) and src.name != _MARKER:
                 shutil.copyfile(src, staging / src.name)
-        model = {"seed": recipe.seed, "scale": recipe.scale, "vocab_size": int(checkpoint.config["vocab_size"]),
-                 "architecture": checkpoint.architecture}
+        model = {
+            "seed": recipe.seed,
+            "scale": recipe.scale,
+            "vocab_size": int(checkpoint.config["vocab_size"]),
+            "architecture": checkpoint.architecture,
+        }
         (staging / MODEL_FILE).write_text(json.dumps(model, sort_keys=True) + "\n", encoding="utf-8")
-    return ExportNotes(quantization={"bits": 4}, tools=tool_versions(), path_taken="fake",
-                       notes=("fake format: no weights",), reproducible_files=(MODEL_FILE,))
+    return ExportNotes(
+        quantization={"bits": 4},
+        tools=tool_versions(),
+        path_taken="fake",
+        notes=("fake format: no weights",),
+        reproducible_files=(MODEL_FILE,),
+    )
 
 
 def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None, **_: Any) -> FakeSession:
@@ -131,8 +140,9 @@ class FakeSession:
         self.seed, self.scale, self.vocab = int(model["seed"]), float(model["scale"]), int(model["vocab_size"])
 
     def _row(self, prefix: Sequence[int]) -> np.ndarray:
-        digest = hashlib.blake2b(np.asarray(prefix, dtype=np.int64).tobytes(), digest_size=8,
-                                 key=self.seed.to_bytes(8, "little")).digest()
+        digest = hashlib.blake2b(
+            np.asarray(prefix, dtype=np.int64).tobytes(), digest_size=8, key=self.seed.to_bytes(8, "little")
+        ).digest()
         rng = np.random.default_rng(int.from_bytes(digest, "little"))
         return (rng.standard_normal(self.vocab) * self.scale).astype(np.float32)
 
@@ -143,21 +153,30 @@ class FakeSession:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def chat_prompt_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                       tokenize=True))
+        return list(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        )
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         ids = list(ids)
-        return np.stack([self._row(ids[: i + 1]) for i in range(len(ids))]) if ids else np.zeros((0, self.vocab),
-                                                                                                   np.float32)
+        return (
+            np.stack([self._row(ids[: i + 1]) for i in range(len(ids))])
+            if ids
+            else np.zeros((0, self.vocab), np.float32)
+        )
 
     def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
         ids = [*prompt_ids, *continuation]
         rows = [self._row(ids[:n]) for n in range(len(prompt_ids), len(ids))]
         return np.stack(rows) if rows else np.zeros((0, self.vocab), np.float32)
 
-    def generate(self, prompt_ids: Sequence[int], max_tokens: int, on_text: Callable[[str], None] | None = None,
-                 ignore_eos: bool = False) -> Generation:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
         ids, out, stopped = list(prompt_ids), [], "max_tokens"
         eos = self.tokenizer.eos_token_id
         for _ in range(max_tokens):
@@ -183,7 +202,8 @@ def write_plugin(root: Path) -> tuple[Path, Path]:
     (targets / f"{NAME}.toml").write_text(TARGET_TOML, encoding="utf-8")
     (targets / "profiles.toml").write_text(PROFILES_TOML, encoding="utf-8")
     (site / "sitecustomize.py").write_text(
-        SITECUSTOMIZE.format(tests=str(Path(__file__).resolve().parent), name=NAME), encoding="utf-8")
+        SITECUSTOMIZE.format(tests=str(Path(__file__).resolve().parent), name=NAME), encoding="utf-8"
+    )
     return targets, site
 
 

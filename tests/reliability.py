@@ -21,14 +21,14 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 # test module -> the kind its unrecorded failures are filed under (modules that call record()).
 KINDS = {
     "test_bad_input": "bad input",  # one CLI run per bad input: exit code, one line, nothing written
-    "test_faults": "fault",          # signals, full disks, concurrency during export and build
-    "test_fuzz": "fuzz",             # generated config/manifest/tarball inputs to the parsers
+    "test_faults": "fault",  # signals, full disks, concurrency during export and build
+    "test_fuzz": "fuzz",  # generated config/manifest/tarball inputs to the parsers
 }
 
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str          # "bad input", "fault", "fuzz"
+    kind: str  # "bad input", "fault", "fuzz"
     category: str
     case: str
     outcome: str
@@ -36,7 +36,7 @@ class Outcome:
     half_written: int  # files or directories left behind, half-written or modified
 
 
-RECORDS: list[Outcome] = []   # settled: the test that recorded them has ended
+RECORDS: list[Outcome] = []  # settled: the test that recorded them has ended
 _PENDING: list[Outcome] = []  # recorded by the running test, settled by observe()
 _FAILURE: dict[str, str] = {}  # nodeid -> first failure line of the running test (any phase)
 
@@ -97,8 +97,12 @@ def render() -> str:
             outcomes[r.outcome] += 1
         shown = ", ".join(f"{o} x{n}" for o, n in sorted(outcomes.items()))
         lines.append(f"| {kind} | {cat} | {len(rows)} | {sum(r.passed for r in rows)} | {shown} |")
-    lines += ["", f"Cases: {len(RECORDS)}; passed: {len(RECORDS) - len(failed)}; failed: {len(failed)}.",
-              f"Files lost or half-written: {lost}.", ""]
+    lines += [
+        "",
+        f"Cases: {len(RECORDS)}; passed: {len(RECORDS) - len(failed)}; failed: {len(failed)}.",
+        f"Files lost or half-written: {lost}.",
+        "",
+    ]
     if failed:
         lines += ["## Failed cases", ""]
         lines += [f"- {r.kind} / {r.category}: {r.case} -> {r.outcome}" for r in failed]

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakeformat import NAME, fake_format  # noqa: F401 - fake_format is a fixture
+from fakeformat import NAME, fake_format  # noqa: F401 - the fixture, used by pytestmark
+
+pytestmark = pytest.mark.usefixtures("fake_format")  # every test here runs with fake-int4 registered
 
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")
 
@@ -46,7 +48,7 @@ def write_config(path: Path, src: Path, good: str = "") -> Path:
     return path
 
 
-def test_build_gates_reuse_and_outputs(fake_format, tiny_phi3, tmp_path):
+def test_build_gates_reuse_and_outputs(tiny_phi3, tmp_path):
     cfg = write_config(tmp_path / "edgekit.toml", tiny_phi3)
     out = tmp_path / "dist"
     r = cli("build", "--config", cfg, "--out", out, "--json", "-q")
@@ -82,7 +84,7 @@ def test_build_gates_reuse_and_outputs(fake_format, tiny_phi3, tmp_path):
     assert {k: e["tarball_sha256"] for k, e in entries.items()} == {k: e["tarball_sha256"] for k, e in by.items()}
 
 
-def test_baseline_regression_fails_the_entry_that_got_worse(fake_format, tiny_phi3, tmp_path):
+def test_baseline_regression_fails_the_entry_that_got_worse(tiny_phi3, tmp_path):
     # Only "good" here: a first release, then one whose recipe spreads the logits a little. Its
     # KLD stays inside the parity threshold but moves past the baseline's 25 % margin.
     loose = f"thresholds.{NAME} = {{ kld_mean_max = 100.0, ppl_ratio_max = 1e30 }}"
@@ -92,14 +94,25 @@ def test_baseline_regression_fails_the_entry_that_got_worse(fake_format, tiny_ph
     assert r.returncode == 0, r.stderr[-2000:]
     before = json.loads(r.stdout)["entries"][0]
 
-    (tmp_path / "b.toml").write_text((tmp_path / "a.toml").read_text().replace(
-        loose, loose + f"\nrecipe.{NAME} = {{ scale = 3.0 }}"))
-    r = cli("build", "--config", tmp_path / "b.toml", "--out", tmp_path / "v2", "--baseline", tmp_path / "v1",
-            "--json", "-q")
+    (tmp_path / "b.toml").write_text(
+        (tmp_path / "a.toml").read_text().replace(loose, loose + f"\nrecipe.{NAME} = {{ scale = 3.0 }}")
+    )
+    r = cli(
+        "build",
+        "--config",
+        tmp_path / "b.toml",
+        "--out",
+        tmp_path / "v2",
+        "--baseline",
+        tmp_path / "v1",
+        "--json",
+        "-q",
+    )
     assert r.returncode == 3, r.stderr[-2000:]
     entry = json.loads(r.stdout)["entries"][0]
     regressions = {g["name"]: g for g in entry["gates"] if g["kind"] == "regression"}
     assert not regressions["kld_mean"]["passed"], regressions
     assert regressions["kld_mean"]["baseline"] == pytest.approx(
-        next(g["figure"] for g in before["gates"] if g["name"] == "kld_mean"))
+        next(g["figure"] for g in before["gates"] if g["name"] == "kld_mean")
+    )
     assert all(g["passed"] for g in entry["gates"] if g["kind"] != "regression")  # only the regression failed

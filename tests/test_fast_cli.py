@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakeformat import MODEL_FILE, NAME, fake_format  # noqa: F401 - fake_format is a fixture
+from fakeformat import MODEL_FILE, NAME, fake_format  # noqa: F401 - the fixture, used by pytestmark
+
+pytestmark = pytest.mark.usefixtures("fake_format")  # every test here runs with fake-int4 registered
 
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")  # the console script users run
 
@@ -18,7 +20,7 @@ def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([EDGEKIT, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_targets_lists_the_plugin_format_and_profile(fake_format):
+def test_targets_lists_the_plugin_format_and_profile():
     r = cli("targets", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -26,7 +28,7 @@ def test_targets_lists_the_plugin_format_and_profile(fake_format):
     assert NAME in text and "fake-cpu" in text and "gguf-q4_k_m" in text  # layered on the shipped targets
 
 
-def test_export_no_verify_validate_and_run(fake_format, tiny_phi3, tmp_path):
+def test_export_no_verify_validate_and_run(tiny_phi3, tmp_path):
     out = tmp_path / "b"
     r = cli("export", tiny_phi3, "--target", NAME, "--no-verify", "--out", out, "-q")
     assert r.returncode == 0, r.stderr
@@ -48,7 +50,7 @@ def test_export_no_verify_validate_and_run(fake_format, tiny_phi3, tmp_path):
     assert r.returncode == 4 and MODEL_FILE in r.stderr, r.stderr
 
 
-def test_export_verifies_by_default_and_the_gate_decides_the_exit_code(fake_format, tiny_phi3, tmp_path):
+def test_export_verifies_by_default_and_the_gate_decides_the_exit_code(tiny_phi3, tmp_path):
     good = cli("export", tiny_phi3, "--target", NAME, "--out", tmp_path / "good", "-q")
     assert good.returncode == 0, good.stderr
     parity = json.loads((tmp_path / "good" / "parity.json").read_text())
@@ -65,7 +67,7 @@ def test_export_verifies_by_default_and_the_gate_decides_the_exit_code(fake_form
     assert again.returncode == 0, again.stderr
 
 
-def test_tune_keeps_the_candidate_that_passes(fake_format, tiny_phi3, tmp_path):
+def test_tune_keeps_the_candidate_that_passes(tiny_phi3, tmp_path):
     r = cli("export", tiny_phi3, "--target", NAME, "--tune", "--out", tmp_path / "t", "-q")
     assert r.returncode == 0, r.stderr
     tune = json.loads((tmp_path / "t" / "manifest.json").read_text())["tune"]
@@ -73,11 +75,14 @@ def test_tune_keeps_the_candidate_that_passes(fake_format, tiny_phi3, tmp_path):
     assert [t["passed"] for t in tune["tried"]] == [False, True]
 
 
-@pytest.mark.parametrize("args, code, says", [
-    (["--set", "scale=loud"], 2, "'scale' must be float"),
-    (["--set", "colour=1"], 2, "unknown key 'colour'"),
-])
-def test_bad_recipe_values_name_the_key(fake_format, tiny_phi3, tmp_path, args, code, says):
+@pytest.mark.parametrize(
+    "args, code, says",
+    [
+        (["--set", "scale=loud"], 2, "'scale' must be float"),
+        (["--set", "colour=1"], 2, "unknown key 'colour'"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(tiny_phi3, tmp_path, args, code, says):
     r = cli("export", tiny_phi3, "--target", NAME, "--no-verify", "--out", tmp_path / "x", *args)
     assert r.returncode == code and says in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()

@@ -57,14 +57,20 @@ def test_skipped():
 def test_failed_and_errored_tests_are_recorded_as_failed(tmp_path):
     (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
     (tmp_path / "test_faults.py").write_text(INNER_TESTS)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                        str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1, r.stdout + r.stderr  # the inner suite has failures on purpose
     doc = (tmp_path / "doc.md").read_text()
     assert "Cases: 5; passed: 1; failed: 4." in doc, doc
     assert "| fault | disk full | 2 | 1 | " in doc, doc
-    assert ("- fault / disk full: build into a small disk -> exit 1, cause named; call failed: "
-            "AssertionError: a partial bundle was published") in doc, doc
+    assert (
+        "- fault / disk full: build into a small disk -> exit 1, cause named; call failed: "
+        "AssertionError: a partial bundle was published"
+    ) in doc, doc
     assert "- fault / concurrency: two exports -> exit 0 twice (FAILED)" in doc, doc
     assert "- fault / signal during export: SIGTERM -> call failed: TimeoutError: the export never started" in doc
     assert "- fault / fixture errors: test_fixture_errors -> setup failed: OSError: no space left on device" in doc

@@ -32,9 +32,7 @@ def _public_defs(tree: ast.Module):
 def _missing(fn: ast.FunctionDef | ast.AsyncFunctionDef, method: bool) -> list[str]:
     a = fn.args
     params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
-    if method and params and not any(
-        isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list
-    ):
+    if method and params and not any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list):
         params = params[1:]  # self / cls
     missing = [p.arg for p in params if p.annotation is None]
     missing += [f"*{v.arg}" for v in (a.vararg, a.kwarg) if v is not None and v.annotation is None]
@@ -83,8 +81,12 @@ def _actionlint(*paths: Path) -> subprocess.CompletedProcess:
     if not exe.exists():
         pytest.fail(f"actionlint not found at {exe}: run `make install` (requirements.txt pins it)")
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(Path.home())}  # shellcheck from the venv, first
-    return subprocess.run([str(exe), "-shellcheck", shutil.which("shellcheck", path=env["PATH"]) or "",
-                           *map(str, paths)], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [str(exe), "-shellcheck", shutil.which("shellcheck", path=env["PATH"]) or "", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 def test_workflows_pass_actionlint():

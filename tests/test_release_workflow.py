@@ -27,8 +27,14 @@ SHELL = ["bash", "-e"]  # GitHub's default `run:` shell on Linux when the workfl
 # Every `run:` step of the workflow is either executed below or named here with the reason it is not.
 NOT_RUN = {
     ("build", "Install"): "make install: the test runs inside the venv it built",
-    ("build", "Previous release (baseline), if any"): "gh release download: the test places baseline/summary.json itself",
-    ("merge", "Install edgekit (no runtimes needed to merge)"): "pip install -e .: the venv's console script is on PATH",
+    (
+        "build",
+        "Previous release (baseline), if any",
+    ): "gh release download: the test places baseline/summary.json itself",
+    (
+        "merge",
+        "Install edgekit (no runtimes needed to merge)",
+    ): "pip install -e .: the venv's console script is on PATH",
 }
 RUN = {("build", "Build shard ${{ matrix.shard }}/2"), ("merge", "Merge"), ("merge", "Validate every tarball")}
 
@@ -72,8 +78,13 @@ def _script(step: dict, values: dict[str, str]) -> str:
 
 
 def _run(script: str, workspace: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "CI": "true",
-           "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(workspace)}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        "CI": "true",
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_WORKSPACE": str(workspace),
+    }
     return subprocess.run([*SHELL, "-c", script], cwd=workspace, env=env, capture_output=True, text=True, timeout=1800)
 
 
