@@ -1,8 +1,9 @@
 """A third format for the fast tier: the FormatBackend protocol without a runtime.
 
 `fake-int4` bundles hold one small JSON file (model.fake) and a copy of the checkpoint's
-tokenizer. Its session tokenizes with that tokenizer (transformers, as the reference does, so the
-tokenizer and chat-template checks pass for real), and its logits are a seeded function of the
+tokenizer. Its session tokenizes with that tokenizer (the same fast tokenizer as the reference, so the
+tokenizer and chat-template checks pass for real; plain encoding uses the `tokenizers` file
+directly, so only a chat prompt imports transformers), and its logits are a seeded function of the
 token prefix: deterministic, the same teacher-forced or one token at a time, and as far from the
 reference as the recipe's `scale` says (0 = uniform logits, close to a random tiny model's; large
 = confidently wrong), so a test chooses whether a parity gate passes or fails.
@@ -130,14 +131,31 @@ def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None
     return FakeSession(Path(bundle_dir), json.loads(path.read_text(encoding="utf-8")))
 
 
+def _eos_ids(bundle: Path) -> frozenset[int]:
+    """End-of-generation ids as transformers' generate() stops on them: generation_config.json's
+    (an id or a list), else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        path = bundle / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            if value is not None:
+                return frozenset(value if isinstance(value, list) else [value])
+    return frozenset()
+
+
 class FakeSession:
     """Deterministic logits from the token prefix; the bundle's tokenizer for text."""
 
     def __init__(self, bundle: Path, model: dict[str, Any]):
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(bundle))
+        # The fast tokenizer's own file: what transformers' tokenizer runs underneath, without
+        # importing transformers (and torch) into `edgekit run`, bench and eval children.
+        self.bundle = bundle
+        self.tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+        self.eos = _eos_ids(bundle)
         self.seed, self.scale, self.vocab = int(model["seed"]), float(model["scale"]), int(model["vocab_size"])
+        self._chat: Any = None
 
     def _row(self, prefix: Sequence[int]) -> np.ndarray:
         digest = hashlib.blake2b(
@@ -147,15 +165,18 @@ class FakeSession:
         return (rng.standard_normal(self.vocab) * self.scale).astype(np.float32)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def chat_prompt_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        )
+        if self._chat is None:  # the bundle's chat template as transformers renders it; loaded on first use
+            from transformers import AutoTokenizer
+
+            self._chat = AutoTokenizer.from_pretrained(str(self.bundle))
+        ids = self._chat.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return [int(i) for i in ids]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         ids = list(ids)
@@ -178,20 +199,19 @@ class FakeSession:
         ignore_eos: bool = False,
     ) -> Generation:
         ids, out, stopped = list(prompt_ids), [], "max_tokens"
-        eos = self.tokenizer.eos_token_id
         for _ in range(max_tokens):
             token = int(np.argmax(self._row(ids)))
-            if token == eos and not ignore_eos:
+            if token in self.eos and not ignore_eos:
                 stopped = "eos"
                 break
             ids.append(token)
             out.append(token)
             if on_text:
-                on_text(self.tokenizer.decode([token], skip_special_tokens=True))
+                on_text(self.decode([token]))
         return Generation(tuple(out), self.decode(out), len(prompt_ids), stopped)
 
     def close(self) -> None:
-        self.tokenizer = None
+        self._chat = None
 
 
 def write_plugin(root: Path) -> tuple[Path, Path]:

@@ -17,6 +17,8 @@ from edgekit.targets import targets_dir
 
 from reliability import record
 
+pytestmark = pytest.mark.slow  # each case runs the console script against a real tiny GGUF export
+
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,6 +27,7 @@ def invoke(*args):
 
 # --- one timed trial = one generation of gen_tokens tokens -------------------------------------
 
+@pytest.mark.slow
 def test_llama_trial_is_one_generation_of_the_requested_length(tiny_gguf):
     from edgekit.formats.gguf_q4km import MODEL_FILE, LlamaCppSession
 
@@ -65,6 +66,7 @@ class _CountingGenerator:
         return getattr(self._real, name)
 
 
+@pytest.mark.slow
 def test_onnx_trial_is_one_generation_of_the_requested_length(tiny_onnx):
     from types import SimpleNamespace
 
@@ -108,6 +110,7 @@ def test_run_trials_warms_up_then_probes_only_the_last_rep():
 
 # --- the command --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bench_json_on_both_formats_writes_manifest_and_jsonl(tiny_gguf, tiny_onnx, tmp_path):
     out = tmp_path / "bench.jsonl"
     result = invoke("bench", tiny_gguf, tiny_onnx, "--profile", "laptop-cpu", *FAST, "--json", "--output", out)
@@ -140,12 +143,14 @@ def test_bench_json_on_both_formats_writes_manifest_and_jsonl(tiny_gguf, tiny_on
     assert [json.loads(ln) for ln in lines] == records
 
 
+@pytest.mark.slow
 def test_kv_bytes_come_from_the_source_config(tiny_gguf, tiny_onnx):
     # tiny Phi-3: 2 layers, 2 KV heads, head_dim 64/4 = 16; llama.cpp f16 cache, the builder's fp32
     assert benchmod.kv_bytes_per_token(read_manifest(tiny_gguf), 2) == 2 * 2 * 2 * 16 * 2
     assert benchmod._onnx_kv_elem_bytes(tiny_onnx) == 4
 
 
+@pytest.mark.slow
 def test_no_arguments_benches_dist_on_the_detected_profile(tiny_gguf, tiny_onnx, tmp_path, monkeypatch):
     for b in (tiny_gguf, tiny_onnx):
         shutil.copytree(b, tmp_path / "dist" / b.name)
@@ -168,6 +173,7 @@ def _host():
     return facts()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ON_APPLE, reason="Metal is available on Apple silicon")
 def test_metal_profile_on_linux_records_what_it_substituted(tiny_gguf):
     result = invoke("bench", tiny_gguf, "--profile", "m-series", *FAST, "--json", "--no-manifest")
@@ -178,6 +184,7 @@ def test_metal_profile_on_linux_records_what_it_substituted(tiny_gguf):
     assert any(s.startswith("threads:") for s in r["substitutions"])  # no performance-core count here
 
 
+@pytest.mark.slow
 def test_mobile_budget_exceeded_exits_3_after_reporting(tiny_onnx):
     result = invoke("bench", tiny_onnx, "--profile", "mobile-onnx", *FAST, "--set", "max_peak_rss_mb=1",
                     "--json", "--no-manifest")
@@ -189,6 +196,7 @@ def test_mobile_budget_exceeded_exits_3_after_reporting(tiny_onnx):
     assert len(lines) == 1 and lines[0].startswith("error: bench budget exceeded")
 
 
+@pytest.mark.slow
 def test_child_peak_rss_is_its_own_not_the_parents(tiny_onnx):
     """A vfork+exec child inherits the parent's ru_maxrss; the record must not."""
     import numpy as np
@@ -201,6 +209,7 @@ def test_child_peak_rss_is_its_own_not_the_parents(tiny_onnx):
     assert r.peak_rss_mb < 300
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, expect",
     [
@@ -231,6 +240,7 @@ def test_bad_input_exits_2_with_one_line_and_runs_nothing(tiny_gguf, tiny_onnx, 
     assert {b: (b / "manifest.json").read_bytes() for b in before} == before
 
 
+@pytest.mark.slow
 def test_the_parent_never_imports_a_runtime(tiny_gguf, tiny_onnx):
     import subprocess
 
@@ -245,6 +255,7 @@ def test_the_parent_never_imports_a_runtime(tiny_gguf, tiny_onnx):
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_profile_accuracy_level_the_bundle_lacks_is_recorded(tiny_onnx):
     from edgekit import api
 

@@ -66,6 +66,7 @@ def built(config, tmp_path_factory):
     return out, json.loads(r.stdout), r
 
 
+@pytest.mark.slow
 def test_build_writes_bundles_tarballs_sums_summary_and_report(built):
     out, summary, run = built
     ids = [e["id"] for e in summary["entries"]]
@@ -96,6 +97,7 @@ def test_build_writes_bundles_tarballs_sums_summary_and_report(built):
     assert html.count("<svg") == 2 and "<script" not in html and "<link" not in html and "src=" not in html
 
 
+@pytest.mark.slow
 def test_validate_accepts_the_tarballs_and_names_a_damaged_file(built, tmp_path):
     out, summary, _ = built
     tars = [out / e["tarball"] for e in summary["entries"]]
@@ -150,6 +152,7 @@ def test_hostile_tarball_is_rejected_before_writing_anything(tmp_path, kind):
     assert r.returncode == 4 and "evil" in r.stderr
 
 
+@pytest.mark.slow
 def test_unchanged_inputs_are_reused_and_a_baseline_regression_fails(built, config, tmp_path):
     out, summary, _ = built
     r = cli("build", "--config", config, "--out", out, "--json")
@@ -178,6 +181,7 @@ def test_unchanged_inputs_are_reused_and_a_baseline_regression_fails(built, conf
     assert cli("build", "--config", config, "--out", out, "--baseline", base).returncode == 0
 
 
+@pytest.mark.slow
 def test_failing_entries_do_not_stop_the_matrix_and_the_worst_code_wins(built, config, tmp_path):
     out, summary, _ = built
     work = tmp_path / "dist"
@@ -198,6 +202,7 @@ def test_failing_entries_do_not_stop_the_matrix_and_the_worst_code_wins(built, c
     assert "kld_mean" in md and "missing-gguf-q4_k_m" in md
 
 
+@pytest.mark.slow
 def test_shards_merged_equal_the_unsharded_build(built, config, tmp_path):
     out, summary, _ = built
     for k in (1, 2):
@@ -247,6 +252,7 @@ def _stable(bundle: Path) -> dict:
     return m
 
 
+@pytest.mark.slow
 def test_report_renders_its_plots_in_headless_chromium(built, tmp_path):
     from PIL import Image
 

@@ -6,6 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the README snippets in plain onnxruntime-genai and llama.cpp
+
 
 def _snippet(bundle):
     text = (bundle / "README.md").read_text()

@@ -17,6 +17,8 @@ from edgekit import api
 from edgekit.bundle import read_manifest, validate, write_manifest
 from edgekit.tasks import shipped_path
 
+pytestmark = pytest.mark.slow  # eval runs the bundles in their runtimes
+
 EDGEKIT = [str(Path(sys.executable).parent / "edgekit")]
 TINY_TASKS = [
     {"id": "raw", "prompt": "The capital of France is", "expected": "Paris", "match": "contains", "max_tokens": 6, "group": "g"},

@@ -54,6 +54,7 @@ def _raw_genai_greedy(bundle: Path, prompt: str, n: int) -> str:
 
 # --- tiny Phi-3: the phi3 code path in seconds ---------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_gguf_bundle(tiny_gguf):
     manifest = validate(tiny_gguf)
     assert manifest["format"] == "gguf-q4_k_m"
@@ -67,6 +68,7 @@ def test_tiny_gguf_bundle(tiny_gguf):
     assert out["choices"][0]["text"] is not None
 
 
+@pytest.mark.slow
 def test_tiny_onnx_bundle(tiny_onnx):
     manifest = validate(tiny_onnx)
     assert manifest["format"] == "onnx-int4"
@@ -74,6 +76,7 @@ def test_tiny_onnx_bundle(tiny_onnx):
     assert isinstance(_raw_genai_greedy(tiny_onnx, "hello world", 4), str)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_gguf", "tiny_onnx"])
 def test_tiny_chat_prompt_ids_match_transformers(fixture, request):
     bundle = request.getfixturevalue(fixture)
@@ -84,6 +87,7 @@ def test_tiny_chat_prompt_ids_match_transformers(fixture, request):
         session.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_gguf", "tiny_onnx"])
 def test_run_through_cli_json(fixture, request):
     bundle = request.getfixturevalue(fixture)
@@ -93,6 +97,7 @@ def test_run_through_cli_json(fixture, request):
     assert 1 <= doc["generated_tokens"] <= 5 and doc["prompt_tokens"] > 1
 
 
+@pytest.mark.slow
 def test_export_cli_json_and_refusal_to_overwrite(tiny_phi3, tmp_path):
     out = tmp_path / "b"
     args = ["export", str(tiny_phi3), "--target", "gguf-q4_k_m", "--out", str(out), "--json", "-q", "--no-verify"]

@@ -16,6 +16,8 @@ import pytest
 
 from reliability import record
 
+pytestmark = pytest.mark.slow  # signals, full disks and races during real exports and builds
+
 EDGEKIT = str(Path(sys.executable).parent / "edgekit")
 
 

@@ -145,6 +145,7 @@ def test_build_config_parser(tmp_path_factory):
     _record("edgekit.toml", counts)
 
 
+@pytest.mark.slow
 def test_manifest_parser(tiny_gguf, tmp_path_factory):
     from edgekit.bundle import validate
 
@@ -183,6 +184,7 @@ def test_manifest_parser(tiny_gguf, tmp_path_factory):
     _record("manifest.json", counts)
 
 
+@pytest.mark.slow
 def test_tarball_validation(tiny_gguf, tmp_path_factory):
     from edgekit.tarball import check_members, extract_safely, pack
 

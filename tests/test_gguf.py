@@ -225,6 +225,7 @@ def test_gguf_model_name_tells_llama_cpp_what_the_tokenizer_does(tmp_path, dirna
 
 # --- export --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_export_files_and_notes(tiny_export, tiny_phi3):
     bundle, notes = tiny_export
     names = {p.name for p in bundle.iterdir()}
@@ -243,6 +244,7 @@ def test_tiny_export_files_and_notes(tiny_export, tiny_phi3):
     assert any("fell back" in n and "q4_K -> q5_0" in n for n in notes.notes)
 
 
+@pytest.mark.slow
 def test_tiny_gguf_opens_in_plain_llama_cpp(tiny_export, tiny_phi3, hf_tokenizer):
     import llama_cpp
 
@@ -287,6 +289,7 @@ def _check_types(bundle: Path) -> int:
     return k
 
 
+@pytest.mark.slow
 def test_tiny_tensor_types(tiny_export):
     bundle, notes = tiny_export
     assert _check_types(bundle) == 0
@@ -297,6 +300,7 @@ def test_tiny_tensor_types(tiny_export):
     assert notes.quantization["tensor_types"] == counts
 
 
+@pytest.mark.slow
 def test_wide_export_uses_the_q4_k_m_mix(wide_export):
     bundle, notes = wide_export
     assert _check_types(bundle) > 0
@@ -305,6 +309,7 @@ def test_wide_export_uses_the_q4_k_m_mix(wide_export):
     assert notes.quantization["fallback_tensors"] == 0 and notes.notes == ()
 
 
+@pytest.mark.slow
 def test_export_is_reproducible(wide_phi3, wide_export, tmp_path):
     _export(wide_phi3, tmp_path / "again")
     first, _ = wide_export
@@ -312,6 +317,7 @@ def test_export_is_reproducible(wide_phi3, wide_export, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (first / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_converter_failure_names_the_cause(tiny_phi3, tmp_path):
     from edgekit.checkpoint import resolve
     from edgekit.errors import ToolFailed
@@ -327,23 +333,27 @@ def test_converter_failure_names_the_cause(tiny_phi3, tmp_path):
 
 # --- session -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chat_prompt_ids_match_transformers(session, hf_tokenizer, messages):
     expected = list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     assert session.chat_prompt_ids(messages) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_transformers(session, hf_tokenizer, text):
     assert session.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
     assert session.decode(session.encode(text)) == hf_tokenizer.decode(hf_tokenizer.encode(text, add_special_tokens=False))
 
 
+@pytest.mark.slow
 def test_encode_parses_special_tokens(session, hf_tokenizer):
     end = hf_tokenizer.convert_tokens_to_ids("<|end|>")
     assert end in session.encode("done<|end|>")
 
 
+@pytest.mark.slow
 def test_text_stream_holds_back_split_characters(session):
     ids = session.encode("東京 café")  # not in the tiny vocabulary: byte-fallback tokens, 1 byte each
     stream = session.text_stream()
@@ -353,6 +363,7 @@ def test_text_stream_holds_back_split_characters(session):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.slow
 def test_generate_is_greedy_and_streams(session, tiny_export):
     import llama_cpp
 
@@ -377,6 +388,7 @@ def test_generate_is_greedy_and_streams(session, tiny_export):
     assert tuple(theirs) == first.token_ids
 
 
+@pytest.mark.slow
 def test_generate_stops_at_end_of_generation(session):
     """With ignore_eos off, the first end-of-generation token ends the run and is not kept."""
     import llama_cpp
@@ -392,6 +404,7 @@ def test_generate_stops_at_end_of_generation(session):
         assert stopped == full
 
 
+@pytest.mark.slow
 def test_generate_rejects_overlong_requests(session):
     with pytest.raises(BadInput, match="context"):
         session.generate([1, 2, 3], session.context)

@@ -91,6 +91,7 @@ def _hf(tok, messages):
     return text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["phi3", "qwen2", "gemma3"])
 def test_tiny_families_render_like_the_hf_template(tmp_path, family):
     from transformers import AutoTokenizer
@@ -118,6 +119,7 @@ def test_tiny_families_render_like_the_hf_template(tmp_path, family):
         assert system and system.group(1) == "You are a helpful assistant."
 
 
+@pytest.mark.slow
 def test_smollm2_modelfile_carries_its_default_system_prompt(smol_gguf):
     text = (smol_gguf / "Modelfile").read_text()
     assert "FROM ./model.gguf" in text

@@ -225,6 +225,7 @@ def test_catalog_families_are_in_the_table():
 
 # --- export: genai builder -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_builder_bundle_files(built):
     bundle, notes = built
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
@@ -239,12 +240,14 @@ def test_builder_bundle_files(built):
     assert {"onnxruntime", "onnxruntime-genai", "onnx", "transformers"} <= set(notes.tools)
 
 
+@pytest.mark.slow
 def test_builder_bundle_runs_in_plain_genai(built, tiny_phi3):
     ids = hf_tokenizer(tiny_phi3).encode("The capital of France is", add_special_tokens=False)
     out = raw_genai_greedy(built[0], ids, 8)
     assert len(out) == 8 and all(0 <= t < 512 for t in out)
 
 
+@pytest.mark.slow
 def test_rebuild_is_byte_identical_and_quiet(built, tiny_phi3, tmp_path, capfd):
     progress = RecordingProgress()
     again, notes = export(tiny_phi3, tmp_path / "again", progress)
@@ -258,6 +261,7 @@ def test_rebuild_is_byte_identical_and_quiet(built, tiny_phi3, tmp_path, capfd):
         assert sha(again / name) == sha(built[0] / name), name
 
 
+@pytest.mark.slow
 def test_longrope_exports_and_loads(tiny_longrope, tmp_path):
     import onnx
 
@@ -268,6 +272,7 @@ def test_longrope_exports_and_loads(tiny_longrope, tmp_path):
     assert len(raw_genai_greedy(bundle, ids, 6)) == 6
 
 
+@pytest.mark.slow
 def test_builder_failure_is_tool_failed_with_its_last_words(tiny_phi3, tmp_path):
     import shutil
 
@@ -283,6 +288,7 @@ def test_builder_failure_is_tool_failed_with_its_last_words(tiny_phi3, tmp_path)
 
 # --- export: optimum fallback ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fallback_bundle_runs_in_plain_genai(fallback, built, tiny_phi3):
     bundle, notes = fallback
     assert notes.path_taken == "optimum+MatMulNBits"
@@ -295,12 +301,14 @@ def test_fallback_bundle_runs_in_plain_genai(fallback, built, tiny_phi3):
     np.testing.assert_allclose(raw_genai_logits(bundle, ids), raw_genai_logits(built[0], ids), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fallback_keeps_recipe_meaning(fallback, built):
     a, b = fallback[1].quantization["weights"], built[1].quantization["weights"]
     assert a["matmul_int8"] == b["matmul_int8"]   # lm_head + the same mixed layers in int8
     assert a["matmul_float"] == [] and a["embedding"] == "float"
 
 
+@pytest.mark.slow
 def test_auto_falls_back_for_an_architecture_the_builder_lacks(tiny_phi3, tmp_path):
     import shutil
 
@@ -336,18 +344,21 @@ def test_auto_falls_back_for_an_architecture_the_builder_lacks(tiny_phi3, tmp_pa
 
 # --- session ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_encode_matches_transformers(session, tiny_phi3):
     hf = hf_tokenizer(tiny_phi3)
     for text in TEXTS:
         assert session.encode(text) == hf.encode(text, add_special_tokens=False), text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat", CHATS)
 def test_chat_prompt_ids_match_transformers(session, tiny_phi3, chat):
     expected = hf_tokenizer(tiny_phi3).apply_chat_template(chat, add_generation_prompt=True)
     assert session.chat_prompt_ids(chat) == list(expected)
 
 
+@pytest.mark.slow
 def test_generate_streams_and_matches_plain_genai(session, built):
     ids = session.chat_prompt_ids(CHATS[0])
     pieces: list[str] = []
@@ -380,6 +391,7 @@ def eos_bundle(tiny_phi3, tmp_path_factory):
     return bundle, eos
 
 
+@pytest.mark.slow
 def test_generate_stops_at_eos_unless_ignored(eos_bundle):
     bundle, eos = eos_bundle
     s = onnx_int4.open_session(bundle, {})
@@ -393,6 +405,7 @@ def test_generate_stops_at_eos_unless_ignored(eos_bundle):
         s.close()
 
 
+@pytest.mark.slow
 def test_generate_rejects_more_than_the_context(session):
     with pytest.raises(BadInput, match="context length"):
         session.generate([1, 2, 3], session.context_length)

@@ -16,6 +16,8 @@ from edgekit.bundle import read_manifest, write_manifest
 from edgekit.cli import cli
 from edgekit.errors import BadInput
 
+pytestmark = pytest.mark.slow  # verifies real fp32 ONNX and GGUF exports
+
 
 @pytest.fixture(scope="module")
 def fp32_onnx(tiny_phi3, bundles_dir) -> Path:

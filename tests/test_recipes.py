@@ -174,6 +174,7 @@ def tiny_imatrix(tiny_phi3):
     return ck, load_or_compute(ck)
 
 
+@pytest.mark.slow
 def test_imatrix_from_the_reference_model(tiny_imatrix):
     from edgekit.imatrix import load_or_compute
 
@@ -190,6 +191,7 @@ def test_imatrix_from_the_reference_model(tiny_imatrix):
     assert all(np.array_equal(again.values[k], im.values[k]) for k in im.values)
 
 
+@pytest.mark.slow
 def test_imatrix_maps_to_onnx_nodes(tiny_imatrix):
     from edgekit.imatrix import onnx_node_importance
 
@@ -205,6 +207,7 @@ def test_imatrix_maps_to_onnx_nodes(tiny_imatrix):
     assert onnx_node_importance(im, "/lm_head/MatMul_Q8", hidden) is im.values["lm_head"]
 
 
+@pytest.mark.slow
 def test_imatrix_maps_to_gguf_tensor_names(tiny_imatrix):
     from edgekit.imatrix import gguf_entries
 
@@ -234,6 +237,7 @@ def test_gguf_imatrix_key():
         gguf_fmt.parse_recipe({"imatrix": "wikitext"}, "t")
 
 
+@pytest.mark.slow
 def test_gguf_export_hands_the_imatrix_to_llama_model_quantize(tiny_phi3, tmp_path):
     from edgekit.checkpoint import resolve
 
@@ -266,6 +270,7 @@ def requantized(tiny_phi3, tmp_path_factory):
     return out, onnx_int4.export(resolve(str(tiny_phi3)), out, recipe, NullProgress())
 
 
+@pytest.mark.slow
 def test_requantized_bundle(requantized, tiny_phi3):
     import onnx
 
@@ -289,6 +294,7 @@ def _kld(ref, got):
     return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_requantized_bundle_is_closer_to_the_reference(requantized, tiny_phi3, tmp_path):
     """Teacher-forced KLD against transformers' fp32 logits: the re-quantized bundle beats the
     builder's own k_quant bundle (a random tiny model is fragile, so the margin is relative)."""
@@ -315,6 +321,7 @@ def test_requantized_bundle_is_closer_to_the_reference(requantized, tiny_phi3, t
     assert klds["edgekit"] < 0.8 * klds["builder"], klds
 
 
+@pytest.mark.slow
 def test_fallback_path_requantizes_the_same_way(tiny_phi3, tmp_path, requantized):
     """optimum's graph keeps Phi-3's fused qkv_proj too: the same split, the same widths."""
     from edgekit.checkpoint import resolve

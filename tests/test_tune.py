@@ -11,6 +11,8 @@ from edgekit.cli import cli
 from edgekit.errors import GateFailed
 from edgekit.targets import load_targets
 
+pytestmark = pytest.mark.slow  # exports and verifies every tune candidate
+
 # A random 64-wide model is far from its reference at 4-5 bits: loose limits let every
 # candidate pass, so the choice is decided by size alone.
 LOOSE = {"kld_mean_max": 100.0, "top1_agreement_min": 0.0, "ppl_ratio_max": 100.0, "tokenizer_agreement_min": 0.0}
