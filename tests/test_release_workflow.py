@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_build import CONFIG as TINY_MATRIX
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
@@ -38,26 +39,9 @@ NOT_RUN = {
 }
 RUN = {("build", "Build shard ${{ matrix.shard }}/2"), ("merge", "Merge"), ("merge", "Validate every tarball")}
 
-# The release matrix, shrunk: one tiny random model in both formats (two entries, one per shard).
-# Thresholds as in tests/test_build.py: a random tiny model is far from any int4 recipe's accuracy.
-CONFIG = """\
-[build]
-formats = ["gguf-q4_k_m", "onnx-int4"]
-profiles = ["laptop-cpu"]
-reps = 1
-warmup = 0
-prompt_tokens = 16
-gen_tokens = 8
-
-[budgets.laptop-cpu]
-max_peak_rss_mb = 8192
-
-[[model]]
-source = "{src}"
-name = "tiny"
-thresholds.onnx-int4 = {{ kld_mean_max = 50.0, top1_agreement_min = 0.0, ppl_ratio_max = 50.0, tokenizer_agreement_min = 0.5 }}
-thresholds.gguf-q4_k_m = {{ kld_mean_max = 50.0, top1_agreement_min = 0.0, ppl_ratio_max = 50.0, tokenizer_agreement_min = 0.5 }}
-"""
+# The release matrix, shrunk: test_build's tiny matrix (one tiny random model in both formats, so
+# two entries, one per shard; thresholds a random tiny model passes).
+CONFIG = TINY_MATRIX
 
 
 def _jobs() -> dict:
