@@ -12,6 +12,11 @@ import io
 from pathlib import Path
 from typing import Any
 
+from .errors import BadInput
+from .fileio import write_text
+from .select import Constraints, candidates_from, select
+from .summary import REPORT, read_summary
+
 FORMAT_COLORS = {"onnx-int4": "#1f77b4", "gguf-q4_k_m": "#d62728"}
 POINT_ALPHA = 0.8  # overlapping points stay visible
 
@@ -110,8 +115,6 @@ def rss_svg(summary: dict[str, Any]) -> str:
 def eval_selection(summary: dict[str, Any]):
     """(candidates, Selection or None) over the entries with eval results: the front over all of
     them, the pick among the entries that passed every gate (no candidate: no pick)."""
-    from .select import Constraints, candidates_from, select
-
     rows = [{**e["eval"], "name": e["id"], "format": e["format"]} for e in summary["entries"] if e.get("eval")]
     if not rows:
         return [], None
@@ -219,13 +222,10 @@ def _f(v: Any, digits: int) -> str:
 
 def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
     """Render DIR/summary.json (from `edgekit build`) to `out` (default DIR/report.html)."""
-    from .build import REPORT, _atomic, read_summary
-    from .errors import BadInput
-
     directory = Path(directory)
-    summary = read_summary(directory, "report:")
+    summary = read_summary(directory, "report:").to_dict()
     out = Path(out) if out else directory / REPORT
     if not out.parent.is_dir():
         raise BadInput(f"--out {out}: directory {out.parent} does not exist", "Create it or choose another --out")
-    _atomic(out, render_html(summary))
+    write_text(out, render_html(summary))
     return out
