@@ -27,7 +27,7 @@ from the safetensors headers x 2 bytes). Where edgekit misses one, the table sho
 the difference goes (a probe times edgekit's startup imports, the checkpoint content hash
 and the bundle hashing in a separate process).
 
-Writes benchmarks/results/export_overhead.{json,md} and the README section between
+Writes benchmarks/results/export_overhead.{json,md} and the section (README.md or docs/*.md) between
 <!-- export-overhead:start --> and <!-- export-overhead:end -->.
 
 Usage:
@@ -56,7 +56,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, update_doc, write_results  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -322,7 +322,7 @@ def _probe_main(fmt: str, ckpt: str, bundle: str, result_path: str) -> int:
     from edgekit import api, cli  # noqa: F401
     from edgekit.formats import backend
 
-    api._recipe(fmt, None)
+    api.recipe_for(fmt, None)
     backend(fmt).tool_versions()
     if fmt == "onnx-int4":
         import onnx  # noqa: F401
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         print(results_markdown(doc))
         return 0
     write_results(NAME, doc, results_markdown(doc))
-    update_readme("export-overhead", readme_section(doc))
+    update_doc("export-overhead", readme_section(doc))
     print(readme_section(doc))
     return 0
 
