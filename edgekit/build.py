@@ -35,8 +35,17 @@ from .host import facts
 from .lock import output_lock
 from .progress import NullProgress, Progress
 from .report import render_html
-from .summary import (REPORT, SUMMARY, SUMMARY_MD, SUMS, BuildEntry, BuildSummary, read_summary, render_markdown,
-                      try_read_summary)
+from .summary import (
+    REPORT,
+    SUMMARY,
+    SUMMARY_MD,
+    SUMS,
+    BuildEntry,
+    BuildSummary,
+    read_summary,
+    render_markdown,
+    try_read_summary,
+)
 from .tasks import load_tasks
 
 
@@ -70,7 +79,7 @@ def take_shard(jobs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def build(config: str | Path | None = None, *, out: str | Path | None = None, force: bool = False,
@@ -132,7 +141,7 @@ def run_job_child(cfg: BuildConfig, job: Job, out: Path, previous: BuildEntry | 
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "edgekit.buildchild", str(spec_path), str(result_path)])
+        proc = subprocess.run([sys.executable, "-m", "edgekit.buildchild", str(spec_path), str(result_path)], check=False)
         if result_path.is_file():
             return BuildEntry.from_dict(json.loads(result_path.read_text(encoding="utf-8")))
     how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"

@@ -24,7 +24,14 @@ from .checkpoint import Checkpoint, resolve
 from .errors import BadInput, GateFailed
 from .evaluate import build_summary, evaluate_bundles
 from .evaluate import gates as eval_gates
-from .exporting import ExportResult, check_architecture, destinations, export_one, recipe_for, targets_for
+from .exporting import (
+    ExportResult,
+    check_architecture,
+    destinations,
+    export_one,
+    recipe_for,
+    targets_for,
+)
 from .gates import Gate
 from .parity import ParityReport
 from .preflight import check as preflight

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import BadInput, ExitCode
 from .gates import Gate
@@ -63,7 +64,7 @@ class BuildEntry:
     def failed_gates(self) -> list[Gate]:
         return [g for g in self.gates if not g.passed]
 
-    def with_gates(self, gates: Iterable[Gate]) -> "BuildEntry":
+    def with_gates(self, gates: Iterable[Gate]) -> BuildEntry:
         """The entry judged by `gates`: an ok entry with a failed gate becomes gate_failed (exit 3)."""
         gates = tuple(gates)
         failed = [g for g in gates if not g.passed]
@@ -82,7 +83,7 @@ class BuildEntry:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildEntry":
+    def from_dict(cls, d: dict[str, Any]) -> BuildEntry:
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["bench"] = tuple(d.get("bench") or ())
@@ -132,7 +133,7 @@ class BuildSummary:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildSummary":
+    def from_dict(cls, d: dict[str, Any]) -> BuildSummary:
         return cls(config=d["config"], config_sha256=d["config_sha256"], edgekit_version=d["edgekit_version"],
                    created_at=d["created_at"], host=d.get("host") or {}, matrix_size=d["matrix_size"],
                    entries=tuple(BuildEntry.from_dict(e) for e in d["entries"]), shard=d.get("shard"),

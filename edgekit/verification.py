@@ -3,8 +3,9 @@ and the human table of the result."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .bundle import read_manifest, validate
 from .checkpoint import Checkpoint, content_hash, resolve

@@ -13,8 +13,17 @@ from ..bundle import bundle_size
 from ..overrides import parse_sets
 from ..targets import load_targets
 from ..verification import print_parity
-from .group import (cli, emit_json, err, json_option, long_context_option, model_options, progress_for,
-                    threshold_options, threshold_overrides)
+from .group import (
+    cli,
+    emit_json,
+    err,
+    json_option,
+    long_context_option,
+    model_options,
+    progress_for,
+    threshold_options,
+    threshold_overrides,
+)
 
 
 @cli.command()

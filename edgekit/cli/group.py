@@ -100,7 +100,7 @@ class EdgekitGroup(click.Group):
                 raise _Failure(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.ERROR) from None
             raise _Failure(f"disk full while writing {e.filename or 'the output'} ({e.strerror}); nothing was published. "
                            "Free space or choose another --out", ExitCode.ERROR) from None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if debug:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
