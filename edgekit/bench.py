@@ -547,7 +547,8 @@ def open_run(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, in
     if run.format == "gguf-q4_k_m":
         import llama_cpp
 
-        from .formats import gguf_q4km
+        from .formats.gguf_q4km.recipe import MODEL_FILE
+        from .formats.gguf_q4km.session import LlamaCppSession, longrope_context_note
 
         info["runtime"] = {"llama-cpp-python": llama_cpp.__version__}
         if run.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
@@ -556,12 +557,12 @@ def open_run(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, in
                 f"gpu_layers: the profile offloads {layers} to the GPU (Metal on Apple silicon); this llama.cpp "
                 f"has no GPU offload on {platform.system()} {platform.machine()}, so every layer ran on the CPU")
             info["gpu_layers"] = 0
-        if note := gguf_q4km.longrope_context_note(bundle / gguf_q4km.MODEL_FILE, run.context):
+        if note := longrope_context_note(bundle / MODEL_FILE, run.context):
             info["substitutions"].append(note)
         info["rss_before_load_mb"] = _rss()
         t0 = time.perf_counter()
-        session = gguf_q4km.LlamaCppSession.open_offloaded(bundle / gguf_q4km.MODEL_FILE, run.threads, run.context,
-                                                           info["gpu_layers"])
+        session = LlamaCppSession.open_offloaded(bundle / MODEL_FILE, run.threads, run.context,
+                                                 info["gpu_layers"])
         info["load_s"] = time.perf_counter() - t0
         return session, session.timed_generate, info
     import onnxruntime_genai as og

@@ -28,7 +28,8 @@ def invoke(*args):
 # --- one timed trial = one generation of gen_tokens tokens -------------------------------------
 
 def test_llama_trial_is_one_generation_of_the_requested_length(tiny_gguf):
-    from edgekit.formats.gguf_q4km import MODEL_FILE, LlamaCppSession
+    from edgekit.formats.gguf_q4km.recipe import MODEL_FILE
+    from edgekit.formats.gguf_q4km.session import LlamaCppSession
 
     session = LlamaCppSession.open_offloaded(tiny_gguf / MODEL_FILE, threads=1, context=256, gpu_layers=0)
     try:
