@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ...fileio import write_text
 from .childlog import PHASE
 from .files import save_onnx
 from .recipe import ALGORITHMS
@@ -15,8 +16,8 @@ from .requant import LAYER_MATMUL
 from .rewrite import requantize
 from .weights import CheckpointWeights, OnnxWeights
 
-def child_main(job_path: str) -> int:
-    """Entry point of the child interpreter. Writes {"ok", "error", "message"} to job["result"]."""
+def child_main(job_path: str, result_path: str) -> int:
+    """Entry point of the child interpreter. Writes {"ok", "error", "message"} to result_path."""
     import logging
     import traceback
 
@@ -30,7 +31,7 @@ def child_main(job_path: str) -> int:
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises ToolFailed
         traceback.print_exc(file=sys.stdout)
         result = {"ok": False, "error": type(e).__name__, "message": str(e)[:2000]}
-    Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
+    write_text(Path(result_path), json.dumps(result))
     sys.stdout.flush()
     return 0 if result["ok"] else 1
 

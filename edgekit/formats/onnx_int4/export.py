@@ -7,12 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ToolFailed, UnsupportedArchitecture
-from .. import ExportNotes
+from .. import ExportCost, ExportNotes
 from .architectures import BUILDER_EXCLUDED, FALLBACK_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 from .childlog import ChildOutput, run_child
 from .files import complete_bundle_files, set_context_length, weight_notes, weight_summary, write_genai_config
 from .recipe import ALGORITHMS, OnnxRecipe, builder_extra_options
 from .rewrite import requant_job, requant_notes
+
+# What preflight (edgekit.preflight) reserves for an export, fitted on measured ones.
+# The genai builder loads the checkpoint in fp32 through torch and keeps quantized copies
+# while it writes: SmolLM2-135M (538 MB fp32) peaked at 2692 MiB (export_overhead, build_matrix).
+# Output int4 + int8 is ~0.23x the fp32 bytes; 0.5x leaves room for the builder's temp files.
+PREFLIGHT_COST = ExportCost(ram_fixed_mb=1200, ram_per_fp32_byte=3.2, disk_fixed_mb=100, disk_per_fp32_byte=0.5)
 
 # A rebuild of the same checkpoint with the same tool versions reproduces every file of the
 # bundle byte for byte. Measured on this machine: tiny Phi-3 (builder and optimum paths) and
@@ -95,6 +101,12 @@ def builder_lm_head_lookalikes(config: dict[str, Any]) -> list[str]:
     widths = {"q_proj": heads * head, "k_proj/v_proj": kv * head, "qkv_proj": (heads + 2 * kv) * head,
               "gate_proj/up_proj": inter, "gate_up_proj": 2 * inter, "o_proj/down_proj": cfg["hidden_size"]}
     return [name for name, width in widths.items() if width == vocab]
+
+
+def config_problems(config: dict[str, Any]) -> list[str]:
+    """Shapes the export tools mishandle, for tiny test checkpoints to avoid (edgekit.tiny)."""
+    return [f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
+            for name in builder_lm_head_lookalikes(config)]
 
 
 def choose_engine(checkpoint, recipe: OnnxRecipe) -> str:
