@@ -14,11 +14,15 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from .errors import BadInput
 from .formats import REGISTRY, ExportCost, backend
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -39,7 +43,7 @@ class Needs:
     disk_mb: float
 
 
-def parameter_count(checkpoint) -> int:
+def parameter_count(checkpoint: Checkpoint) -> int:
     """From the safetensors headers (no weights read); pickle files: bytes / 2 as a guess."""
     total = 0
     for name in checkpoint.weight_files:
@@ -57,7 +61,7 @@ def parameter_count(checkpoint) -> int:
     return total
 
 
-def estimate(checkpoint, fmt: str) -> Needs:
+def estimate(checkpoint: Checkpoint, fmt: str) -> Needs:
     c = cost(fmt)
     if c is None:
         raise BadInput(f"no resource estimate for {fmt}", "Export it with --force to skip the preflight")
@@ -80,7 +84,7 @@ def available(dest: Path) -> tuple[float, float]:
     return ram, disk
 
 
-def check(checkpoint, dests: dict[str, Path], force: bool) -> list[Needs]:
+def check(checkpoint: Checkpoint, dests: dict[str, Path], force: bool) -> list[Needs]:
     """Raise BadInput with the figures if any export would not fit; --force skips the refusal.
     Exports run one after another, so RAM is checked per format and disk for all together."""
     needs = [estimate(checkpoint, fmt) for fmt in dests if cost(fmt) is not None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ToolFailed, UnsupportedArchitecture
 from .. import ExportCost, ExportNotes
@@ -13,6 +13,10 @@ from .childlog import ChildOutput, run_child
 from .files import complete_bundle_files, set_context_length, weight_notes, weight_summary, write_genai_config
 from .recipe import ALGORITHMS, OnnxRecipe, builder_extra_options
 from .rewrite import requant_job, requant_notes
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint
+    from ...progress import Progress
 
 # What preflight (edgekit.preflight) reserves for an export, fitted on measured ones.
 # The genai builder loads the checkpoint in fp32 through torch and keeps quantized copies
@@ -28,7 +32,7 @@ PREFLIGHT_COST = ExportCost(ram_fixed_mb=1200, ram_per_fp32_byte=3.2, disk_fixed
 # versions: a different onnxruntime or builder changes the bytes.
 
 
-def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNotes:
+def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: Progress) -> ExportNotes:
     """Write model.onnx, model.onnx.data, genai_config.json, tokenizer and chat template."""
     engine = choose_engine(checkpoint, recipe)
     notes: list[str] = []
@@ -109,7 +113,7 @@ def config_problems(config: dict[str, Any]) -> list[str]:
             for name in builder_lm_head_lookalikes(config)]
 
 
-def choose_engine(checkpoint, recipe: OnnxRecipe) -> str:
+def choose_engine(checkpoint: Checkpoint, recipe: OnnxRecipe) -> str:
     arch = checkpoint.architecture
     clash = builder_lm_head_lookalikes(checkpoint.config)
     if clash and recipe.engine == "auto" and arch in FALLBACK_ARCHITECTURES:
@@ -141,7 +145,7 @@ def _num_layers(config: dict[str, Any]) -> int | None:
     return cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
 
 
-def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress) -> dict[str, Any] | None:
+def _run_builder(checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress) -> dict[str, Any] | None:
     job = {
         "engine": "builder",
         "input": str(checkpoint.path),
@@ -158,7 +162,7 @@ def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, prog
     return result.get("requant")
 
 
-def _run_optimum(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress) -> dict[str, Any] | None:
+def _run_optimum(checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress) -> dict[str, Any] | None:
     job = {
         "engine": "optimum",
         "input": str(checkpoint.path),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
 from .files import save_onnx
 from .recipe import OnnxRecipe
 from .requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint
 
 # --- edgekit re-quantization -----------------------------------------------------------------
 #
@@ -29,7 +32,7 @@ _NODE_BASE = re.compile(r"^(.*/MatMul)(?:_Q\d+)?$")
 _MISMATCH = 0.3  # relative RMS difference above which a checkpoint tensor is not this node's weight
 
 
-def requant_job(checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
+def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
     """What the child needs to re-quantize, or None when the recipe keeps the builder's codes."""
     if recipe.precision != "int4" or (recipe.weight_search == "builder" and not recipe.int8_matmuls
                                       and not recipe.int8_block_size):
