@@ -67,27 +67,29 @@ def package_root() -> str:
 def spawn(args: Sequence[str], job: dict[str, Any], work: Path, what: str, *, wrap: Sequence[str] = (),
           on_line: Callable[[str], None] | None = None, line_break: re.Pattern[bytes] = LINE_BREAK,
           env: Mapping[str, str] | None = None, cwd: Path | None = None,
-          watch: Callable[[int], MemoryWatch] | None = None) -> ChildResult:
+          watch: Callable[[int], MemoryWatch] | None = None, capture: bool = True) -> ChildResult:
     """Run `[*wrap, python, *args, JOB, RESULT]` with job.json and result.json in `work`.
 
     Every byte the child prints (stdout and stderr) goes to work/child.log; each line (split
-    by `line_break`, without its line end) goes to `on_line`. `env` is added to ours. An interrupt kills
-    the child before it propagates: no converter is left running. `watch(pid)` (e.g.
-    edgekit.measure.ChildWatch) samples its memory so that a SIGKILL near the limit comes back
-    as `out_of_memory`, the one-line reason naming `what`."""
+    by `line_break`, without its line end) goes to `on_line`. capture=False leaves the child
+    on our stdout/stderr instead (its progress bars reach the terminal; the log stays empty).
+    `env` is added to ours. An interrupt kills the child before it propagates: no converter
+    is left running. `watch(pid)` (e.g. edgekit.measure.ChildWatch) samples its memory so
+    that a SIGKILL near the limit comes back as `out_of_memory`, the reason naming `what`."""
     job_path, result_path, log_path = work / "job.json", work / "result.json", work / "child.log"
     job_path.write_text(json.dumps(job), encoding="utf-8")
     result_path.unlink(missing_ok=True)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))
     cmd = [*wrap, sys.executable, *args, str(job_path), str(result_path)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    out = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if capture else None,
                             env=child_env, cwd=cwd)
     watcher = watch(proc.pid).__enter__() if watch else None
     try:
         with open(log_path, "wb") as log:
             pending = b""
-            while chunk := proc.stdout.read1(65536):  # type: ignore[union-attr]
+            while proc.stdout is not None and (chunk := proc.stdout.read1(65536)):
                 log.write(chunk)
                 pending += chunk
                 *lines, pending = line_break.split(pending)
