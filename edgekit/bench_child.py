@@ -100,7 +100,8 @@ def child_run(run: Run) -> dict[str, Any]:
 
 def run_from_job(job: dict[str, Any]) -> Run:
     fields = {f.name for f in dataclasses.fields(Run)}
-    return Run(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.items() if k in fields})
+    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in job.items() if k in fields}
+    return Run(**kw)
 
 
 def child_main(argv: Sequence[str]) -> int:

@@ -91,6 +91,9 @@ def _threads(profile: Profile, host: HostFacts) -> tuple[int, list[str]]:
         return host.physical_cores, [
             f"threads: the profile asks for the performance-core count; this host does not report one "
             f"(not Apple silicon), so its {host.physical_cores} physical cores"]
+    if isinstance(want, str):
+        raise BadInput(f"threads must be a number, \"physical\" or \"performance\", got {want!r}",
+                       "Fix threads in the profile or --set threads=N")
     if want < 1:
         raise BadInput(f"threads must be at least 1, got {want}", "Fix threads in the profile or --set threads=N")
     if want > host.logical_cores:
@@ -108,8 +111,8 @@ def _text_config(manifest: dict[str, Any]) -> dict[str, Any]:
 def _trained_context(manifest: dict[str, Any], bundle_limit: int | None) -> int | None:
     """The model's trained context, capped by what the bundle's own files allow."""
     cfg = _text_config(manifest)
-    values = [cfg.get("max_position_embeddings"), cfg.get("n_positions"), bundle_limit]
-    values = [int(v) for v in values if isinstance(v, int) and v > 0]
+    candidates = [cfg.get("max_position_embeddings"), cfg.get("n_positions"), bundle_limit]
+    values = [int(v) for v in candidates if isinstance(v, int) and v > 0]
     return min(values) if values else None
 
 

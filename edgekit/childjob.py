@@ -89,7 +89,7 @@ def spawn(args: Sequence[str], job: dict[str, Any], work: Path, what: str, *, wr
     try:
         with open(log_path, "wb") as log:
             pending = b""
-            while proc.stdout is not None and (chunk := proc.stdout.read1(65536)):
+            while proc.stdout is not None and (chunk := os.read(proc.stdout.fileno(), 65536)):
                 log.write(chunk)
                 pending += chunk
                 *lines, pending = line_break.split(pending)

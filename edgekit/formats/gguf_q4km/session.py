@@ -6,7 +6,7 @@ import codecs
 import ctypes
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from ...errors import BadInput, ToolFailed
 from .. import Generation, Trial
@@ -87,13 +87,13 @@ class LlamaCppSession:
 
         n = threads or _default_threads()
         self._lib = llama_cpp
+        offload: dict[str, Any] = {"n_gpu_layers": gpu_layers} if gpu_layers else {}
         # llama-cpp-python maps llama.cpp's log levels off by one (ggml's WARN=3 is its ERROR)
         # and so prints warnings even with verbose=False; capturing the log keeps stderr clean and gives load errors a reason.
         with LlamaLog() as log:
             try:
-                self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
-                                            n_threads_batch=n, verbose=False, logits_all=False,
-                                            **({"n_gpu_layers": gpu_layers} if gpu_layers else {}))
+                self._llm: Any = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
+                                            n_threads_batch=n, verbose=False, logits_all=False, **offload)
             except ValueError as e:
                 if gpu_layers:
                     raise ToolFailed(f"llama.cpp could not load {model_path} with {gpu_layers} GPU layers: "
@@ -168,7 +168,7 @@ class LlamaCppSession:
         formatter = Jinja2ChatFormatter(template=template, bos_token=self._token_text(bos),
                                         eos_token=self._token_text(eos),
                                         add_generation_prompt=add_generation_prompt)
-        text = formatter(messages=messages).prompt
+        text = formatter(messages=cast(Any, messages)).prompt
         ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if bos >= 0 and self._lib.llama_vocab_get_add_bos(self._vocab) and ids[:1] != [bos]:
             ids = [bos] + ids

@@ -37,7 +37,7 @@ def run_child(job: dict[str, Any], work: Path, progress: Progress, output: Child
     if done.out_of_memory:
         raise OutOfMemory(done.out_of_memory + "; nothing was published",
                           "Use a machine with more RAM or close other programs; the gguf-q4_k_m target streams the checkpoint")
-    result = done.result if done.result is not None else {"ok": False}
+    result: dict[str, Any] = done.result if done.result is not None else {"ok": False}
     if done.returncode != 0:
         result["ok"] = False
     if not result["ok"]:

@@ -27,7 +27,7 @@ def child_main(job_path: str, result_path: str) -> int:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.INFO)
     try:
         report = {"builder": _child_builder, "optimum": _child_optimum}[job["engine"]](job)
-        result = {"ok": True, "requant": report}
+        result: dict[str, Any] = {"ok": True, "requant": report}
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises ToolFailed
         traceback.print_exc(file=sys.stdout)
         result = {"ok": False, "error": type(e).__name__, "message": str(e)[:2000]}

@@ -83,14 +83,16 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
     report: dict[str, Any] = {"weight_search": search, "int8_matmuls": int8, "requantized": 0,
                               "split": 0, "kept": [], "imatrix": imatrix.summary() if imatrix else None,
                               "imatrix_missing": []}
-    new_nodes, drop, add = [], set(), []
+    new_nodes, add = [], []
+    drop: set[str] = set()
     for node in graph.node:
         if node.op_type != "MatMulNBits":
             new_nodes.append(node)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
-        base = _NODE_BASE.match(node.name).group(1) if _NODE_BASE.match(node.name) else node.name
+        named = _NODE_BASE.match(node.name)
+        base = named.group(1) if named else node.name
         b_name, s_name = node.input[1], node.input[2]
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
         runs = plan(base, n, bits, int8, qkv_sizes)
