@@ -181,6 +181,9 @@ class Setup:
         from edgekit.checkpoint import resolve
         from edgekit.embedded import ensure_checkpoint
         from edgekit.formats import gguf_q4km, onnx_int4
+        from edgekit.formats.gguf_q4km.export import gguf_model_name
+        from edgekit.formats.onnx_int4.export import choose_engine
+        from edgekit.formats.onnx_int4.recipe import builder_extra_options
         from edgekit.llamacpp_tools import converter_dir
         from edgekit.targets import load_targets
 
@@ -197,11 +200,11 @@ class Setup:
         if seen != RAW_GGUF_RECIPE or set(gguf) - set(RAW_GGUF_RECIPE):
             raise SystemExit(f"[{NAME}] the default gguf-q4_k_m recipe is {gguf}; the raw commands here reproduce "
                              f"only {RAW_GGUF_RECIPE}: update them to match")
-        if onnx_int4.choose_engine(checkpoint, self.onnx_recipe) != "builder":
+        if choose_engine(checkpoint, self.onnx_recipe) != "builder":
             raise SystemExit(f"[{NAME}] the default onnx-int4 recipe does not use the genai builder for {MODEL}: "
                              "update the raw command to match")
-        self.extra_options = onnx_int4.builder_extra_options(self.onnx_recipe, checkpoint.trust_remote_code)
-        self.model_name = gguf_q4km.gguf_model_name(checkpoint)
+        self.extra_options = builder_extra_options(self.onnx_recipe, checkpoint.trust_remote_code)
+        self.model_name = gguf_model_name(checkpoint)
         self.tools = converter_dir()
         self.params = parameter_count(self.ckpt)
         self.f16_bytes = self.params * 2
