@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from . import __version__
 from .bench_child import CHILD_MARK, open_run, run_from_job
 from .bench_plan import Run, choose_profile, discover_bundles, plan
+from .budgets import gates_for
 from .errors import BadInput, GateFailed
 from .formats import Trial
 
@@ -140,14 +141,7 @@ def make_record(run: Run, child: dict[str, Any], host, bandwidth_gbs: float) -> 
     utilization = round(decode[0] * bytes_per_token / (bandwidth_gbs * 1e9), 3) if bandwidth_gbs > 0 else 0.0
     peak = round(child["peak_rss_mb"], 1)
     kv_mb = round(run.kv_bytes_per_token * run.context / 2**20, 1)
-    failures = []
-    if run.max_peak_rss_mb is not None and peak > run.max_peak_rss_mb:
-        failures.append(f"peak RSS {peak:.1f} MB > max_peak_rss_mb {run.max_peak_rss_mb:g}")
-    if run.max_bundle_mb is not None and run.bundle_bytes / 2**20 > run.max_bundle_mb:
-        failures.append(f"bundle {run.bundle_bytes / 2**20:.1f} MB > max_bundle_mb {run.max_bundle_mb:g}")
-    if run.min_decode_tok_s is not None and decode[0] < run.min_decode_tok_s:
-        failures.append(f"decode {decode[0]:.1f} tok/s < min_decode_tok_s {run.min_decode_tok_s:g}")
-    return BenchRecord(
+    record = BenchRecord(
         bundle=run.bundle, format=run.format, model=run.model, profile=run.profile, profile_source=run.profile_source,
         host_id=host.host_id, load_s=round(child["load_s"], 3),
         ttft_ms=ttft[0], ttft_ms_stddev=ttft[1], ttft_ms_min=ttft[2], ttft_ms_max=ttft[3],
@@ -159,12 +153,16 @@ def make_record(run: Run, child: dict[str, Any], host, bandwidth_gbs: float) -> 
         kv_bytes_per_token=run.kv_bytes_per_token, bytes_per_token=bytes_per_token, read_bandwidth_gbs=bandwidth_gbs,
         bandwidth_utilization=utilization, threads=run.threads, gpu_layers=child["gpu_layers"], context=run.context,
         accuracy_level=run.accuracy_level, prompt_tokens=run.prompt_tokens, gen_tokens=run.gen_tokens, reps=run.reps,
-        warmup=run.warmup, passed=not failures, budget_failures=tuple(failures),
+        warmup=run.warmup, passed=True, budget_failures=(),
         substitutions=run.substitutions + tuple(child.get("substitutions", ())), notes=run.notes,
         host=host.to_dict(), runtime=dict(child.get("runtime", {})), trials=trials,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         kv_cache_mb=kv_mb, kv_share_of_peak=round(kv_mb / peak, 3) if peak else 0.0,
     )
+    limits = {"max_peak_rss_mb": run.max_peak_rss_mb, "max_bundle_mb": run.max_bundle_mb,
+              "min_decode_tok_s": run.min_decode_tok_s}
+    failed = [g for g in gates_for(record, run.profile, limits) if not g.passed]
+    return dataclasses.replace(record, passed=not failed, budget_failures=tuple(g.text() for g in failed))
 
 
 def record_in_manifest(record: BenchRecord) -> None:

@@ -17,7 +17,7 @@ from .bundle import bundle_size, validate
 from .errors import BadInput
 from .formats import backend
 from .host import HostFacts
-from .targets import Profile, _profile, load_targets
+from .targets import Profile, load_targets, parse_profile
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def choose_profile(name: str | None, overrides: dict[str, Any] | None,
         table["formats"] = list(profile.formats)
         table.update(overrides)
         # the same checks as targets/profiles.toml gets: unknown keys and wrong types are errors
-        profile = _profile(name, table, f"--set for profile {name}", set(targets.formats))
+        profile = parse_profile(name, table, f"--set for profile {name}", set(targets.formats))
     return profile, source, why
 
 

@@ -21,15 +21,17 @@ SUMMARY_KEYS = ("profile", "host_id", "load_s", "ttft_ms", "prefill_tok_s", "dec
                 "substitutions")
 
 
+def gates_for(record: Any, profile: str, limits: dict[str, float | None]) -> list[Gate]:
+    """One gate per budget that has a limit; an unset budget is not checked. The one evaluator
+    for budgets: bench's own verdict and build's gates both come from here."""
+    return [Gate.check("budget", f"{profile}.{key}", figure(record), op, limit)
+            for key, (figure, op) in BUDGETS.items() if (limit := limits.get(key)) is not None]
+
+
 def budget_gates(record: Any, profile: str, overrides: dict[str, float]) -> list[Gate]:
-    """One gate per budget the profile (or an override) sets; an unset budget is not checked."""
+    """The profile's budgets (or a build's overrides of them) against a record."""
     p = load_targets().profile(profile)
-    gates = []
-    for key, (figure, op) in BUDGETS.items():
-        limit = overrides.get(key, getattr(p, key))
-        if limit is not None:
-            gates.append(Gate.check("budget", f"{profile}.{key}", figure(record), op, limit))
-    return gates
+    return gates_for(record, profile, {key: overrides.get(key, getattr(p, key)) for key in BUDGETS})
 
 
 def bench_summary(record: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .exporting import (
     recipe_for,
     targets_for,
 )
+from .formats import default_format
 from .gates import Gate
 from .parity import ParityReport
 from .preflight import check as preflight
@@ -77,7 +78,7 @@ class FlowResult:
 
 def export(
     model: str,
-    target: str = "onnx-int4",
+    target: str | None = None,
     out: str | Path | None = None,
     *,
     verify: bool = True,
@@ -112,6 +113,7 @@ def export(
     if tune and not verify:
         raise BadInput("--tune chooses by parity, so it cannot run with --no-verify", "Drop --no-verify")
     progress = progress or NullProgress()
+    target = target or default_format()
     names = targets_for(target)
     checkpoint = resolve(model, revision=revision, offline=offline,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

@@ -14,10 +14,15 @@ from typing import Any
 
 from .errors import BadInput
 from .fileio import write_text
+from .formats import REGISTRY, backend
 from .select import Constraints, candidates_from, select
 from .summary import REPORT, read_summary
 
-FORMAT_COLORS = {"onnx-int4": "#1f77b4", "gguf-q4_k_m": "#d62728"}
+
+
+def format_color(fmt: str) -> str:
+    """Each backend names its plot colour; a format this install does not know is grey."""
+    return backend(fmt).PLOT_COLOR if fmt in REGISTRY else "#555"
 POINT_ALPHA = 0.8  # overlapping points stay visible
 
 
@@ -62,7 +67,7 @@ def tradeoff_svg(pts: list[dict[str, Any]]) -> str:
         sel = [p for p in pts if p["format"] == fmt]
         ax.scatter([p["decode_tok_s"] for p in sel], [p["kld_mean"] for p in sel],
                    s=[80 + 400 * p["size_mb"] / biggest for p in sel], alpha=POINT_ALPHA,
-                   color=FORMAT_COLORS.get(fmt, "#555"), label=fmt, edgecolors="black", linewidths=0.5)
+                   color=format_color(fmt), label=fmt, edgecolors="black", linewidths=0.5)
     front = pareto_front(pts)
     if front:
         ax.plot([p["decode_tok_s"] for p in front], [p["kld_mean"] for p in front], "--", color="#2ca02c",
@@ -140,7 +145,7 @@ def accuracy_latency_svg(summary: dict[str, Any]) -> str:
     for c in pts:
         lo, hi = intervals[c.name]
         ax.errorbar([c.p95_ms], [c.accuracy], yerr=[[c.accuracy - lo], [hi - c.accuracy]], fmt="o", capsize=3,
-                    color=FORMAT_COLORS.get(c.format, "#555"), alpha=POINT_ALPHA)
+                    color=format_color(c.format), alpha=POINT_ALPHA)
         ax.annotate(c.name, (c.p95_ms, c.accuracy), fontsize=7, xytext=(6, 4), textcoords="offset points")
     front = sorted((c for c in pts if sel and c.name in sel.front), key=lambda c: c.p95_ms)
     if front:

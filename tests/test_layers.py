@@ -26,15 +26,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("utilities", ("errors", "paths", "progress", "fileio", "childjob", "gates", "signals", "overrides", "lock")),
     # what edgekit reads and writes: target files, checkpoints, bundles, tarballs, host facts,
     # measurements, metrics and scoring maths, task files, aliases, the cached test models
-    ("data", ("targets", "checkpoint", "catalog", "bundle", "bundle_readme", "tarball", "host", "measure", "metrics",
-              "scoring", "tasks", "longcontext", "preflight", "embedded", "modelfile")),
+    ("data", ("targets", "checkpoint", "catalog", "bundle", "tarball", "host", "measure", "metrics",
+              "scoring", "tasks", "longcontext", "embedded", "modelfile")),
     # format backends and what they share: the transformers reference, the importance matrix,
     # llama.cpp's tools, the tiny random checkpoints (built with the format builders' help)
     ("formats", ("formats", "reference", "imatrix", "llamacpp_tools", "tiny")),
-    # one service per stage, each owning its gate: export, verify (parity), run, bench + budgets,
-    # eval (and its child and records), select
-    ("services", ("exporting", "verification", "parity", "runbundle", "bench", "budgets", "evaluate", "eval_child",
-                  "evalrecord", "select")),
+    # one service per stage, each owning its gate: export (+ its preflight and bundle README, which
+    # ask the backends for their costs and templates), verify (parity), run, bench (plan, child,
+    # records) + budgets, eval (and its child and records), select
+    ("services", ("exporting", "preflight", "bundle_readme", "verification", "parity", "runbundle", "bench",
+                  "bench_plan", "bench_child", "budgets", "evaluate", "eval_child", "evalrecord", "select")),
     # the whole flow for one model x format, written once
     ("pipeline", ("pipeline",)),
     # many flows: the build matrix, its child, its config, the summary both build and report use
@@ -47,9 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 
 # Crossings that live in files another branch owns, each to be removed by that branch.
-KNOWN = {
-    ("bench", "targets._profile"),   # bench.py is being split by the formats/bench helper
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -10,6 +10,7 @@ from .. import api
 from ..bench import gate as bench_gate
 from ..bench import print_table as print_bench_table
 from ..bundle import bundle_size
+from ..formats import REGISTRY, default_format
 from ..overrides import parse_sets
 from ..targets import load_targets
 from ..verification import print_parity
@@ -55,8 +56,8 @@ def targets(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--target", "-t", default="onnx-int4", show_default=True,
-              help="onnx-int4, gguf-q4_k_m, or all.")
+@click.option("--target", "-t", default=default_format(), show_default=True,
+              help=f"{', '.join(REGISTRY)}, or all.")
 @click.option("--out", "-o", type=click.Path(), help="Bundle directory (with --target all: parent directory). Default: dist/<model>-<target>.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty --out, and export even if the resource preflight says RAM or disk is short.")
 @click.option("--set", "recipe_set", multiple=True, metavar="KEY=VALUE",
