@@ -15,7 +15,7 @@ converter or runtime becomes one failed cell instead of a missing table. A cell 
   failed       anything else, including a refusal of an architecture the format claims;
                the script then exits 1
 
-Writes benchmarks/results/arch_matrix.{json,md} and the README section between
+Writes benchmarks/results/arch_matrix.{json,md} and the section (README.md or docs/*.md) between
 <!-- arch-matrix:start --> and <!-- arch-matrix:end -->.
 
 Usage:
@@ -39,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, update_doc, write_results  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,7 +78,7 @@ def run_cell(ckpt: str, fmt: str, out: str) -> dict:
     cell: dict = {"status": None}
     t0 = time.perf_counter()
     try:
-        [result] = api.export(ckpt, fmt, out, force=True)
+        [result] = api.export(ckpt, fmt, out, force=True, verify=False)
     except UnsupportedArchitecture as e:
         return {"status": "refused", "error": str(e), "export_s": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # noqa: BLE001 - every failure becomes a cell
@@ -125,7 +125,7 @@ def float_parity(ckpt: str, fmt: str, out: str) -> dict:
 
     try:
         t0 = time.perf_counter()
-        [res] = api.export(ckpt, fmt, out, force=True, recipe=UNQUANTIZED[fmt])
+        [res] = api.export(ckpt, fmt, out, force=True, verify=False, recipe=UNQUANTIZED[fmt])
         rep = api.verify(res.bundle, thresholds={"kld_mean_max": PARITY_KLD_MAX, "top1_agreement_min": PARITY_TOP1_MIN,
                                                  "tokenizer_agreement_min": 0.0})
     except Exception as e:  # noqa: BLE001
@@ -139,7 +139,7 @@ def float_parity(ckpt: str, fmt: str, out: str) -> dict:
         # The bundle was capped: measure what the runtime does past the cap, to show why.
         try:
             config = json.loads((Path(ckpt) / "config.json").read_text())
-            [res] = api.export(ckpt, fmt, out + "-uncapped", force=True,
+            [res] = api.export(ckpt, fmt, out + "-uncapped", force=True, verify=False,
                                recipe={**UNQUANTIZED[fmt], "context_length": config["max_position_embeddings"]})
             unc = api.verify(res.bundle, thresholds={"kld_mean_max": PARITY_KLD_MAX, "top1_agreement_min": PARITY_TOP1_MIN,
                                                      "tokenizer_agreement_min": 0.0}).long_context
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                     raw.pop("reason", None)
                     row["cells"][fmt] = classify(FAMILIES[row["family"]], fmt, raw)
         write_results(NAME, doc, results_markdown(doc))
-        update_readme("arch-matrix", readme_section(doc))
+        update_doc("arch-matrix", readme_section(doc))
         return 0
 
     t0 = time.perf_counter()
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md)
     else:
         write_results(NAME, doc, md)
-        update_readme("arch-matrix", readme_section(doc))
+        update_doc("arch-matrix", readme_section(doc))
         print(readme_section(doc))
     if failed:
         print(f"[{NAME}] UNEXPECTED FAILURES: {', '.join(doc['failed_cells'])}", file=sys.stderr)

@@ -6,7 +6,7 @@ tokens/sec, time to first token, peak RSS and bandwidth utilization: medians wit
 standard deviation over --reps timed trials after one warm-up. The records also go into each
 bundle's manifest.json, as `edgekit bench` does.
 
-Writes benchmarks/results/bench_table.{json,md} and the README section between
+Writes benchmarks/results/bench_table.{json,md} and the section (README.md or docs/*.md) between
 <!-- bench:start --> and <!-- bench:end -->.
 
 Usage:
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, update_doc, write_results  # noqa: E402
 import _common  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
@@ -92,7 +92,7 @@ def main() -> None:
            "load_avg": load, "records": [r.to_dict() for r in records]}
     md = render(doc)
     write_results(NAME, doc, md)
-    update_readme("bench", md)
+    update_doc("bench", md)
     print(md)
 
 

@@ -3,7 +3,7 @@ then the same config again (every entry reused), then --force (every entry rebui
 
 Reports wall time and peak RSS of the whole build (process tree) per run, the per-entry
 export / verify / bench split, and whether the rebuilt model files are byte-identical.
-Writes benchmarks/results/build_matrix.{json,md} and the README section between
+Writes benchmarks/results/build_matrix.{json,md} and the section (README.md or docs/*.md) between
 <!-- build-matrix:start/end -->.
 
 Rerun: .venv/bin/python benchmarks/build_matrix.py
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, run_measured, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, run_measured, update_doc, write_results  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +81,7 @@ def main() -> None:
               f"({len(digests[0])} files compared)."]
     md = "\n".join(lines)
     write_results(NAME, {"host": facts, "runs": runs, "reproducible": identical, "files": digests[0]}, md)
-    update_readme("build-matrix", "### What a build costs\n\n" + md)
+    update_doc("build-matrix", "### What a build costs\n\n" + md)
     print(md)
 
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, update_doc, write_results  # noqa: E402
 import _common  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
@@ -96,7 +96,7 @@ def main() -> None:
            "command": " ".join([RERUN, *sys.argv[1:]]), "rows": rows}
     md = render(doc)
     write_results(NAME, doc, md)
-    update_readme("eval-full", md)
+    update_doc("eval-full", md)
     print(md)
 
 

@@ -27,7 +27,7 @@ from the safetensors headers x 2 bytes). Where edgekit misses one, the table sho
 the difference goes (a probe times edgekit's startup imports, the checkpoint content hash
 and the bundle hashing in a separate process).
 
-Writes benchmarks/results/export_overhead.{json,md} and the README section between
+Writes benchmarks/results/export_overhead.{json,md} and the section (README.md or docs/*.md) between
 <!-- export-overhead:start --> and <!-- export-overhead:end -->.
 
 Usage:
@@ -56,7 +56,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, update_doc, write_results  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,6 +181,9 @@ class Setup:
         from edgekit.checkpoint import resolve
         from edgekit.embedded import ensure_checkpoint
         from edgekit.formats import gguf_q4km, onnx_int4
+        from edgekit.formats.gguf_q4km.export import gguf_model_name
+        from edgekit.formats.onnx_int4.export import choose_engine
+        from edgekit.formats.onnx_int4.recipe import builder_extra_options
         from edgekit.llamacpp_tools import converter_dir
         from edgekit.targets import load_targets
 
@@ -197,11 +200,11 @@ class Setup:
         if seen != RAW_GGUF_RECIPE or set(gguf) - set(RAW_GGUF_RECIPE):
             raise SystemExit(f"[{NAME}] the default gguf-q4_k_m recipe is {gguf}; the raw commands here reproduce "
                              f"only {RAW_GGUF_RECIPE}: update them to match")
-        if onnx_int4.choose_engine(checkpoint, self.onnx_recipe) != "builder":
+        if choose_engine(checkpoint, self.onnx_recipe) != "builder":
             raise SystemExit(f"[{NAME}] the default onnx-int4 recipe does not use the genai builder for {MODEL}: "
                              "update the raw command to match")
-        self.extra_options = onnx_int4.builder_extra_options(self.onnx_recipe, checkpoint.trust_remote_code)
-        self.model_name = gguf_q4km.gguf_model_name(checkpoint)
+        self.extra_options = builder_extra_options(self.onnx_recipe, checkpoint.trust_remote_code)
+        self.model_name = gguf_model_name(checkpoint)
         self.tools = converter_dir()
         self.params = parameter_count(self.ckpt)
         self.f16_bytes = self.params * 2
@@ -322,7 +325,7 @@ def _probe_main(fmt: str, ckpt: str, bundle: str, result_path: str) -> int:
     from edgekit import api, cli  # noqa: F401
     from edgekit.formats import backend
 
-    api._recipe(fmt, None)
+    api.recipe_for(fmt, None)
     backend(fmt).tool_versions()
     if fmt == "onnx-int4":
         import onnx  # noqa: F401
@@ -588,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         print(results_markdown(doc))
         return 0
     write_results(NAME, doc, results_markdown(doc))
-    update_readme("export-overhead", readme_section(doc))
+    update_doc("export-overhead", readme_section(doc))
     print(readme_section(doc))
     return 0
 

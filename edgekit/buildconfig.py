@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
+from .targets import load_targets
 
 DEFAULT_CONFIG = "edgekit.toml"
 
@@ -22,7 +24,7 @@ _BUDGET_KEYS = {"max_peak_rss_mb": (int, float), "max_bundle_mb": (int, float), 
 
 # Margins for --baseline: how far a figure may move against the previous release before the
 # build fails. Relative margins are fractions of the baseline figure.
-_REGRESSION_DEFAULTS: dict[str, float] = {
+REGRESSION_DEFAULTS: dict[str, float] = {
     "kld_mean_rel": 0.25,          # KLD may grow by 25 % (it is small and noisy in absolute terms)
     "top1_agreement_abs": 0.02,    # top-1 agreement may drop by 2 points
     "ppl_ratio_abs": 0.02,         # PPL ratio may grow by 0.02
@@ -92,7 +94,7 @@ class BuildConfig:
     gen_tokens: int | None = None
     eval_text: str | None = None
     budgets: dict[str, dict[str, float]] = field(default_factory=dict)
-    regression: dict[str, float] = field(default_factory=lambda: dict(_REGRESSION_DEFAULTS))
+    regression: dict[str, float] = field(default_factory=lambda: dict(REGRESSION_DEFAULTS))
     eval: EvalConfig | None = None
 
     def jobs(self) -> list[Job]:
@@ -103,8 +105,6 @@ class BuildConfig:
 
 
 def _profile_formats(profile: str) -> tuple[str, ...]:
-    from .targets import load_targets
-
     return load_targets().profile(profile).formats
 
 
@@ -190,10 +190,6 @@ def _per_format(table: Any, key: str, where: _Where, formats: set[str], nth: int
 
 def load_config(path: str | Path | None = None) -> BuildConfig:
     """Read and check an edgekit.toml. Raises BadInput (exit 2) naming the key and line."""
-    import tomllib
-
-    from .targets import load_targets
-
     path = Path(path or DEFAULT_CONFIG)
     if not path.is_file():
         raise BadInput(f"no build config at {path}", "Write an edgekit.toml (see the example in the edgekit repository) or pass --config FILE")
@@ -227,9 +223,9 @@ def load_config(path: str | Path | None = None) -> BuildConfig:
         eval_text = str((path.parent / eval_text) if not Path(eval_text).is_absolute() else Path(eval_text))
 
     budgets = _budgets(data.get("budgets", {}), "budgets", where, None, profiles)
-    regression = dict(_REGRESSION_DEFAULTS)
+    regression = dict(REGRESSION_DEFAULTS)
     reg = _expect(data.get("regression", {}), (dict,), "regression", where, None)
-    _check_keys(reg, set(_REGRESSION_DEFAULTS), where, "regression")
+    _check_keys(reg, set(REGRESSION_DEFAULTS), where, "regression")
     for k, v in reg.items():
         regression[k] = float(_expect(v, (int, float), k, where, "regression"))
         if regression[k] < 0:

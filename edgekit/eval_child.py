@@ -20,13 +20,17 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from .bench import open_run, run_from_job
+from .childjob import emit_mark
+from .childjob import main as child_main
+from .host import peak_rss_mb
+from .scoring import continuation_logprob
+
 CHILD_MARK = "@edgekit-eval"
 
 
 class _BundleAdapter:
     def __init__(self, run_job: dict[str, Any]):
-        from .bench import open_run, run_from_job
-
         run = run_from_job(run_job)
         self.session, _, info = open_run(run)
         self.info = {"load_s": info["load_s"], "runtime": info.get("runtime", {}),
@@ -118,8 +122,6 @@ class _ReferenceAdapter:
 
 
 def _choice(adapter, ids: list[int], continuations: Sequence[str]) -> tuple[list[float], float]:
-    from .scoring import continuation_logprob
-
     t0 = time.perf_counter()
     scores = []
     for text in continuations:
@@ -166,9 +168,6 @@ def run_items(adapter, items: Sequence[dict[str, Any]], warmup: bool = True,
 
 
 def work(job: dict[str, Any]) -> dict[str, Any]:
-    from .childjob import emit_mark
-    from .host import peak_rss_mb
-
     adapter = _ReferenceAdapter(job) if job["mode"] == "reference" else _BundleAdapter(job["run"])
     emit_mark(CHILD_MARK, "load")
     try:
@@ -179,8 +178,6 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-    from .childjob import main as child_main
-
     return child_main(argv, work, lambda job: job.get("run", {}).get("bundle") or job.get("checkpoint", "?"))
 
 

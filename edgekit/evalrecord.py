@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from . import __version__
+from . import scoring
+from .scoring import softmax
 from .tasks import TaskSet, is_correct
 
 PARAPHRASE_DROP_MAX = 0.10
@@ -111,8 +113,6 @@ class EvalReport:
 
 
 def item_results(tasks: TaskSet, child_items: Sequence[dict[str, Any]]) -> list[ItemResult]:
-    from .scoring import softmax
-
     out = []
     for task, got in zip(tasks.tasks, child_items):
         if task.match == "choice":
@@ -138,8 +138,6 @@ def make_record(*, name: str, kind: str, fmt: str, model: str, tasks: TaskSet, i
                 child: dict[str, Any], reference: EvalRecord | None, size_bytes: int | None, threads: int,
                 profile: str, host_id: str, paraphrase_max: float = PARAPHRASE_DROP_MAX,
                 format_max: float = FORMAT_SENSITIVITY_MAX, cached: bool = False) -> EvalRecord:
-    from . import scoring
-
     tasks_by_id = {t.id: t for t in tasks.tasks}
     n = len(items)
     correct = sum(i.correct for i in items)

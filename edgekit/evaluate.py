@@ -17,11 +17,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from importlib.metadata import version
+
+from . import childjob
+from . import host as hostmod
+from .bundle import read_manifest, update_manifest
+from .checkpoint import content_hash
 from .errors import BadInput
+from .fileio import write_text
+from .gates import Gate
+from .paths import cache_dir
+from .progress import NullProgress, Progress
+from .scoring import wilson
+from .tasks import load_tasks
+from .verification import reference_checkpoints
 from .evalrecord import (FORMAT_SENSITIVITY_MAX, PARAPHRASE_DROP_MAX, REFERENCE, EvalRecord, EvalReport,
                          item_results, make_record)
 from .tasks import TaskSet, choice_continuation
@@ -42,11 +54,6 @@ def _items_job(tasks: TaskSet) -> list[dict[str, Any]]:
 def reference_cache_path(checkpoint, tasks: TaskSet, threads: int) -> Path:
     """Where the reference's answers for these items are cached: keyed by the checkpoint's
     content, the items as sent, the threads and the transformers / torch versions."""
-    from importlib.metadata import version
-
-    from .checkpoint import content_hash
-    from .paths import cache_dir
-
     key_src = json.dumps({"v": CACHE_FORMAT, "ckpt": content_hash(checkpoint.path), "items": _items_job(tasks),
                           "threads": threads, "versions": [version(p) for p in ("transformers", "torch")]},
                          sort_keys=True)
@@ -56,8 +63,6 @@ def reference_cache_path(checkpoint, tasks: TaskSet, threads: int) -> Path:
 def _reference_child(checkpoint, tasks: TaskSet, threads: int, progress) -> tuple[dict[str, Any], bool]:
     """The reference's child result, from the cache when the checkpoint, the items and the
     library versions are the same (its timings are then those of the run that filled it)."""
-    from . import childjob
-
     items = _items_job(tasks)
     path = reference_cache_path(checkpoint, tasks, threads)
     if path.is_file():
@@ -71,9 +76,7 @@ def _reference_child(checkpoint, tasks: TaskSet, threads: int, progress) -> tupl
         child, _ = childjob.run("edgekit.eval_child", job, f"the eval reference process for {checkpoint.path}",
                                 "@edgekit-eval", on_mark=lambda m: step.advance())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{time.time_ns()}")
-    tmp.write_text(json.dumps(child), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(child))
     return child, False
 
 
@@ -92,13 +95,12 @@ def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[
              profile: str | None = None, overrides: dict[str, Any] | None = None,
              output: str | Path | None = None, write_manifest: bool = True,
              paraphrase_max: float = PARAPHRASE_DROP_MAX, format_max: float = FORMAT_SENSITIVITY_MAX,
-             progress=None) -> EvalReport:
-    """See edgekit.api.evaluate. `references` maps a checkpoint content sha256 to the resolved
+             progress: Progress | None = None) -> EvalReport:
+    """See evaluate_bundles. `references` maps a checkpoint content sha256 to the resolved
     checkpoint whose transformers run is the baseline row for bundles made from it."""
-    from . import childjob
-    from . import host as hostmod
+    # edgekit.bench is also the benchmark child's __main__; loaded here, not by the package.
     from .bench import choose_profile, plan
-    from .progress import NullProgress
+
 
     progress = progress or NullProgress()
     for name, v in (("--max-paraphrase-drop", paraphrase_max), ("--max-format-sensitivity", format_max)):
@@ -119,8 +121,6 @@ def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[
         progress.note(f"profile: {prof.name} ({why}; pass --profile to choose)")
     for line in skipped:
         progress.note(line)
-    from .bundle import read_manifest
-
     ref_records: dict[str, EvalRecord] = {}
     for sha, ck in (references or {}).items():
         child, cached = _reference_child(ck, tasks, REFERENCE_THREADS, progress)
@@ -155,37 +155,62 @@ def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[
                       references=tuple(ref_records.values()), bundles=tuple(records), warnings=tuple(warnings))
 
 
-def _half_width(n: int) -> float:
-    from .scoring import wilson
+def evaluate_bundles(
+    bundles: Sequence[str | Path] = (),
+    *,
+    tasks: str | Path | None = None,
+    limit: int | None = None,
+    normalization: dict[str, bool] | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    reference: bool | str = True,
+    offline: bool | None = None,
+    trust_remote_code: bool = False,
+    output: str | Path | None = None,
+    write_manifest: bool = True,
+    max_paraphrase_drop: float = PARAPHRASE_DROP_MAX,
+    max_format_sensitivity: float = FORMAT_SENSITIVITY_MAX,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Run a task file (default: the shipped edgekit-basic set) on each bundle (default: every
+    bundle under dist/) and on the unquantized reference in transformers, each in a fresh
+    process. Returns an EvalReport: per bundle accuracy with a 95 % Wilson interval, per-match
+    accuracy, delta, flips and McNemar's exact p against the reference, ECE of choice items,
+    paraphrase drop and format sensitivity, TTFT / end-to-end latency p50 / p95 / max, decode
+    tok/s, peak RSS and size. `reference` may be False (no baseline row) or a checkpoint path
+    to use instead of the one in the manifest. Every input is checked before a model loads.
+    """
+    from .bench import discover_bundles  # the benchmark child's __main__: see evaluate()
 
+    task_set = load_tasks(tasks, limit=limit, normalization=normalization)
+    refs = reference_checkpoints(bundles or discover_bundles(), reference if isinstance(reference, str) else None,
+                                 offline, trust_remote_code) if reference else {}
+    return evaluate(bundles, task_set, references=refs, profile=profile, overrides=overrides, output=output,
+                    write_manifest=write_manifest, paraphrase_max=max_paraphrase_drop,
+                    format_max=max_format_sensitivity, progress=progress)
+
+
+def _half_width(n: int) -> float:
     lo, hi = wilson(n // 2, n)
     return (hi - lo) / 2
 
 
 def _write_items(out: Path, records: Sequence[EvalRecord]) -> None:
     """One JSON line per item per bundle (and reference), replaced atomically."""
-    tmp = out.with_name(f".{out.name}.edgekit-tmp-{time.time_ns()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            for item in r.items:
-                f.write(json.dumps({"bundle": r.name, "kind": r.kind, "format": r.format, "tasks": r.tasks,
-                                    **dataclasses.asdict(item)}, sort_keys=True) + "\n")
-    tmp.replace(out)
+    lines = [json.dumps({"bundle": r.name, "kind": r.kind, "format": r.format, "tasks": r.tasks,
+                         **dataclasses.asdict(item)}, sort_keys=True) + "\n" for r in records for item in r.items]
+    write_text(out, "".join(lines))
 
 
 def record_in_manifest(record: EvalRecord) -> None:
     """manifest["eval"][tasks key] = the latest summary; the file list is untouched, so the
     bundle still validates (manifest.json is not among the hashed files)."""
-    from .bundle import read_manifest, update_manifest
-
     section = dict(read_manifest(Path(record.name)).get("eval") or {})
     section[record.tasks] = record.summary()
     update_manifest(Path(record.name), eval=section)
 
 
 def stored_record(bundle: str | Path, tasks_key: str) -> dict[str, Any] | None:
-    from .bundle import read_manifest
-
     return (read_manifest(Path(bundle)).get("eval") or {}).get(tasks_key)
 
 
@@ -240,7 +265,7 @@ GATE_KEYS = {  # [eval] key in edgekit.toml -> (record field, operator)
 }
 
 
-def gates(record: EvalRecord, limits: dict[str, float | None]) -> list[dict[str, Any]]:
+def gates(record: EvalRecord, limits: dict[str, float | None]) -> list[Gate]:
     """One gate per limit set. A figure that cannot be computed (no reference for a drop or
     flip rate, no groups for robustness) fails its gate rather than passing unseen."""
     out = []
@@ -250,9 +275,7 @@ def gates(record: EvalRecord, limits: dict[str, float | None]) -> list[dict[str,
         name, op = GATE_KEYS[key]
         figure = -record.accuracy_delta if name == "accuracy_drop" and record.accuracy_delta is not None \
             else getattr(record, name, None)
-        passed = figure is not None and (figure >= limit if op == ">=" else figure <= limit)
-        out.append({"kind": "eval", "name": f"eval.{name}", "figure": figure if figure is None else round(figure, 4),
-                    "op": op, "threshold": limit, "passed": passed})
+        out.append(Gate.check("eval", f"eval.{name}", figure if figure is None else round(figure, 4), op, limit))
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
+from .gates import Gate
 from .longcontext import LongContextReport
 
 # Completion prompts for greedy_match_tokens: short, factual, varied.
@@ -78,20 +79,6 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
-class Check:
-    name: str
-    value: float | bool
-    threshold: float | bool
-    op: str  # "<=", ">=", "=="
-    passed: bool
-
-    def line(self) -> str:
-        v = self.value if isinstance(self.value, bool) else f"{self.value:.4g}"
-        t = self.threshold if isinstance(self.threshold, bool) else f"{self.threshold:.4g}"
-        return f"{self.name} = {v} (needs {self.op} {t})"
-
-
-@dataclass(frozen=True)
 class ParityReport:
     bundle: str
     format: str
@@ -114,7 +101,7 @@ class ParityReport:
     tokenizer_agreement: float
     tokenizer_failures: tuple[str, ...]
     chat_template_match: bool
-    checks: tuple[Check, ...]
+    checks: tuple[Gate, ...]          # kind "parity": one per threshold set
     passed: bool
     wall_s: float
     peak_rss_mb: float
@@ -136,24 +123,14 @@ class ParityReport:
         return out
 
 
-def evaluate_checks(metrics: dict[str, Any], t: Thresholds) -> list[Check]:
-    checks = []
-
-    def add(name, value, threshold, op):
-        if threshold is None:
-            return
-        ok = {"<=": value <= threshold, ">=": value >= threshold, "==": value == threshold}[op]
-        checks.append(Check(name, value, threshold, op, bool(ok)))
-
-    add("kld_mean", metrics["kld_mean"], t.kld_mean_max, "<=")
-    add("kld_p99", metrics["kld_p99"], t.kld_p99_max, "<=")
-    add("top1_agreement", metrics["top1_agreement"], t.top1_agreement_min, ">=")
-    add("ppl_ratio", metrics["ppl_ratio"], t.ppl_ratio_max, "<=")
-    add("greedy_match_tokens_mean", metrics["greedy_match_tokens_mean"], t.greedy_match_min, ">=")
-    add("tokenizer_agreement", metrics["tokenizer_agreement"], t.tokenizer_agreement_min, ">=")
-    if t.chat_template_match:
-        add("chat_template_match", metrics["chat_template_match"], True, "==")
-    return checks
+def evaluate_checks(metrics: dict[str, Any], t: Thresholds) -> list[Gate]:
+    """One parity gate per threshold the target sets (a None threshold is not checked)."""
+    limits = (("kld_mean", t.kld_mean_max, "<="), ("kld_p99", t.kld_p99_max, "<="),
+              ("top1_agreement", t.top1_agreement_min, ">="), ("ppl_ratio", t.ppl_ratio_max, "<="),
+              ("greedy_match_tokens_mean", t.greedy_match_min, ">="),
+              ("tokenizer_agreement", t.tokenizer_agreement_min, ">="),
+              ("chat_template_match", True if t.chat_template_match else None, "=="))
+    return [Gate.check("parity", name, metrics[name], op, limit) for name, limit, op in limits if limit is not None]
 
 
 def teacher_forced(session, reference, rows_per_chunk: int = 64) -> dict[str, float]:
@@ -218,7 +195,7 @@ def chat_match(session, tokenizer) -> bool:
 
 
 def long_context_probe(session, fmt: str, checkpoint, tokenizer, text: str, thresholds: Thresholds, boundary: int,
-                       progress) -> tuple[LongContextReport, list[Check]]:
+                       progress) -> tuple[LongContextReport, list[Gate]]:
     """Past the original context, teacher-forced as an application runs it (edgekit.longcontext)."""
     import numpy as np
 
@@ -248,8 +225,8 @@ def long_context_probe(session, fmt: str, checkpoint, tokenizer, text: str, thre
     gated = after if after.any() else np.ones(n, dtype=bool)
     kld_gated = float(stats.kld[gated].mean())
     top1_gated = float(stats.top1_same[gated].mean())
-    checks = [Check("long_context_kld_mean", kld_gated, kld_max, "<=", kld_gated <= kld_max),
-              Check("long_context_top1", top1_gated, top1_min, ">=", top1_gated >= top1_min)]
+    checks = [Gate.check("parity", "long_context_kld_mean", kld_gated, "<=", kld_max),
+              Gate.check("parity", "long_context_top1", top1_gated, ">=", top1_min)]
     if after.any():
         reach = parity_context(stats.kld[after], boundary, kld_max)
     else:
@@ -317,7 +294,7 @@ def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thres
                                     if boundary else (None, []))
     metrics.update(greedy_match_tokens_mean=g_mean, tokenizer_agreement=tok_share, chat_template_match=chat_ok)
     checks = evaluate_checks(metrics, thresholds) + long_checks
-    failed = tuple(c.line() for c in checks if not c.passed)
+    failed = tuple(c.text() for c in checks if not c.passed)
     short_failed = any(c.name in ("kld_mean", "top1_agreement", "ppl_ratio") and not c.passed for c in checks)
     known = getattr(backend(fmt), "KNOWN_DIFFERENCES", {}).get(checkpoint.architecture)
     if known and short_failed:

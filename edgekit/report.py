@@ -12,7 +12,17 @@ import io
 from pathlib import Path
 from typing import Any
 
-FORMAT_COLORS = {"onnx-int4": "#1f77b4", "gguf-q4_k_m": "#d62728"}
+from .errors import BadInput
+from .fileio import write_text
+from .formats import REGISTRY, backend
+from .select import Constraints, candidates_from, select
+from .summary import REPORT, read_summary
+
+
+
+def format_color(fmt: str) -> str:
+    """Each backend names its plot colour; a format this install does not know is grey."""
+    return backend(fmt).PLOT_COLOR if fmt in REGISTRY else "#555"
 POINT_ALPHA = 0.8  # overlapping points stay visible
 
 
@@ -57,7 +67,7 @@ def tradeoff_svg(pts: list[dict[str, Any]]) -> str:
         sel = [p for p in pts if p["format"] == fmt]
         ax.scatter([p["decode_tok_s"] for p in sel], [p["kld_mean"] for p in sel],
                    s=[80 + 400 * p["size_mb"] / biggest for p in sel], alpha=POINT_ALPHA,
-                   color=FORMAT_COLORS.get(fmt, "#555"), label=fmt, edgecolors="black", linewidths=0.5)
+                   color=format_color(fmt), label=fmt, edgecolors="black", linewidths=0.5)
     front = pareto_front(pts)
     if front:
         ax.plot([p["decode_tok_s"] for p in front], [p["kld_mean"] for p in front], "--", color="#2ca02c",
@@ -110,8 +120,6 @@ def rss_svg(summary: dict[str, Any]) -> str:
 def eval_selection(summary: dict[str, Any]):
     """(candidates, Selection or None) over the entries with eval results: the front over all of
     them, the pick among the entries that passed every gate (no candidate: no pick)."""
-    from .select import Constraints, candidates_from, select
-
     rows = [{**e["eval"], "name": e["id"], "format": e["format"]} for e in summary["entries"] if e.get("eval")]
     if not rows:
         return [], None
@@ -137,7 +145,7 @@ def accuracy_latency_svg(summary: dict[str, Any]) -> str:
     for c in pts:
         lo, hi = intervals[c.name]
         ax.errorbar([c.p95_ms], [c.accuracy], yerr=[[c.accuracy - lo], [hi - c.accuracy]], fmt="o", capsize=3,
-                    color=FORMAT_COLORS.get(c.format, "#555"), alpha=POINT_ALPHA)
+                    color=format_color(c.format), alpha=POINT_ALPHA)
         ax.annotate(c.name, (c.p95_ms, c.accuracy), fontsize=7, xytext=(6, 4), textcoords="offset points")
     front = sorted((c for c in pts if sel and c.name in sel.front), key=lambda c: c.p95_ms)
     if front:
@@ -219,13 +227,10 @@ def _f(v: Any, digits: int) -> str:
 
 def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
     """Render DIR/summary.json (from `edgekit build`) to `out` (default DIR/report.html)."""
-    from .build import REPORT, _atomic, read_summary
-    from .errors import BadInput
-
     directory = Path(directory)
-    summary = read_summary(directory, "report:")
+    summary = read_summary(directory, "report:").to_dict()
     out = Path(out) if out else directory / REPORT
     if not out.parent.is_dir():
         raise BadInput(f"--out {out}: directory {out.parent} does not exist", "Create it or choose another --out")
-    _atomic(out, render_html(summary))
+    write_text(out, render_html(summary))
     return out

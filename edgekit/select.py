@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import BadInput, GateFailed
+from .evaluate import evaluate_bundles, stored_record
+from .progress import Progress
+from .tasks import load_tasks
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,50 @@ class NoFeasibleBundle(GateFailed):
     def __init__(self, problem: str, fix: str, selection: Selection):
         super().__init__(problem, fix)
         self.selection = selection
+
+
+def select_bundles(
+    records: Sequence[Any] | None = None,
+    *,
+    bundles: Sequence[str | Path] = (),
+    from_json: str | Path | None = None,
+    stored: bool = False,
+    tasks: str | Path | None = None,
+    limit: int | None = None,
+    min_accuracy: float | None = None,
+    max_accuracy_drop: float | None = None,
+    max_p95_ms: float | None = None,
+    max_rss_mb: float | None = None,
+    max_size_mb: float | None = None,
+    progress: Progress | None = None,
+    **eval_kwargs: Any,
+) -> Selection:
+    """The Pareto set over (accuracy up, p95 end-to-end latency down, peak RSS down, size down)
+    and the pick: the most accurate bundle that meets every constraint (ties: lower RSS, then
+    smaller). Candidates come from `records` (EvalRecords or their summaries), from `from_json`
+    (an `edgekit eval --json` document), from the bundles' manifests (stored=True, for the task
+    file given), or else from a fresh evaluate_bundles(bundles, tasks=...). Returns a Selection;
+    no feasible bundle raises GateFailed (exit 3) naming the nearest miss."""
+    constraints = Constraints(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_p95_ms=max_p95_ms,
+                              max_rss_mb=max_rss_mb, max_size_mb=max_size_mb)
+    constraints.check()
+    if records is None:
+        if from_json is not None:
+            records = load_eval_json(from_json)
+        elif stored:
+            from .bench import discover_bundles  # the benchmark child's __main__: loaded on use only
+
+            key = load_tasks(tasks, limit=limit).key
+            records = []
+            for b in bundles or discover_bundles():
+                rec = stored_record(b, key)
+                if rec is None:
+                    raise BadInput(f"{b} has no stored eval for {key}",
+                                   "Run edgekit eval on it first, or drop --stored to evaluate now")
+                records.append(rec)
+        else:
+            records = list(evaluate_bundles(bundles, tasks=tasks, limit=limit, progress=progress, **eval_kwargs).bundles)
+    return select(candidates_from(records), constraints)
 
 
 def print_selection(sel: Selection) -> None:

@@ -147,7 +147,7 @@ _PROFILE_TYPES = {
 }
 
 
-def _profile(name: str, table: dict[str, Any], where: str, known_formats: set[str]) -> Profile:
+def parse_profile(name: str, table: dict[str, Any], where: str, known_formats: set[str]) -> Profile:
     check_keys(table, set(_PROFILE_TYPES), where)
     for key, types in _PROFILE_TYPES.items():
         if key in table and (not isinstance(table[key], types) or isinstance(table[key], bool)):
@@ -230,7 +230,7 @@ def _load(directories: tuple[str, ...]) -> Targets:
         for name, table in tables.items():
             if not isinstance(table, dict):
                 raise BadInput(f"{ppath}: profiles.{name} must be a table", f"Write it as [profiles.{name}]")
-            profiles[name] = _profile(name, table, f"{ppath} [profiles.{name}]", set(formats))
+            profiles[name] = parse_profile(name, table, f"{ppath} [profiles.{name}]", set(formats))
     return Targets(formats=formats, profiles=profiles)
 
 

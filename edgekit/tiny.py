@@ -407,10 +407,10 @@ def runtime_shape_problems(settings: dict[str, Any]) -> list[str]:
         problems.append(f"head size {head} is not a multiple of 16 (GroupQueryAttention)")
     if (rotary // 2) % 8:
         problems.append(f"rotary cache width {rotary // 2} is not a multiple of 8 (GroupQueryAttention)")
-    from .formats.onnx_int4 import builder_lm_head_lookalikes
+    from .formats import REGISTRY, backend
 
-    problems += [f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
-                 for name in builder_lm_head_lookalikes(settings)]
+    for name in REGISTRY:  # what each format's own tools mishandle (e.g. the genai builder's lm_head guess)
+        problems += backend(name).config_problems(settings)
     return problems
 
 

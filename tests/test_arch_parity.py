@@ -202,7 +202,7 @@ def test_a_width_the_builder_mistakes_for_the_lm_head_is_routed_to_optimum(tmp_p
 
 @pytest.mark.slow
 def test_bench_notes_a_context_past_longropes_switch_in_llama_cpp(ckpts, bundles):
-    from edgekit.formats import gguf_q4km
+    from edgekit.formats.gguf_q4km import session as gguf_q4km
 
     [res] = api.export(str(ckpts["phi3-longrope"]), "gguf-q4_k_m", bundles / "note", force=True,
                        recipe=UNQUANTIZED["gguf-q4_k_m"])

@@ -325,3 +325,40 @@ def test_shard_slices_are_deterministic_and_cover_the_matrix():
     for bad in ("0/2", "3/2", "a/b", "2"):
         with pytest.raises(BadInput):
             parse_shard(bad)
+
+
+def test_summary_records_round_trip_the_json_a_real_build_wrote(built):
+    """summary.json -> BuildSummary / BuildEntry / Gate -> the same JSON, key for key, so a
+    stored build still reads; every gate keeps the keys build gates have always had."""
+    from edgekit.gates import Gate
+    from edgekit.summary import BuildEntry, BuildSummary
+
+    _, doc, _ = built  # what the first build wrote (later tests rebuild into the same directory)
+    assert BuildSummary.from_dict(doc).to_dict() == doc
+    for e in doc["entries"]:
+        entry = BuildEntry.from_dict(e)
+        assert entry.to_dict() == e and entry.status == "ok" and not entry.failed_gates
+        for g in e["gates"]:
+            assert g["kind"] in ("parity", "budget")
+            assert set(g) == {"kind", "name", "figure", "op", "threshold", "passed"}
+            assert Gate.from_dict(g).to_dict() == g
+
+
+def test_an_entry_judged_by_a_failed_gate_is_gate_failed_with_exit_3(built):
+    """with_gates on a real entry: one failing regression gate turns it gate_failed (exit 3)
+    with the gate's one line as its message; passing gates leave it ok."""
+    import dataclasses
+
+    from edgekit.build import regression_gates
+    from edgekit.buildconfig import REGRESSION_DEFAULTS
+    from edgekit.errors import ExitCode
+    from edgekit.summary import BuildEntry
+
+    _, summary, _ = built
+    entry = BuildEntry.from_dict(summary["entries"][0])
+    same = entry.with_gates(list(entry.gates) + regression_gates(entry, entry, REGRESSION_DEFAULTS))
+    assert same.status == "ok" and same.exit_code == ExitCode.OK and not same.failed_gates
+    better = dataclasses.replace(entry, parity={**entry.parity, "kld_mean": entry.parity["kld_mean"] / 10})
+    worse = entry.with_gates(list(entry.gates) + regression_gates(entry, better, REGRESSION_DEFAULTS))
+    assert worse.status == "gate_failed" and worse.exit_code == ExitCode.GATE_FAILED
+    assert worse.message.startswith("kld_mean ") and "(baseline" in worse.message and "fails <=" in worse.message

@@ -18,6 +18,8 @@ import pytest
 
 from edgekit.errors import BadInput, IntegrityError
 from edgekit.formats import gguf_q4km as gguf_fmt
+from edgekit.formats.gguf_q4km.export import gguf_model_name
+from edgekit.formats.gguf_q4km.recipe import MODEL_FILE, PATH_TAKEN, GgufRecipe
 from edgekit.progress import NullProgress
 
 CONVERSATIONS = [
@@ -185,7 +187,7 @@ def test_recipe_from_targets_file():
 
     spec = load_targets().format("gguf-q4_k_m")
     recipe = gguf_fmt.parse_recipe(spec.recipe, spec.source)
-    assert recipe == gguf_fmt.GgufRecipe(intermediate="f16", quant_type="Q4_K_M", quant_threads=0, imatrix="calibration")
+    assert recipe == GgufRecipe(intermediate="f16", quant_type="Q4_K_M", quant_threads=0, imatrix="calibration")
     assert recipe.ftype == 15
 
 
@@ -220,7 +222,7 @@ def _tokenizer_dir(tmp_path: Path, name: str, rstrip: bool) -> Path:
 ])
 def test_gguf_model_name_tells_llama_cpp_what_the_tokenizer_does(tmp_path, dirname, hub_id, rstrip, arch, expected):
     ckpt = SimpleNamespace(path=_tokenizer_dir(tmp_path, dirname, rstrip), hub_id=hub_id, architecture=arch)
-    assert gguf_fmt.gguf_model_name(ckpt) == expected
+    assert gguf_model_name(ckpt) == expected
 
 
 # --- export --------------------------------------------------------------------------------
@@ -229,14 +231,14 @@ def test_gguf_model_name_tells_llama_cpp_what_the_tokenizer_does(tmp_path, dirna
 def test_tiny_export_files_and_notes(tiny_export, tiny_phi3):
     bundle, notes = tiny_export
     names = {p.name for p in bundle.iterdir()}
-    assert gguf_fmt.MODEL_FILE in names
+    assert MODEL_FILE in names
     assert not any(n.startswith("model-") for n in names)  # the f16 intermediate is gone
     assert {"tokenizer_config.json", "generation_config.json"} <= names
     assert "config.json" not in names
-    for name in names - {gguf_fmt.MODEL_FILE, "Modelfile"}:
+    for name in names - {MODEL_FILE, "Modelfile"}:
         assert (bundle / name).read_bytes() == (tiny_phi3 / name).read_bytes()
     assert "FROM ./model.gguf" in (bundle / "Modelfile").read_text()
-    assert notes.path_taken == gguf_fmt.PATH_TAKEN
+    assert notes.path_taken == PATH_TAKEN
     assert set(notes.reproducible_files) == names
     assert {"llama-cpp-python", "convert_hf_to_gguf", "gguf-py"} <= set(notes.tools)
     # 64-wide rows cannot hold a 256-value K block: every matrix falls back, and says so.
@@ -255,7 +257,7 @@ def test_tiny_gguf_opens_in_plain_llama_cpp(tiny_export, tiny_phi3, hf_tokenizer
     try:
         assert llm.metadata["general.architecture"] == "phi3"
         # Our name, not the converter's guess: llama.cpp keys Phi-3 token stripping on it.
-        assert llm.metadata["general.name"] == gguf_fmt.gguf_model_name(resolve(str(tiny_phi3)))
+        assert llm.metadata["general.name"] == gguf_model_name(resolve(str(tiny_phi3)))
         assert llm.metadata["tokenizer.chat_template"] == hf_tokenizer.chat_template
         assert llm.metadata["tokenizer.ggml.model"] == "llama"
         assert llm.n_vocab() >= len(hf_tokenizer)  # the embedding may be padded past the tokenizer

@@ -17,6 +17,10 @@ import pytest
 from edgekit.checkpoint import resolve
 from edgekit.errors import BadInput, ToolFailed, UnsupportedArchitecture
 from edgekit.formats import onnx_int4
+from edgekit.formats.onnx_int4.architectures import BUILDER_EXCLUDED
+from edgekit.formats.onnx_int4.export import builder_lm_head_lookalikes, choose_engine
+from edgekit.formats.onnx_int4.files import set_context_length
+from edgekit.formats.onnx_int4.recipe import OnnxRecipe, builder_extra_options
 from edgekit.targets import load_targets
 
 CHATS = [
@@ -53,7 +57,7 @@ class RecordingProgress:
         pass
 
 
-def recipe(**overrides) -> onnx_int4.OnnxRecipe:
+def recipe(**overrides) -> OnnxRecipe:
     spec = load_targets().format("onnx-int4")
     return onnx_int4.parse_recipe({**spec.recipe, **overrides}, "test")
 
@@ -153,12 +157,12 @@ def test_recipe_rejects(key, value, message):
 def test_extra_options_mapping():
     r = recipe(block_size=64, accuracy_level=0, algorithm="rtn_last", is_symmetric=False,
                float_lm_head=True, embeddings="float")
-    assert onnx_int4.builder_extra_options(r, trust_remote_code=False) == {
+    assert builder_extra_options(r, trust_remote_code=False) == {
         "block_size": "64", "accuracy_level": "0", "algo_config": "rtn_last", "is_symmetric": "false",
         "hf_token": "false", "hf_remote": "false",
         "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather",
     }
-    opts = onnx_int4.builder_extra_options(recipe(embeddings="int4", algorithm="default"), trust_remote_code=True)
+    opts = builder_extra_options(recipe(embeddings="int4", algorithm="default"), trust_remote_code=True)
     assert opts["op_types_to_quantize"] == "MatMul/Gather" and opts["hf_remote"] == "true"
 
 
@@ -178,21 +182,21 @@ class FakeCheckpoint:
 ])
 def test_engine_choice(arch, engine, expected):
     if isinstance(expected, str):
-        assert onnx_int4.choose_engine(FakeCheckpoint(arch), recipe(engine=engine)) == expected
+        assert choose_engine(FakeCheckpoint(arch), recipe(engine=engine)) == expected
     else:
         with pytest.raises(expected):
-            onnx_int4.choose_engine(FakeCheckpoint(arch), recipe(engine=engine))
+            choose_engine(FakeCheckpoint(arch), recipe(engine=engine))
 
 
 def test_a_width_equal_to_the_vocabulary_routes_to_optimum():
     # The builder takes any Linear with vocab_size outputs for the lm_head (has_lm_head).
     clash = {"vocab_size": 512, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 384}          # qkv_proj: (4 + 2 x 2) x 64 = 512
-    assert onnx_int4.builder_lm_head_lookalikes(clash) == ["qkv_proj"]
-    assert onnx_int4.choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe()) == "optimum"
-    assert onnx_int4.choose_engine(FakeCheckpoint("Phi3ForCausalLM", {**clash, "vocab_size": 32064}), recipe()) == "builder"
+    assert builder_lm_head_lookalikes(clash) == ["qkv_proj"]
+    assert choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe()) == "optimum"
+    assert choose_engine(FakeCheckpoint("Phi3ForCausalLM", {**clash, "vocab_size": 32064}), recipe()) == "builder"
     # A forced engine is the user's call.
-    assert onnx_int4.choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe(engine="builder")) == "builder"
+    assert choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe(engine="builder")) == "builder"
 
 
 def test_longrope_context_cap(tmp_path):
@@ -204,14 +208,14 @@ def test_longrope_context_cap(tmp_path):
         genai.write_text(json.dumps({"model": {"context_length": 131072}, "search": {"max_length": 131072}}))
 
     write()
-    assert onnx_int4.set_context_length(longrope, genai, 0)[0] == 4096
+    assert set_context_length(longrope, genai, 0)[0] == 4096
     cfg = json.loads(genai.read_text())
     assert cfg["model"]["context_length"] == cfg["search"]["max_length"] == 4096
     write()
-    context, note = onnx_int4.set_context_length(longrope, genai, 131072)
+    context, note = set_context_length(longrope, genai, 131072)
     assert context == 131072 and "past LongRoPE's switch" in note
     write()
-    assert onnx_int4.set_context_length({"max_position_embeddings": 131072}, genai, 0) == (131072, None)
+    assert set_context_length({"max_position_embeddings": 131072}, genai, 0) == (131072, None)
     with pytest.raises(BadInput, match="context_length"):
         recipe(context_length=-1)
 
@@ -220,7 +224,7 @@ def test_catalog_families_are_in_the_table():
     for arch in ("Phi3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                  "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3SmallForCausalLM"):
         assert arch in onnx_int4.SUPPORTED_ARCHITECTURES
-    assert "PhiMoEForCausalLM" in onnx_int4.BUILDER_EXCLUDED
+    assert "PhiMoEForCausalLM" in BUILDER_EXCLUDED
 
 
 # --- export: genai builder -----------------------------------------------------------------

@@ -12,11 +12,14 @@ import pytest
 from edgekit.errors import BadInput
 from edgekit.formats import gguf_q4km as gguf_fmt
 from edgekit.formats import onnx_int4
+from edgekit.formats.onnx_int4.recipe import OnnxRecipe, builder_extra_options
+from edgekit.formats.onnx_int4.requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
+from edgekit.formats.onnx_int4.rewrite import requant_job
 from edgekit.progress import NullProgress
 from edgekit.targets import load_targets
 
 
-def onnx_recipe(**overrides) -> onnx_int4.OnnxRecipe:
+def onnx_recipe(**overrides) -> OnnxRecipe:
     spec = load_targets().format("onnx-int4")
     return onnx_int4.parse_recipe({**spec.recipe, **overrides}, "test")
 
@@ -54,7 +57,7 @@ def test_new_onnx_keys_never_reach_the_builder():
     """They are edgekit's own pass: the builder's extra_options do not change with them."""
     plain = onnx_recipe(weight_search="builder", int8_matmuls=[])
     tuned = onnx_recipe(weight_search="imatrix", int8_matmuls=["k_proj", "v_proj", "down_proj"])
-    assert onnx_int4.builder_extra_options(plain, False) == onnx_int4.builder_extra_options(tuned, False)
+    assert builder_extra_options(plain, False) == builder_extra_options(tuned, False)
 
 
 class FakeCheckpoint:
@@ -65,27 +68,27 @@ class FakeCheckpoint:
 def test_requant_job():
     cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
     keep = dict(weight_search="builder", int8_matmuls=[], int8_block_size=0)
-    assert onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(**keep)) is None
-    assert onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(precision="fp32", weight_search="imatrix")) is None
-    job = onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_matmuls": ["v_proj"]}))
+    assert requant_job(FakeCheckpoint(cfg), onnx_recipe(**keep)) is None
+    assert requant_job(FakeCheckpoint(cfg), onnx_recipe(precision="fp32", weight_search="imatrix")) is None
+    job = requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_matmuls": ["v_proj"]}))
     assert job["qkv_sizes"] == [576, 192, 192] and job["int8"] == ["v_proj"] and job["weight_search"] == "builder"
     assert job["int8_block_size"] == 0
-    assert onnx_int4.requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_block_size": 64}))["int8_block_size"] == 64
-    job = onnx_int4.requant_job(FakeCheckpoint({**cfg, "head_dim": 32}), onnx_recipe(weight_search="imatrix"))
+    assert requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_block_size": 64}))["int8_block_size"] == 64
+    job = requant_job(FakeCheckpoint({**cfg, "head_dim": 32}), onnx_recipe(weight_search="imatrix"))
     assert job["qkv_sizes"] == [288, 96, 96]
 
 
 def test_plan_splits_a_fused_qkv_by_width():
     qkv = [576, 192, 192]
     node = "/model/layers.3/attn/qkv_proj/MatMul"
-    assert onnx_int4._plan(node, 960, 4, ["v_proj"], qkv) == [("qk", 0, 768, 4), ("v", 768, 960, 8)]
-    assert onnx_int4._plan(node, 960, 4, ["k_proj", "v_proj"], qkv) == [("q", 0, 576, 4), ("kv", 576, 960, 8)]
-    assert onnx_int4._plan(node, 960, 8, ["v_proj"], qkv) == [("", 0, 960, 8)]      # already int8: whole
-    assert onnx_int4._plan(node, 960, 4, ["qkv_proj"], qkv) == [("", 0, 960, 8)]
-    assert onnx_int4._plan(node, 960, 4, ["v_proj"], [576, 192, 100]) == [("", 0, 960, 4)]  # sizes disagree
-    assert onnx_int4._plan("/model/layers.0/self_attn/v_proj/MatMul", 192, 4, ["v_proj"], qkv) == [("", 0, 192, 8)]
-    assert onnx_int4._plan("/model/layers.0/mlp/down_proj/MatMul", 576, 4, ["v_proj"], qkv) == [("", 0, 576, 4)]
-    assert onnx_int4._plan("/lm_head/MatMul", 100, 8, ["down_proj"], qkv) == [("", 0, 100, 8)]
+    assert plan(node, 960, 4, ["v_proj"], qkv) == [("qk", 0, 768, 4), ("v", 768, 960, 8)]
+    assert plan(node, 960, 4, ["k_proj", "v_proj"], qkv) == [("q", 0, 576, 4), ("kv", 576, 960, 8)]
+    assert plan(node, 960, 8, ["v_proj"], qkv) == [("", 0, 960, 8)]      # already int8: whole
+    assert plan(node, 960, 4, ["qkv_proj"], qkv) == [("", 0, 960, 8)]
+    assert plan(node, 960, 4, ["v_proj"], [576, 192, 100]) == [("", 0, 960, 4)]  # sizes disagree
+    assert plan("/model/layers.0/self_attn/v_proj/MatMul", 192, 4, ["v_proj"], qkv) == [("", 0, 192, 8)]
+    assert plan("/model/layers.0/mlp/down_proj/MatMul", 576, 4, ["v_proj"], qkv) == [("", 0, 576, 4)]
+    assert plan("/lm_head/MatMul", 100, 8, ["down_proj"], qkv) == [("", 0, 100, 8)]
 
 
 # --- the quantizer against the MatMulNBits kernel ---------------------------------------------
@@ -112,10 +115,10 @@ def test_packing_matches_the_kernel(k, n, bits, block):
     """Odd block counts and a K that is not a multiple of the block (padded) included:
     onnxruntime's own rtn/k_quant cannot pack an odd block count (576 / 64 = 9)."""
     w = np.random.default_rng(k + n + bits).standard_normal((n, k)).astype(np.float32)
-    q, s, z = onnx_int4.quantize_blocks(w, bits, block)
-    b, s, z = onnx_int4.pack_matmulnbits(q, s, z, bits)
+    q, s, z = quantize_blocks(w, bits, block)
+    b, s, z = pack_matmulnbits(q, s, z, bits)
     got = _kernel_weight(b, s, z, k, n, bits, block)
-    np.testing.assert_allclose(onnx_int4.dequantize_matmulnbits(b, s, z, bits, block, n, k), got, atol=1e-6)
+    np.testing.assert_allclose(dequantize_matmulnbits(b, s, z, bits, block, n, k), got, atol=1e-6)
     rms = float(np.sqrt(np.mean((got - w) ** 2)))
     assert rms < (0.1 if bits == 4 else 0.006)
 
@@ -128,7 +131,7 @@ def test_search_beats_rtn_and_k_quant_and_keeps_constant_blocks_exact():
     def mse(q, s, z):
         return float(np.mean((((q.astype(np.float64) - z) * s).reshape(w.shape) - w) ** 2))
 
-    q, s, z = onnx_int4.quantize_blocks(w, 4, 32)
+    q, s, z = quantize_blocks(w, 4, 32)
     mine = mse(q, s[..., None], z[..., None])
     rtn = mse(*quant_tensor(w, 4, 32, "asym", "uint"))            # min-max asymmetric RTN
     kq = mse(*quant_tensor_k_quant_cpu(w, 4, 32))                 # the builder's k_quant
@@ -137,21 +140,8 @@ def test_search_beats_rtn_and_k_quant_and_keeps_constant_blocks_exact():
     const = np.full((2, 64), -0.37, dtype=np.float32)
     const[1] = 0.0
     for bits in (4, 8):
-        q, s, z = onnx_int4.quantize_blocks(const, bits, 32)
+        q, s, z = quantize_blocks(const, bits, 32)
         np.testing.assert_allclose((q.astype(np.float32) - z[..., None]) * s[..., None], const.reshape(2, 2, 32), atol=1e-7)
-
-
-def test_importance_moves_error_off_important_columns():
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((256, 64)).astype(np.float32)
-    importance = np.ones(64, dtype=np.float32)
-    importance[::8] = 100.0
-    err = {}
-    for name, imp in (("plain", None), ("weighted", importance)):
-        q, s, z = onnx_int4.quantize_blocks(w, 4, 32, imp)
-        deq = ((q.astype(np.float32) - z[..., None]) * s[..., None]).reshape(w.shape)
-        err[name] = float(np.mean((deq - w)[:, ::8] ** 2))
-    assert err["weighted"] < 0.7 * err["plain"]
 
 
 # --- imatrix ---------------------------------------------------------------------------------

@@ -43,3 +43,21 @@ def test_tune_with_no_passing_candidate_writes_nothing(tiny_phi3, tmp_path):
 def test_tune_needs_verify():
     result = CliRunner().invoke(cli, ["export", "x", "--tune", "--no-verify"])
     assert result.exit_code == 2 and "--tune" in result.stderr
+
+
+def test_the_library_export_verifies_by_default_like_the_cli(tiny_phi3, tmp_path):
+    """edgekit.export runs the same pipeline as `edgekit export`: parity is checked, written
+    into the bundle and returned on the result; a failed gate is reported, not raised; and
+    verify=False skips it."""
+    [res] = api.export(str(tiny_phi3), "gguf-q4_k_m", tmp_path / "checked", thresholds=LOOSE)
+    assert res.parity is not None and res.parity.passed
+    assert (tmp_path / "checked" / "parity.json").is_file()
+    assert validate(tmp_path / "checked")["parity"]["passed"] is True
+    assert {g.kind for g in res.parity.checks} == {"parity"} and "parity" not in res.to_dict()
+    strict = {**LOOSE, "kld_mean_max": 0.0}
+    [bad] = api.export(str(tiny_phi3), "gguf-q4_k_m", tmp_path / "strict", thresholds=strict)
+    assert not bad.parity.passed and bad.parity.failed[0].startswith("kld_mean ")
+    with pytest.raises(GateFailed, match="parity gate failed"):
+        api.parity_gate([bad.parity])
+    [plain] = api.export(str(tiny_phi3), "gguf-q4_k_m", tmp_path / "plain", verify=False)
+    assert plain.parity is None and not (tmp_path / "plain" / "parity.json").exists()
