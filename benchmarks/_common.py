@@ -39,15 +39,17 @@ def host_facts() -> dict:
 
 
 def host_line(facts: dict) -> str:
-    return (f"{facts['cpu']}, {facts['logical_cores']} cores, {facts['ram_gb']} GB RAM, "
-            f"{facts['os']}, Python {facts['python']}")
+    return (
+        f"{facts['cpu']}, {facts['logical_cores']} cores, {facts['ram_gb']} GB RAM, "
+        f"{facts['os']}, Python {facts['python']}"
+    )
 
 
 @dataclass(frozen=True)
 class Measured:
     wall_s: float
     peak_rss_mb: float  # sampled sum over the process tree (the converter may be a grandchild)
-    maxrss_mb: float    # kernel high-water mark of the largest single process in the tree
+    maxrss_mb: float  # kernel high-water mark of the largest single process in the tree
     returncode: int
     stdout: str
     stderr: str
@@ -61,8 +63,9 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
     from edgekit.measure import tree_rss_bytes
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     peak = 0
     stop = threading.Event()
 

@@ -56,19 +56,24 @@ RERUN = ".venv/bin/python benchmarks/arch_matrix.py"
 # Why a format cannot take an architecture, in words for the README footnotes. Only for
 # architectures the format does not claim; a claimed one that fails is a failure, not a gap.
 GAP_REASONS: dict[tuple[str, str], str] = {
-    ("PhiMoEForCausalLM", "onnx-int4"):
-        "onnxruntime-genai's model builder (0.15.2) exports PhiMoE only for CUDA: it switches to "
-        "`--execution_provider cuda` (\"`MoE` is only supported for CUDA in ONNX Runtime\"), so there is "
-        "no CPU int4 bundle; optimum-onnx 0.1.0 has no ONNX export config for PhiMoE. Use gguf-q4_k_m.",
-    ("Phi3SmallForCausalLM", "gguf-q4_k_m"):
-        "llama.cpp's convert_hf_to_gguf.py (llama-cpp-python 0.3.36) has no Phi3SmallForCausalLM "
-        "(block-sparse attention, tiktoken vocabulary).",
+    (
+        "PhiMoEForCausalLM",
+        "onnx-int4",
+    ): "onnxruntime-genai's model builder (0.15.2) exports PhiMoE only for CUDA: it switches to "
+    '`--execution_provider cuda` ("`MoE` is only supported for CUDA in ONNX Runtime"), so there is '
+    "no CPU int4 bundle; optimum-onnx 0.1.0 has no ONNX export config for PhiMoE. Use gguf-q4_k_m.",
+    (
+        "Phi3SmallForCausalLM",
+        "gguf-q4_k_m",
+    ): "llama.cpp's convert_hf_to_gguf.py (llama-cpp-python 0.3.36) has no Phi3SmallForCausalLM "
+    "(block-sparse attention, tiktoken vocabulary).",
 }
 
 
 # --------------------------------------------------------------------------------------------
 # One cell, in a child interpreter
 # --------------------------------------------------------------------------------------------
+
 
 def run_cell(ckpt: str, fmt: str, out: str) -> dict:
     """Export `ckpt` to `fmt` at `out`, open the bundle, generate. Never raises."""
@@ -82,11 +87,21 @@ def run_cell(ckpt: str, fmt: str, out: str) -> dict:
     except UnsupportedArchitecture as e:
         return {"status": "refused", "error": str(e), "export_s": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # noqa: BLE001 - every failure becomes a cell
-        return {"status": "failed", "stage": "export", "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc()[-3000:], "export_s": round(time.perf_counter() - t0, 2)}
-    cell.update(export_s=round(time.perf_counter() - t0, 2), converter_s=result.wall_s,
-                peak_rss_mb=result.peak_rss_mb, path_taken=result.path_taken,
-                size_bytes=result.size_bytes, notes=list(result.notes))
+        return {
+            "status": "failed",
+            "stage": "export",
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc()[-3000:],
+            "export_s": round(time.perf_counter() - t0, 2),
+        }
+    cell.update(
+        export_s=round(time.perf_counter() - t0, 2),
+        converter_s=result.wall_s,
+        peak_rss_mb=result.peak_rss_mb,
+        path_taken=result.path_taken,
+        size_bytes=result.size_bytes,
+        notes=list(result.notes),
+    )
     try:
         t1 = time.perf_counter()
         session, manifest = api.open_bundle(out)
@@ -96,14 +111,19 @@ def run_cell(ckpt: str, fmt: str, out: str) -> dict:
             gen = session.generate(ids, GEN_TOKENS, ignore_eos=True)
         finally:
             session.close()
-        cell.update(run_s=round(time.perf_counter() - t1, 2), prompt_tokens=len(ids),
-                    generated_tokens=len(gen.token_ids), text=gen.text,
-                    manifest_path_taken=manifest["export"]["path_taken"])
+        cell.update(
+            run_s=round(time.perf_counter() - t1, 2),
+            prompt_tokens=len(ids),
+            generated_tokens=len(gen.token_ids),
+            text=gen.text,
+            manifest_path_taken=manifest["export"]["path_taken"],
+        )
         if len(gen.token_ids) != GEN_TOKENS:
             raise RuntimeError(f"generated {len(gen.token_ids)} tokens, asked for {GEN_TOKENS}")
     except Exception as e:  # noqa: BLE001
-        cell.update(status="failed", stage="run", error=f"{type(e).__name__}: {e}",
-                    traceback=traceback.format_exc()[-3000:])
+        cell.update(
+            status="failed", stage="run", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:]
+        )
         return cell
     cell["status"] = "exported"
     cell["parity"] = float_parity(ckpt, fmt, out + "-unquantized")
@@ -126,23 +146,48 @@ def float_parity(ckpt: str, fmt: str, out: str) -> dict:
     try:
         t0 = time.perf_counter()
         [res] = api.export(ckpt, fmt, out, force=True, verify=False, recipe=UNQUANTIZED[fmt])
-        rep = api.verify(res.bundle, thresholds={"kld_mean_max": PARITY_KLD_MAX, "top1_agreement_min": PARITY_TOP1_MIN,
-                                                 "tokenizer_agreement_min": 0.0})
+        rep = api.verify(
+            res.bundle,
+            thresholds={
+                "kld_mean_max": PARITY_KLD_MAX,
+                "top1_agreement_min": PARITY_TOP1_MIN,
+                "tokenizer_agreement_min": 0.0,
+            },
+        )
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"}
     lc = rep.long_context
-    result = {"kld_mean": rep.kld_mean, "top1_agreement": rep.top1_agreement, "positions": rep.positions,
-           "tokenizer_agreement": rep.tokenizer_agreement, "path_taken": res.path_taken,
-           "long_context": lc.to_dict() if lc else None, "passed": rep.passed, "failed": list(rep.failed),
-           "wall_s": round(time.perf_counter() - t0, 2)}
+    result = {
+        "kld_mean": rep.kld_mean,
+        "top1_agreement": rep.top1_agreement,
+        "positions": rep.positions,
+        "tokenizer_agreement": rep.tokenizer_agreement,
+        "path_taken": res.path_taken,
+        "long_context": lc.to_dict() if lc else None,
+        "passed": rep.passed,
+        "failed": list(rep.failed),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
     if lc is not None and lc.bundle_context is not None:
         # The bundle was capped: measure what the runtime does past the cap, to show why.
         try:
             config = json.loads((Path(ckpt) / "config.json").read_text())
-            [res] = api.export(ckpt, fmt, out + "-uncapped", force=True, verify=False,
-                               recipe={**UNQUANTIZED[fmt], "context_length": config["max_position_embeddings"]})
-            unc = api.verify(res.bundle, thresholds={"kld_mean_max": PARITY_KLD_MAX, "top1_agreement_min": PARITY_TOP1_MIN,
-                                                     "tokenizer_agreement_min": 0.0}).long_context
+            [res] = api.export(
+                ckpt,
+                fmt,
+                out + "-uncapped",
+                force=True,
+                verify=False,
+                recipe={**UNQUANTIZED[fmt], "context_length": config["max_position_embeddings"]},
+            )
+            unc = api.verify(
+                res.bundle,
+                thresholds={
+                    "kld_mean_max": PARITY_KLD_MAX,
+                    "top1_agreement_min": PARITY_TOP1_MIN,
+                    "tokenizer_agreement_min": 0.0,
+                },
+            ).long_context
             result["uncapped"] = unc.to_dict()
         except Exception as e:  # noqa: BLE001
             result["uncapped"] = {"error": f"{type(e).__name__}: {e}"}
@@ -150,9 +195,12 @@ def float_parity(ckpt: str, fmt: str, out: str) -> dict:
 
 
 def parity_ok(parity: dict) -> bool:
-    return ("error" not in parity and parity["kld_mean"] <= PARITY_KLD_MAX
-            and parity["top1_agreement"] >= PARITY_TOP1_MIN
-            and (parity["long_context"] is None or parity["long_context"]["passed"]))
+    return (
+        "error" not in parity
+        and parity["kld_mean"] <= PARITY_KLD_MAX
+        and parity["top1_agreement"] >= PARITY_TOP1_MIN
+        and (parity["long_context"] is None or parity["long_context"]["passed"])
+    )
 
 
 def _cell_main(ckpt: str, fmt: str, out: str, result_path: str) -> int:
@@ -173,13 +221,18 @@ def spawn_cell(ckpt: Path, fmt: str, out: Path) -> dict:
     if result_path.is_file():
         return json.loads(result_path.read_text(encoding="utf-8"))
     tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-    return {"status": "failed", "stage": "crash", "export_s": round(time.perf_counter() - t0, 2),
-            "error": f"the cell's interpreter died with exit code {proc.returncode}: {tail}"}
+    return {
+        "status": "failed",
+        "stage": "crash",
+        "export_s": round(time.perf_counter() - t0, 2),
+        "error": f"the cell's interpreter died with exit code {proc.returncode}: {tail}",
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # The matrix
 # --------------------------------------------------------------------------------------------
+
 
 def claimed(fmt: str) -> frozenset[str]:
     from edgekit.formats import backend
@@ -197,8 +250,10 @@ def classify(fam, fmt: str, raw: dict) -> dict:
     if status == "unbuildable":
         if is_claimed:
             why = fam.unbuildable[:1].upper() + fam.unbuildable[1:]
-            cell.update(status="untested", reason=f"Not tested: {fmt} accepts {arch}, but no tiny checkpoint "
-                                                  f"can be built to check it. {why}.")
+            cell.update(
+                status="untested",
+                reason=f"Not tested: {fmt} accepts {arch}, but no tiny checkpoint can be built to check it. {why}.",
+            )
         else:
             cell.update(status="unsupported", reason=GAP_REASONS.get((arch, fmt), f"{fmt} does not claim {arch}"))
     elif status == "refused":
@@ -213,12 +268,19 @@ def classify(fam, fmt: str, raw: dict) -> dict:
             par = raw.get("parity") or {}
             # A known difference of the runtime explains everything after it; a long-context
             # limit only the positions past the boundary.
-            named = [f.split(": ", 1)[1] for prefix in ("known runtime difference", "long context:")
-                     for f in par.get("failed", []) if f.startswith(prefix)]
-            if named:   # the gate failed and named a limit of the pinned runtime
+            named = [
+                f.split(": ", 1)[1]
+                for prefix in ("known runtime difference", "long context:")
+                for f in par.get("failed", [])
+                if f.startswith(prefix)
+            ]
+            if named:  # the gate failed and named a limit of the pinned runtime
                 cell.update(status="limited", reason=f"Parity misses by a named runtime limit: {named[0]}.")
             else:
-                cell.update(status="failed", reason=f"architecture parity missed: {par.get('error') or '; '.join(par['failed'])}")
+                cell.update(
+                    status="failed",
+                    reason=f"architecture parity missed: {par.get('error') or '; '.join(par['failed'])}",
+                )
         else:
             cell["status"] = "fallback" if raw["path_taken"].startswith("optimum") else "ok"
     else:
@@ -248,14 +310,20 @@ def build_matrix(families: list[str], work: Path) -> list[dict]:
                     print(f"[{NAME}] {name} -> {fmt} ...", file=sys.stderr, flush=True)
                     raws[fmt] = spawn_cell(ckpt, fmt, work / "bundles" / f"{name}-{fmt}")
             except Exception as e:  # noqa: BLE001 - a family that cannot be built fails both cells
-                raws = {fmt: {"status": "failed", "stage": "make_tiny", "error": f"{type(e).__name__}: {e}"}
-                        for fmt in FORMATS}
+                raws = {
+                    fmt: {"status": "failed", "stage": "make_tiny", "error": f"{type(e).__name__}: {e}"}
+                    for fmt in FORMATS
+                }
         for fmt in FORMATS:
             cell = classify(fam, fmt, raws[fmt])
             row["cells"][fmt] = cell
-            print(f"[{NAME}] {name} x {fmt}: {cell['status']}"
-                  + (f" via {cell['path_taken']} in {cell['export_s']} s" if cell.get("path_taken") else "")
-                  + (f" ({cell['reason'][:160]})" if cell.get("reason") else ""), file=sys.stderr, flush=True)
+            print(
+                f"[{NAME}] {name} x {fmt}: {cell['status']}"
+                + (f" via {cell['path_taken']} in {cell['export_s']} s" if cell.get("path_taken") else "")
+                + (f" ({cell['reason'][:160]})" if cell.get("reason") else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         shutil.rmtree(work / "bundles", ignore_errors=True)  # keep the disk use to one family
         shutil.rmtree(ckpt, ignore_errors=True)
         rows.append(row)
@@ -266,9 +334,14 @@ def build_matrix(families: list[str], work: Path) -> list[dict]:
 # Tables
 # --------------------------------------------------------------------------------------------
 
-VARIANTS = {"phi3": "Phi-3-mini-4k", "phi3-longrope": "LongRoPE: Phi-3-mini-128k, Phi-3.5-mini",
-            "phi4-mini": "Phi-4-mini: partial rotary + LongRoPE, tied", "phi3-medium": "Phi-3-medium: GQA 4:1",
-            "phimoe": "Phi-3.5-MoE", "gemma3": "text-only"}
+VARIANTS = {
+    "phi3": "Phi-3-mini-4k",
+    "phi3-longrope": "LongRoPE: Phi-3-mini-128k, Phi-3.5-mini",
+    "phi4-mini": "Phi-4-mini: partial rotary + LongRoPE, tied",
+    "phi3-medium": "Phi-3-medium: GQA 4:1",
+    "phimoe": "Phi-3.5-MoE",
+    "gemma3": "text-only",
+}
 
 
 def _parity_text(cell: dict) -> str:
@@ -287,8 +360,16 @@ def _parity_text(cell: dict) -> str:
             if unc.get("kld_mean_after") is not None:
                 text += f" (uncapped, past it: {unc['kld_mean_after']:.2g} / {unc['top1_after']:.3f})"
     return text
-SYMBOL = {"ok": "✓", "fallback": "fallback", "unsupported": "✗", "untested": "✗", "failed": "✗ **FAILED**",
-          "limited": "✓ (parity: runtime limit)"}
+
+
+SYMBOL = {
+    "ok": "✓",
+    "fallback": "fallback",
+    "unsupported": "✗",
+    "untested": "✗",
+    "failed": "✗ **FAILED**",
+    "limited": "✓ (parity: runtime limit)",
+}
 
 
 def _arch_label(row: dict) -> str:
@@ -344,16 +425,20 @@ def readme_section(doc: dict) -> str:
     fallback_used = any(c["status"] == "fallback" for r in rows for c in r["cells"].values())
     lines += ["", *notes, ""]
     if not fallback_used:
-        lines += ["No architecture here needs the onnx-int4 fallback (the builder takes them all); that path "
-                  "is exercised on tiny Phi-3 with the recipe's `engine = \"optimum\"` (`--set engine=optimum`) in "
-                  "`tests/test_onnx.py`.", ""]
-    lines += ["The real-weights path is exercised on SmolLM2-135M (`LlamaForCausalLM`, the embedded model) "
-              "in the tests (`make test`): both bundles answer \"Paris\" in their plain runtimes and render "
-              "chat prompts token for token like transformers (`tests/test_export.py`, `tests/test_onnx.py`), "
-              "and the GGUF bundle passes the parity gate (`tests/test_parity.py`).",
-              "",
-              f"Tools: {doc['tools_line']}. Rerun: `{RERUN}` (details in "
-              f"`benchmarks/results/{NAME}.md`)."]
+        lines += [
+            "No architecture here needs the onnx-int4 fallback (the builder takes them all); that path "
+            'is exercised on tiny Phi-3 with the recipe\'s `engine = "optimum"` (`--set engine=optimum`) in '
+            "`tests/test_onnx.py`.",
+            "",
+        ]
+    lines += [
+        "The real-weights path is exercised on SmolLM2-135M (`LlamaForCausalLM`, the embedded model) "
+        'in the tests (`make test`): both bundles answer "Paris" in their plain runtimes and render '
+        "chat prompts token for token like transformers (`tests/test_export.py`, `tests/test_onnx.py`), "
+        "and the GGUF bundle passes the parity gate (`tests/test_parity.py`).",
+        "",
+        f"Tools: {doc['tools_line']}. Rerun: `{RERUN}` (details in `benchmarks/results/{NAME}.md`).",
+    ]
     return "\n".join(lines)
 
 
@@ -376,7 +461,8 @@ def results_markdown(doc: dict) -> str:
                 f"{c.get('export_s', '') if done else ''} | {c.get('converter_s', '') if done else ''} | "
                 f"{c.get('peak_rss_mb', '') if done else ''} | "
                 f"{round(c['size_bytes'] / 2**20, 1) if done else ''} | {c.get('generated_tokens', '') if done else ''} | "
-                f"{_parity_text(c)} |")
+                f"{_parity_text(c)} |"
+            )
     lines += ["", "Reasons and notes:", ""]
     for row in doc["rows"]:
         for fmt in FORMATS:
@@ -402,16 +488,25 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.tiny import FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", action="append", choices=sorted(FAMILIES),
-                        help="Only these families (repeatable); the README is then left alone.")
-    parser.add_argument("--keep", action="store_true", help="Keep the work directory (checkpoints are still removed per family).")
-    parser.add_argument("--render", action="store_true",
-                        help="Measure nothing: rewrite the tables from benchmarks/results/arch_matrix.json.")
+    parser.add_argument(
+        "--family",
+        action="append",
+        choices=sorted(FAMILIES),
+        help="Only these families (repeatable); the README is then left alone.",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="Keep the work directory (checkpoints are still removed per family)."
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="Measure nothing: rewrite the tables from benchmarks/results/arch_matrix.json.",
+    )
     args = parser.parse_args(argv)
     families = args.family or list(FAMILIES)
     if args.render:
         doc = json.loads((ROOT / "benchmarks" / "results" / f"{NAME}.json").read_text())
-        for row in doc["rows"]:   # re-classify: the rules may have changed, the measurements not
+        for row in doc["rows"]:  # re-classify: the rules may have changed, the measurements not
             for fmt, cell in row["cells"].items():
                 if cell["status"] in ("ok", "fallback", "limited", "failed") and cell.get("parity"):
                     raw = {**cell, "status": "exported"}

@@ -63,7 +63,8 @@ def render(doc: dict) -> str:
         lines.append(
             f"| {r['format']} | {r['prefill_tok_s']:.0f} ± {r['prefill_tok_s_stddev']:.0f} | "
             f"{r['decode_tok_s']:.1f} ± {r['decode_tok_s_stddev']:.1f} | {r['ttft_ms']:.0f} ± {r['ttft_ms_stddev']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['bandwidth_utilization']:.0%} | {r['model_bytes'] / 2**20:.0f} |")
+            f"{r['peak_rss_mb']:.0f} | {r['bandwidth_utilization']:.0%} | {r['model_bytes'] / 2**20:.0f} |"
+        )
     lines += [
         "",
         f"Peak RSS is the benchmark process's own peak (interpreter, runtime and model; its KV cache is "
@@ -88,8 +89,14 @@ def main() -> None:
     load = [round(os.getloadavg()[0], 2)]
     records = api.bench(bundles, profile=PROFILE, reps=args.reps, progress=RichProgress())
     load.append(round(os.getloadavg()[0], 2))
-    doc = {"host": host_facts(), "date": dt.date.today().isoformat(), "model": MODEL, "profile": PROFILE,
-           "load_avg": load, "records": [r.to_dict() for r in records]}
+    doc = {
+        "host": host_facts(),
+        "date": dt.date.today().isoformat(),
+        "model": MODEL,
+        "profile": PROFILE,
+        "load_avg": load,
+        "records": [r.to_dict() for r in records],
+    }
     md = render(doc)
     write_results(NAME, doc, md)
     update_doc("bench", md)

@@ -58,27 +58,48 @@ def main() -> None:
             raise SystemExit(f"build failed ({m.returncode}): {m.stderr[-2000:]}")
         summary = json.loads(m.stdout)
         digests.append(_model_digests(out, summary))
-        runs.append({"run": label, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
-                     "entries": [{"id": e["id"], "reused": e["reused"], "status": e["status"], **e["timings"],
-                                  "kld_mean": e["parity"]["kld_mean"],
-                                  "decode_tok_s": e["bench"][0]["decode_tok_s"] if e["bench"] else None}
-                                 for e in summary["entries"]]})
+        runs.append(
+            {
+                "run": label,
+                "wall_s": round(m.wall_s, 1),
+                "peak_rss_mb": round(m.peak_rss_mb),
+                "entries": [
+                    {
+                        "id": e["id"],
+                        "reused": e["reused"],
+                        "status": e["status"],
+                        **e["timings"],
+                        "kld_mean": e["parity"]["kld_mean"],
+                        "decode_tok_s": e["bench"][0]["decode_tok_s"] if e["bench"] else None,
+                    }
+                    for e in summary["entries"]
+                ],
+            }
+        )
         print(runs[-1], file=sys.stderr)
     identical = digests[0] == digests[2]
     shutil.rmtree(work, ignore_errors=True)
     facts = host_facts()
-    lines = [f"Measured {dt.date.today()} on {host_line(facts)}: `edgekit build` of SmolLM2-135M x "
-             "{gguf-q4_k_m, onnx-int4} on laptop-cpu (3 bench reps), each entry in its own process. "
-             "Wall time and peak RSS are the whole build's process tree. "
-             "Rerun: `.venv/bin/python benchmarks/build_matrix.py`.", "",
-             "| run | build wall s | build peak RSS MiB | entry | reused | export s | verify s | bench s | entry total s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured {dt.date.today()} on {host_line(facts)}: `edgekit build` of SmolLM2-135M x "
+        "{gguf-q4_k_m, onnx-int4} on laptop-cpu (3 bench reps), each entry in its own process. "
+        "Wall time and peak RSS are the whole build's process tree. "
+        "Rerun: `.venv/bin/python benchmarks/build_matrix.py`.",
+        "",
+        "| run | build wall s | build peak RSS MiB | entry | reused | export s | verify s | bench s | entry total s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for e in r["entries"]:
-            lines.append(f"| {r['run']} | {r['wall_s']} | {r['peak_rss_mb']} | {e['id']} | {'yes' if e['reused'] else 'no'} "
-                         f"| {e.get('export_s', '-')} | {e.get('verify_s', '-')} | {e.get('bench_s', '-')} | {e.get('total_s', '-')} |")
-    lines += ["", f"Model files after `--force` byte-identical to the first build: **{'yes' if identical else 'no'}** "
-              f"({len(digests[0])} files compared)."]
+            lines.append(
+                f"| {r['run']} | {r['wall_s']} | {r['peak_rss_mb']} | {e['id']} | {'yes' if e['reused'] else 'no'} "
+                f"| {e.get('export_s', '-')} | {e.get('verify_s', '-')} | {e.get('bench_s', '-')} | {e.get('total_s', '-')} |"
+            )
+    lines += [
+        "",
+        f"Model files after `--force` byte-identical to the first build: **{'yes' if identical else 'no'}** "
+        f"({len(digests[0])} files compared).",
+    ]
     md = "\n".join(lines)
     write_results(NAME, {"host": facts, "runs": runs, "reproducible": identical, "files": digests[0]}, md)
     update_doc("build-matrix", "### What a build costs\n\n" + md)

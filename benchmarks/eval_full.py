@@ -81,19 +81,38 @@ def main() -> None:
     progress = TimedSteps()
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
-    report = api.evaluate(bundles, profile="laptop-cpu", overrides={"threads": args.threads} if args.threads else None,
-                          write_manifest=False, progress=progress)
+    report = api.evaluate(
+        bundles,
+        profile="laptop-cpu",
+        overrides={"threads": args.threads} if args.threads else None,
+        write_manifest=False,
+        progress=progress,
+    )
     wall = round(time.monotonic() - t0, 1)
     rows = []
     for r in report.references + report.bundles:
-        rows.append({**{k: v for k, v in r.summary().items() if k not in ("runtime", "by_match")},
-                     "name": "reference (transformers fp32)" if r.kind == "reference" else Path(r.name).name,
-                     "by_match": {m.match: f"{m.correct}/{m.n}" for m in r.by_match}})
-    doc = {"host": host_facts(), "date": dt.date.today().isoformat(), "model": MODEL, "tasks": report.tasks,
-           "n_items": report.n_items, "wall_s": wall, "steps_s": progress.steps,
-           "threads": report.bundles[0].threads, "reference_threads": report.references[0].threads,
-           "load_avg_before": round(load0, 2), "load_avg_after": round(os.getloadavg()[0], 2),
-           "command": " ".join([RERUN, *sys.argv[1:]]), "rows": rows}
+        rows.append(
+            {
+                **{k: v for k, v in r.summary().items() if k not in ("runtime", "by_match")},
+                "name": "reference (transformers fp32)" if r.kind == "reference" else Path(r.name).name,
+                "by_match": {m.match: f"{m.correct}/{m.n}" for m in r.by_match},
+            }
+        )
+    doc = {
+        "host": host_facts(),
+        "date": dt.date.today().isoformat(),
+        "model": MODEL,
+        "tasks": report.tasks,
+        "n_items": report.n_items,
+        "wall_s": wall,
+        "steps_s": progress.steps,
+        "threads": report.bundles[0].threads,
+        "reference_threads": report.references[0].threads,
+        "load_avg_before": round(load0, 2),
+        "load_avg_after": round(os.getloadavg()[0], 2),
+        "command": " ".join([RERUN, *sys.argv[1:]]),
+        "rows": rows,
+    }
     md = render(doc)
     write_results(NAME, doc, md)
     update_doc("eval-full", md)
@@ -127,7 +146,8 @@ def render(doc: dict) -> str:
             f"{f(r['accuracy_delta'], '+.3f')} | {'-' if r['flips_lost'] is None else str(r['flips_lost']) + ' / ' + str(r['flips_gained'])} | "
             f"{f(r['mcnemar_p'], '.3g')} | {f(r['ece'], '.3f')} | {f(r['paraphrase_drop'], '.3f')} | "
             f"{f(r['format_sensitivity'], '.3f')} | {f(r['e2e_ms_p50'], '.0f')} / {f(r['e2e_ms_p95'], '.0f')} | "
-            f"{f(r['ttft_ms_p95'], '.0f')} | {f(r['decode_tok_s'], '.1f')} | {r['peak_rss_mb']:.0f} |")
+            f"{f(r['ttft_ms_p95'], '.0f')} | {f(r['decode_tok_s'], '.1f')} | {r['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -65,6 +65,7 @@ RERUN = ".venv/bin/python benchmarks/eval_overhead.py"
 # the raw loops (run as `eval_overhead.py --raw-child JOB`; they import no edgekit code)
 # --------------------------------------------------------------------------------------------
 
+
 def _logsumexp_pick(rows, targets) -> float:
     import numpy as np
 
@@ -134,7 +135,11 @@ def raw_llama(job: dict) -> dict:
             batch.seq_id[i][0] = 0
         batch.n_tokens = len(ids)
         assert L.llama_decode(ctx, batch) == 0
-        rows = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(ids) * n_vocab,)).reshape(len(ids), n_vocab).copy()
+        rows = (
+            np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(ids) * n_vocab,))
+            .reshape(len(ids), n_vocab)
+            .copy()
+        )
         L.llama_batch_free(batch)
         return rows
 
@@ -146,8 +151,15 @@ def raw_genai(job: dict) -> dict:
     import onnxruntime_genai as og
 
     config = og.Config(job["bundle"])
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": job["threads"], "inter_op_num_threads": 1}}}}))
+    config.overlay(
+        json.dumps(
+            {
+                "model": {
+                    "decoder": {"session_options": {"intra_op_num_threads": job["threads"], "inter_op_num_threads": 1}}
+                }
+            }
+        )
+    )
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     eos = {int(t) for t in tokenizer.eos_token_ids}
@@ -155,8 +167,9 @@ def raw_genai(job: dict) -> dict:
     def generate(prompt: list[int], max_tokens: int):
         t0 = time.perf_counter()
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0,
-                                  max_length=len(prompt) + max_tokens, min_length=0)
+        params.set_search_options(
+            do_sample=False, num_beams=1, repetition_penalty=1.0, max_length=len(prompt) + max_tokens, min_length=0
+        )
         gen = og.Generator(model, params)
         gen.append_tokens(np.asarray(prompt, dtype=np.int32))
         stream, pieces, first, n = tokenizer.create_stream(), [], None, 0
@@ -182,7 +195,7 @@ def raw_genai(job: dict) -> dict:
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         out = np.asarray(gen.get_output("logits"), dtype=np.float32)
         del gen
-        return out.reshape(-1, out.shape[-1])[-len(ids):]
+        return out.reshape(-1, out.shape[-1])[-len(ids) :]
 
     return _loop(job, lambda text: [int(t) for t in tokenizer.encode(text)], generate, logits)
 
@@ -195,8 +208,11 @@ def _loop(job: dict, tokenize, generate, logits) -> dict:
         scores = []
         for cont in item["continuations"]:
             full = item["prompt_ids"] + tokenize(cont)
-            scores.append(_logsumexp_pick(logits(full)[len(item["prompt_ids"]) - 1:len(full) - 1],
-                                          full[len(item["prompt_ids"]):]))
+            scores.append(
+                _logsumexp_pick(
+                    logits(full)[len(item["prompt_ids"]) - 1 : len(full) - 1], full[len(item["prompt_ids"]) :]
+                )
+            )
         return max(range(len(scores)), key=scores.__getitem__), time.perf_counter() - t0
 
     gen = next(i for i in items if i["match"] != "choice")
@@ -225,6 +241,7 @@ def raw_child(job_path: str) -> None:
 # the comparison
 # --------------------------------------------------------------------------------------------
 
+
 def ensure_bundles() -> dict[str, Path]:
     return _common.ensure_bundles(NAME, MODEL, FORMATS, BUNDLES)
 
@@ -232,14 +249,26 @@ def ensure_bundles() -> dict[str, Path]:
 def run_edgekit(bundle: Path, limit: int | None, threads: int | None):
     from edgekit import api
 
-    report = api.evaluate([bundle], limit=limit, profile=PROFILE, overrides={"threads": threads} if threads else None,
-                          reference=False, write_manifest=False)
+    report = api.evaluate(
+        [bundle],
+        limit=limit,
+        profile=PROFILE,
+        overrides={"threads": threads} if threads else None,
+        reference=False,
+        write_manifest=False,
+    )
     return report.bundles[0]
 
 
 def run_raw(fmt: str, bundle: Path, run, items: list[dict]) -> dict:
-    job = {"format": fmt, "bundle": str(bundle), "model": str(bundle / "model.gguf"), "threads": run.threads,
-           "context": run.context, "items": items}
+    job = {
+        "format": fmt,
+        "bundle": str(bundle),
+        "model": str(bundle / "model.gguf"),
+        "threads": run.threads,
+        "context": run.context,
+        "items": items,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "job.json"
         path.write_text(json.dumps(job))
@@ -263,21 +292,31 @@ def compare(fmt: str, bundle: Path, rounds: int, limit: int | None, threads: int
     load = []
     for i in range(rounds):
         load.append(round(os.getloadavg()[0], 2))
-        for side in (("edgekit", "raw") if i % 2 == 0 else ("raw", "edgekit")):
+        for side in ("edgekit", "raw") if i % 2 == 0 else ("raw", "edgekit"):
             print(f"[{NAME}] {fmt}: round {i + 1}/{rounds}, {side}", file=sys.stderr)
             if side == "edgekit":
                 rec = run_edgekit(bundle, limit, threads)
                 sides["edgekit"].append(rec)
                 if items is None:
-                    items = [{**t.to_job(), "prompt_ids": list(r.prompt_ids),
-                              "continuations": [choice_continuation(t, c) for c in t.choices]}
-                             for t, r in zip(tasks.tasks, rec.items)]
+                    items = [
+                        {
+                            **t.to_job(),
+                            "prompt_ids": list(r.prompt_ids),
+                            "continuations": [choice_continuation(t, c) for c in t.choices],
+                        }
+                        for t, r in zip(tasks.tasks, rec.items)
+                    ]
             else:
                 if items is None:  # the raw side needs edgekit's prompt ids: run edgekit first
                     rec = run_edgekit(bundle, limit, threads)
-                    items = [{**t.to_job(), "prompt_ids": list(r.prompt_ids),
-                              "continuations": [choice_continuation(t, c) for c in t.choices]}
-                             for t, r in zip(tasks.tasks, rec.items)]
+                    items = [
+                        {
+                            **t.to_job(),
+                            "prompt_ids": list(r.prompt_ids),
+                            "continuations": [choice_continuation(t, c) for c in t.choices],
+                        }
+                        for t, r in zip(tasks.tasks, rec.items)
+                    ]
                 sides["raw"].append(run_raw(fmt, bundle, run, items))
     gen_ids = [t.id for t in tasks.tasks if t.match != "choice"]
     mc_ids = [t.id for t in tasks.tasks if t.match == "choice"]
@@ -304,15 +343,22 @@ def compare(fmt: str, bundle: Path, rounds: int, limit: int | None, threads: int
     retok_bad = [x["id"] for x in r0["items"] if x["retokenized_same"] is False]
     stable = all([i.answer for i in e.items] == [i.answer for i in e0.items] for e in sides["edgekit"])
     return {
-        "items": len(tasks.tasks), "generation_items": len(gen_ids), "choice_items": len(mc_ids),
-        "threads": run.threads, "context": run.context, "load_avg_per_round": load,
+        "items": len(tasks.tasks),
+        "generation_items": len(gen_ids),
+        "choice_items": len(mc_ids),
+        "threads": run.threads,
+        "context": run.context,
+        "load_avg_per_round": load,
         "ratios": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "ratio": {k: round(statistics.median(v), 3) for k, v in ratios.items() if v},
         "edgekit_gen_e2e_s": [round(total(seconds(e), gen_ids), 2) for e in sides["edgekit"]],
         "raw_gen_e2e_s": [round(total(r["items"], gen_ids), 2) for r in sides["raw"]],
         "edgekit_p95_e2e_ms": [e.e2e_ms_p95 for e in sides["edgekit"]],
-        "accuracy": e0.accuracy, "answers_differ": text_diff, "choices_differ": choice_diff,
-        "raw_prompts_retokenized_differently": retok_bad, "edgekit_answers_stable_across_rounds": stable,
+        "accuracy": e0.accuracy,
+        "answers_differ": text_diff,
+        "choices_differ": choice_diff,
+        "raw_prompts_retokenized_differently": retok_bad,
+        "edgekit_answers_stable_across_rounds": stable,
     }
 
 
@@ -326,9 +372,18 @@ def main() -> None:
     bundles = ensure_bundles()
     t0 = time.monotonic()
     results = {fmt: compare(fmt, bundles[fmt], args.rounds, args.limit, args.threads) for fmt in args.formats}
-    doc = {"host": host_facts(), "date": dt.date.today().isoformat(), "model": MODEL, "profile": PROFILE,
-           "rounds": args.rounds, "limit": args.limit, "command": " ".join([RERUN, *sys.argv[1:]]),
-           "wall_s": round(time.monotonic() - t0, 1), "results": results, "goal_ratio_range": RATIO_RANGE}
+    doc = {
+        "host": host_facts(),
+        "date": dt.date.today().isoformat(),
+        "model": MODEL,
+        "profile": PROFILE,
+        "rounds": args.rounds,
+        "limit": args.limit,
+        "command": " ".join([RERUN, *sys.argv[1:]]),
+        "wall_s": round(time.monotonic() - t0, 1),
+        "results": results,
+        "goal_ratio_range": RATIO_RANGE,
+    }
     md = render(doc)
     write_results(NAME + (f"-t{args.threads}" if args.threads else ""), doc, md)  # a side run keeps the default's file
     print(md)
@@ -351,23 +406,33 @@ def render(doc: dict) -> str:
         "| format | measure | per-round ratios | ratio | goal 0.95-1.05 |",
         "|---|---|---|---|---|",
     ]
-    names = {"generation_e2e": "generation, end-to-end", "generation_ttft": "generation, TTFT",
-             "choice_e2e": "choice scoring"}
+    names = {
+        "generation_e2e": "generation, end-to-end",
+        "generation_ttft": "generation, TTFT",
+        "choice_e2e": "choice scoring",
+    }
     for fmt, r in doc["results"].items():
         for key, label in names.items():
             if key not in r["ratio"]:
                 continue
             ok = "**yes**" if lo <= r["ratio"][key] <= hi else "**no**"
-            lines.append(f"| {fmt} | {label} | {', '.join(f'{x:.3f}' for x in r['ratios'][key])} | "
-                         f"{r['ratio'][key]:.3f} | {ok if key != 'generation_ttft' else '(not a goal) ' + ok} |")
-    lines += ["", "| format | accuracy (edgekit) | generated answers differing from the raw loop | choices differing | "
-              "raw prompts the raw loop tokenizes differently | edgekit answers identical across rounds |",
-              "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {fmt} | {label} | {', '.join(f'{x:.3f}' for x in r['ratios'][key])} | "
+                f"{r['ratio'][key]:.3f} | {ok if key != 'generation_ttft' else '(not a goal) ' + ok} |"
+            )
+    lines += [
+        "",
+        "| format | accuracy (edgekit) | generated answers differing from the raw loop | choices differing | "
+        "raw prompts the raw loop tokenizes differently | edgekit answers identical across rounds |",
+        "|---|---|---|---|---|---|",
+    ]
     for fmt, r in doc["results"].items():
-        lines.append(f"| {fmt} | {r['accuracy']:.3f} | {len(r['answers_differ'])} of {r['generation_items']}"
-                     f"{' (' + ', '.join(r['answers_differ'][:5]) + ')' if r['answers_differ'] else ''} | "
-                     f"{len(r['choices_differ'])} of {r['choice_items']} | "
-                     f"{len(r['raw_prompts_retokenized_differently'])} | {r['edgekit_answers_stable_across_rounds']} |")
+        lines.append(
+            f"| {fmt} | {r['accuracy']:.3f} | {len(r['answers_differ'])} of {r['generation_items']}"
+            f"{' (' + ', '.join(r['answers_differ'][:5]) + ')' if r['answers_differ'] else ''} | "
+            f"{len(r['choices_differ'])} of {r['choice_items']} | "
+            f"{len(r['raw_prompts_retokenized_differently'])} | {r['edgekit_answers_stable_across_rounds']} |"
+        )
     return "\n".join(lines)
 
 

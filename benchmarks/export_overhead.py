@@ -67,7 +67,7 @@ NAME = "export_overhead"
 MODEL = "smollm2-135m"
 FORMATS = ("onnx-int4", "gguf-q4_k_m")
 RERUN = ".venv/bin/python benchmarks/export_overhead.py"
-MAX_RATIO = 1.15        # edgekit / raw, wall time and peak RSS
+MAX_RATIO = 1.15  # edgekit / raw, wall time and peak RSS
 MAX_GGUF_RSS_VS_F16 = 1.5
 SAMPLE_S = 0.02
 MiB = 2**20
@@ -97,6 +97,7 @@ QUANTIZE_SNIPPET = (
 # Measuring one command
 # --------------------------------------------------------------------------------------------
 
+
 def run_tree(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run `cmd`; wall time and the sampled peak RSS of its process tree (the same method as
     _common.run_measured), plus the root process's share of the tree at that peak."""
@@ -104,8 +105,9 @@ def run_tree(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, cwd=cwd)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+    )
     peak = {"tree": 0, "root_at_peak": 0, "file_at_peak": 0, "root": 0, "root_cpu": 0.0}
     stop = threading.Event()
 
@@ -174,6 +176,7 @@ def _check(run: dict, what: str) -> None:
 # The two sides
 # --------------------------------------------------------------------------------------------
 
+
 class Setup:
     """Everything both sides must agree on, computed once from edgekit's own functions."""
 
@@ -191,18 +194,26 @@ class Setup:
         checkpoint = resolve(str(self.ckpt))  # as the CLI resolves the directory we pass it
         targets = load_targets()
         onnx_spec, gguf_spec = targets.format("onnx-int4"), targets.format("gguf-q4_k_m")
-        self.onnx_recipe = onnx_int4.parse_recipe({**onnx_spec.recipe, **RAW_OVERRIDES["onnx-int4"]}, str(onnx_spec.source))
-        self.gguf_recipe = gguf_q4km.parse_recipe({**gguf_spec.recipe, **RAW_OVERRIDES["gguf-q4_k_m"]}, str(gguf_spec.source))
+        self.onnx_recipe = onnx_int4.parse_recipe(
+            {**onnx_spec.recipe, **RAW_OVERRIDES["onnx-int4"]}, str(onnx_spec.source)
+        )
+        self.gguf_recipe = gguf_q4km.parse_recipe(
+            {**gguf_spec.recipe, **RAW_OVERRIDES["gguf-q4_k_m"]}, str(gguf_spec.source)
+        )
         # The raw commands below reproduce exactly these recipe settings; a new key or value
         # would make the two sides export different things, so stop rather than compare them.
         gguf = dataclasses.asdict(self.gguf_recipe)
         seen = {k: gguf.get(k, v if k == "imatrix" else None) for k, v in RAW_GGUF_RECIPE.items()}
         if seen != RAW_GGUF_RECIPE or set(gguf) - set(RAW_GGUF_RECIPE):
-            raise SystemExit(f"[{NAME}] the default gguf-q4_k_m recipe is {gguf}; the raw commands here reproduce "
-                             f"only {RAW_GGUF_RECIPE}: update them to match")
+            raise SystemExit(
+                f"[{NAME}] the default gguf-q4_k_m recipe is {gguf}; the raw commands here reproduce "
+                f"only {RAW_GGUF_RECIPE}: update them to match"
+            )
         if choose_engine(checkpoint, self.onnx_recipe) != "builder":
-            raise SystemExit(f"[{NAME}] the default onnx-int4 recipe does not use the genai builder for {MODEL}: "
-                             "update the raw command to match")
+            raise SystemExit(
+                f"[{NAME}] the default onnx-int4 recipe does not use the genai builder for {MODEL}: "
+                "update the raw command to match"
+            )
         self.extra_options = builder_extra_options(self.onnx_recipe, checkpoint.trust_remote_code)
         self.model_name = gguf_model_name(checkpoint)
         self.tools = converter_dir()
@@ -215,17 +226,52 @@ class Setup:
     def edgekit_cmd(self, fmt: str, out: Path) -> list[str]:
         cli = Path(sys.executable).parent / "edgekit"
         sets = [arg for k, v in RAW_OVERRIDES[fmt].items() for arg in ("--set", f"{k}={v}")]
-        return [str(cli), "export", str(self.ckpt), "--target", fmt, "--out", str(out),
-                "--json", "-q", "--force", "--no-verify", *sets]
+        return [
+            str(cli),
+            "export",
+            str(self.ckpt),
+            "--target",
+            fmt,
+            "--out",
+            str(out),
+            "--json",
+            "-q",
+            "--force",
+            "--no-verify",
+            *sets,
+        ]
 
     def builder_cmd(self, out: Path, cache: Path) -> list[str]:
-        return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(self.ckpt), "-o", str(out),
-                "-p", self.onnx_recipe.precision, "-e", "cpu", "-c", str(cache),
-                "--extra_options", *(f"{k}={v}" for k, v in self.extra_options.items())]
+        return [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(self.ckpt),
+            "-o",
+            str(out),
+            "-p",
+            self.onnx_recipe.precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(cache),
+            "--extra_options",
+            *(f"{k}={v}" for k, v in self.extra_options.items()),
+        ]
 
     def convert_cmd(self, f16: Path) -> list[str]:
-        return [sys.executable, str(self.tools / "convert_hf_to_gguf.py"), str(self.ckpt),
-                "--outtype", "f16", "--outfile", str(f16), "--model-name", self.model_name]
+        return [
+            sys.executable,
+            str(self.tools / "convert_hf_to_gguf.py"),
+            str(self.ckpt),
+            "--outtype",
+            "f16",
+            "--outfile",
+            str(f16),
+            "--model-name",
+            self.model_name,
+        ]
 
     def convert_env(self) -> dict:
         return {"PYTHONPATH": str(self.tools / "gguf-py")}
@@ -240,7 +286,10 @@ class Setup:
         run = run_tree(self.edgekit_cmd(fmt, out))
         _check(run, f"edgekit export to {fmt}")
         reported = json.loads(run["stdout"])["bundles"][0]
-        return {**_public(run), "edgekit_reported": {k: reported[k] for k in ("wall_s", "peak_rss_mb", "size_bytes", "path_taken")}}
+        return {
+            **_public(run),
+            "edgekit_reported": {k: reported[k] for k in ("wall_s", "peak_rss_mb", "size_bytes", "path_taken")},
+        }
 
     def run_raw(self, fmt: str, work: Path) -> dict:
         if fmt == "onnx-int4":
@@ -268,10 +317,10 @@ class Setup:
         return {
             "edgekit": f"edgekit export {ck} --target X --out OUT --json -q --force --no-verify",
             "onnx-int4": f"python -m onnxruntime_genai.models.builder -i {ck} -o OUT -p {self.onnx_recipe.precision} "
-                         f"-e cpu -c CACHE --extra_options {opts}",
+            f"-e cpu -c CACHE --extra_options {opts}",
             "gguf-q4_k_m": f"PYTHONPATH=TOOLS/gguf-py python TOOLS/convert_hf_to_gguf.py {ck} --outtype f16 "
-                           f"--outfile F16 --model-name {q(self.model_name)}; python -c \"llama_cpp.llama_model_quantize"
-                           f"(F16, OUT, ftype=LLAMA_FTYPE_MOSTLY_Q4_K_M, nthread=0)\"",
+            f'--outfile F16 --model-name {q(self.model_name)}; python -c "llama_cpp.llama_model_quantize'
+            f'(F16, OUT, ftype=LLAMA_FTYPE_MOSTLY_Q4_K_M, nthread=0)"',
         }
 
 
@@ -300,7 +349,7 @@ def parameter_count(ckpt: Path) -> int:
 def warm_page_cache(paths: list[Path]) -> None:
     """Read the inputs once so that the first measured run does not pay for a cold disk."""
     for root in paths:
-        for p in ([root] if root.is_file() else root.rglob("*")):
+        for p in [root] if root.is_file() else root.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:
                     while f.read(16 * MiB):
@@ -310,6 +359,7 @@ def warm_page_cache(paths: list[Path]) -> None:
 # --------------------------------------------------------------------------------------------
 # Where edgekit's extra time and memory go (a separate process, after the measured runs)
 # --------------------------------------------------------------------------------------------
+
 
 def _probe_main(fmt: str, ckpt: str, bundle: str, result_path: str) -> int:
     """Time the parts of an edgekit export that are not the converter, one by one."""
@@ -363,11 +413,18 @@ def _probe_main(fmt: str, ckpt: str, bundle: str, result_path: str) -> int:
         from edgekit.llamacpp_tools import converter_dir
 
         floor = subprocess.run(
-            [sys.executable, "-c", "import psutil, torch, transformers, gguf; "
-             "from transformers import AutoConfig, AutoTokenizer; "
-             "m = psutil.Process().memory_info(); print(m.rss, m.shared)"],
-            capture_output=True, text=True, check=True,
-            env={**os.environ, "PYTHONPATH": str(converter_dir() / "gguf-py")})
+            [
+                sys.executable,
+                "-c",
+                "import psutil, torch, transformers, gguf; "
+                "from transformers import AutoConfig, AutoTokenizer; "
+                "m = psutil.Process().memory_info(); print(m.rss, m.shared)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(converter_dir() / "gguf-py")},
+        )
         rss, shared = (int(x) for x in floor.stdout.split()[-2:])
         out["converter_imports_rss_mb"] = round(rss / MiB, 1)
         out["converter_imports_file_mb"] = round(shared / MiB, 1)
@@ -385,6 +442,7 @@ def probe(fmt: str, ckpt: Path, bundle: Path, work: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # Summary and tables
 # --------------------------------------------------------------------------------------------
+
 
 def summarize(runs: list[dict], setup: Setup, formats: tuple[str, ...]) -> dict:
     summary = {}
@@ -409,8 +467,10 @@ def summarize(runs: list[dict], setup: Setup, formats: tuple[str, ...]) -> dict:
         cpu_ratio = side["edgekit"]["cpu_s"] / side["raw"]["cpu_s"]
         goals = {
             "cpu_ratio": round(cpu_ratio, 3),
-            "wall_ratio": round(wall_ratio, 3), "wall_met": wall_ratio <= MAX_RATIO,
-            "rss_ratio": round(rss_ratio, 3), "rss_met": rss_ratio <= MAX_RATIO,
+            "wall_ratio": round(wall_ratio, 3),
+            "wall_met": wall_ratio <= MAX_RATIO,
+            "rss_ratio": round(rss_ratio, 3),
+            "rss_met": rss_ratio <= MAX_RATIO,
         }
         if fmt == "gguf-q4_k_m":
             f16_mb = setup.f16_bytes / MiB
@@ -447,9 +507,11 @@ def tables(doc: dict) -> str:
     formats = tuple(s)
     for fmt in formats:
         e, r, g = s[fmt]["edgekit"], s[fmt]["raw"], s[fmt]["goals"]
-        lines.append(f"| {fmt} | {e['wall_s']:.1f} | {r['wall_s']:.1f} | {g['wall_ratio']:.2f}x | "
-                     f"{e['cpu_s']:.1f} | {r['cpu_s']:.1f} | "
-                     f"{e['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {g['rss_ratio']:.2f}x |")
+        lines.append(
+            f"| {fmt} | {e['wall_s']:.1f} | {r['wall_s']:.1f} | {g['wall_ratio']:.2f}x | "
+            f"{e['cpu_s']:.1f} | {r['cpu_s']:.1f} | "
+            f"{e['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {g['rss_ratio']:.2f}x |"
+        )
     lines += [
         "",
         "| goal | measured | met |",
@@ -457,65 +519,132 @@ def tables(doc: dict) -> str:
     ]
     for fmt in formats:
         g = s[fmt]["goals"]
-        lines.append(f"| {fmt}: wall time within {MAX_RATIO}x of the raw tools | {g['wall_ratio']:.2f}x "
-                     f"(CPU time: {g['cpu_ratio']:.2f}x) | {_yes(g['wall_met'])} |")
-        lines.append(f"| {fmt}: peak RSS within {MAX_RATIO}x of the raw tools | {g['rss_ratio']:.2f}x | {_yes(g['rss_met'])} |")
+        lines.append(
+            f"| {fmt}: wall time within {MAX_RATIO}x of the raw tools | {g['wall_ratio']:.2f}x "
+            f"(CPU time: {g['cpu_ratio']:.2f}x) | {_yes(g['wall_met'])} |"
+        )
+        lines.append(
+            f"| {fmt}: peak RSS within {MAX_RATIO}x of the raw tools | {g['rss_ratio']:.2f}x | {_yes(g['rss_met'])} |"
+        )
     if "gguf-q4_k_m" in s:
         gg = s["gguf-q4_k_m"]["goals"]
-        lines.append(f"| gguf-q4_k_m: peak RSS under {MAX_GGUF_RSS_VS_F16}x the f16 checkpoint ({gg['f16_mb']:.0f} MiB) | "
-                     f"{gg['rss_vs_f16']:.2f}x (raw tools: {gg['raw_rss_vs_f16']:.2f}x) | {_yes(gg['rss_vs_f16_met'])} |")
-    lines += ["", "Where the difference goes (medians of the runs above; the probe rows time edgekit's own steps "
-              "again, one by one, in a separate process):", "",
-              "| | " + " | ".join(formats) + " |", "|---|" + "---|" * len(formats)]
+        lines.append(
+            f"| gguf-q4_k_m: peak RSS under {MAX_GGUF_RSS_VS_F16}x the f16 checkpoint ({gg['f16_mb']:.0f} MiB) | "
+            f"{gg['rss_vs_f16']:.2f}x (raw tools: {gg['raw_rss_vs_f16']:.2f}x) | {_yes(gg['rss_vs_f16_met'])} |"
+        )
+    lines += [
+        "",
+        "Where the difference goes (medians of the runs above; the probe rows time edgekit's own steps "
+        "again, one by one, in a separate process):",
+        "",
+        "| | " + " | ".join(formats) + " |",
+        "|---|" + "---|" * len(formats),
+    ]
 
     def row(label: str, cell) -> None:
-        lines.append(f"| {label} | " + " | ".join(cell(fmt, s[fmt]["edgekit"], s[fmt]["raw"], b[fmt]) for fmt in formats) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(cell(fmt, s[fmt]["edgekit"], s[fmt]["raw"], b[fmt]) for fmt in formats) + " |"
+        )
 
     row("wall time, edgekit - raw", lambda f, e, r, p: f"{e['wall_s'] - r['wall_s']:+.1f} s")
     row("CPU time, edgekit - raw", lambda f, e, r, p: f"{e['cpu_s'] - r['cpu_s']:+.1f} s")
-    row("CPU of edgekit's own process", lambda f, e, r, p: f"{e['parent_cpu_s']:.1f} s"
-        + (" (includes `llama_model_quantize`, run in-process)" if f == "gguf-q4_k_m" else ""))
-    row("CPU of edgekit's child processes / of the raw tools",
-        lambda f, e, r, p: f"{e['cpu_s'] - e['parent_cpu_s']:.1f} s / {r['cpu_s']:.1f} s")
-    row("probe: edgekit's imports (CLI, API, backend, recipe)", lambda f, e, r, p: f"{p['imports_s']:.2f} s, {p['after_imports_rss_mb']:.0f} MiB RSS")
+    row(
+        "CPU of edgekit's own process",
+        lambda f, e, r, p: (
+            f"{e['parent_cpu_s']:.1f} s"
+            + (" (includes `llama_model_quantize`, run in-process)" if f == "gguf-q4_k_m" else "")
+        ),
+    )
+    row(
+        "CPU of edgekit's child processes / of the raw tools",
+        lambda f, e, r, p: f"{e['cpu_s'] - e['parent_cpu_s']:.1f} s / {r['cpu_s']:.1f} s",
+    )
+    row(
+        "probe: edgekit's imports (CLI, API, backend, recipe)",
+        lambda f, e, r, p: f"{p['imports_s']:.2f} s, {p['after_imports_rss_mb']:.0f} MiB RSS",
+    )
     row("probe: checkpoint validation (headers, vocabulary)", lambda f, e, r, p: f"{p['resolve_s']:.2f} s")
-    row("probe: checkpoint content hash for the manifest", lambda f, e, r, p: f"{p['checkpoint_hash_s']:.2f} s ({p['checkpoint_hashed_mb']:.0f} MiB)")
-    row("probe: bundle file hashes for the manifest", lambda f, e, r, p: f"{p['bundle_hash_s']:.2f} s ({p['bundle_hashed_mb']:.0f} MiB)")
-    row("probe: edgekit's RSS sampler (50 ms), CPU", lambda f, e, r, p: f"{p['sampler_cpu_s_per_s'] * 100:.1f} % of a core")
+    row(
+        "probe: checkpoint content hash for the manifest",
+        lambda f, e, r, p: f"{p['checkpoint_hash_s']:.2f} s ({p['checkpoint_hashed_mb']:.0f} MiB)",
+    )
+    row(
+        "probe: bundle file hashes for the manifest",
+        lambda f, e, r, p: f"{p['bundle_hash_s']:.2f} s ({p['bundle_hashed_mb']:.0f} MiB)",
+    )
+    row(
+        "probe: edgekit's RSS sampler (50 ms), CPU",
+        lambda f, e, r, p: f"{p['sampler_cpu_s_per_s'] * 100:.1f} % of a core",
+    )
     row("peak RSS, edgekit - raw", lambda f, e, r, p: f"{e['peak_rss_mb'] - r['peak_rss_mb']:+.0f} MiB")
     row("edgekit's own process at the tree's peak", lambda f, e, r, p: f"{e['parent_at_peak_mb']:.0f} MiB")
-    row("file-backed pages in the peak, edgekit / raw", lambda f, e, r, p: f"{e['file_at_peak_mb']:.0f} / {r['file_at_peak_mb']:.0f} MiB")
-    row("probe: converter floor (fresh Python + torch + transformers + gguf-py, no weights)",
-        lambda f, e, r, p: f"{p['converter_imports_rss_mb']:.0f} MiB ({p['converter_imports_file_mb']:.0f} MiB file-backed)"
-        if f == "gguf-q4_k_m" else "")
-    lines += ["", "Commands (CKPT = the SmolLM2-135M checkpoint directory, TOOLS = edgekit's cached llama.cpp converter):", ""]
+    row(
+        "file-backed pages in the peak, edgekit / raw",
+        lambda f, e, r, p: f"{e['file_at_peak_mb']:.0f} / {r['file_at_peak_mb']:.0f} MiB",
+    )
+    row(
+        "probe: converter floor (fresh Python + torch + transformers + gguf-py, no weights)",
+        lambda f, e, r, p: (
+            f"{p['converter_imports_rss_mb']:.0f} MiB ({p['converter_imports_file_mb']:.0f} MiB file-backed)"
+            if f == "gguf-q4_k_m"
+            else ""
+        ),
+    )
+    lines += [
+        "",
+        "Commands (CKPT = the SmolLM2-135M checkpoint directory, TOOLS = edgekit's cached llama.cpp converter):",
+        "",
+    ]
     for k, v in doc["commands"].items():
         lines.append(f"- {k}: `{v}`")
     return "\n".join(lines)
 
 
 def readme_section(doc: dict) -> str:
-    return "\n".join(["## Export overhead", "",
-                      "What edgekit adds on top of the converters it drives, exporting SmolLM2-135M "
-                      "(edgekit CLI vs. the same tools called by hand with the same settings).", "",
-                      tables(doc), "",
-                      f"Per-run figures: `benchmarks/results/{NAME}.md`."])
+    return "\n".join(
+        [
+            "## Export overhead",
+            "",
+            "What edgekit adds on top of the converters it drives, exporting SmolLM2-135M "
+            "(edgekit CLI vs. the same tools called by hand with the same settings).",
+            "",
+            tables(doc),
+            "",
+            f"Per-run figures: `benchmarks/results/{NAME}.md`.",
+        ]
+    )
 
 
 def results_markdown(doc: dict) -> str:
-    lines = [f"# Export overhead ({doc['date']})", "", tables(doc), "", "## Every run", "",
-             "| # | format | side | wall s | CPU s | parent CPU s | peak RSS MiB | parent at peak MiB | steps (wall s / MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Export overhead ({doc['date']})",
+        "",
+        tables(doc),
+        "",
+        "## Every run",
+        "",
+        "| # | format | side | wall s | CPU s | parent CPU s | peak RSS MiB | parent at peak MiB | steps (wall s / MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(doc["runs"], 1):
         steps = " + ".join(f"{st['wall_s']} / {st['peak_rss_mb']}" for st in r.get("steps", []))
         if r["side"] == "edgekit":
             rep = r["edgekit_reported"]
             steps = f"edgekit manifest: export step {rep['wall_s']} s / {rep['peak_rss_mb']} MiB"
         mine = r["side"] == "edgekit"
-        lines.append(f"| {i} | {r['format']} | {r['side']} | {r['wall_s']} | {r['cpu_s']} | "
-                     f"{r['root_cpu_s'] if mine else ''} | {r['peak_rss_mb']} | "
-                     f"{r['root_at_peak_mb'] if mine else ''} | {steps} |")
-    lines += ["", "Probe (one process per format, after the runs):", "", "```", json.dumps(doc["breakdown"], indent=2), "```"]
+        lines.append(
+            f"| {i} | {r['format']} | {r['side']} | {r['wall_s']} | {r['cpu_s']} | "
+            f"{r['root_cpu_s'] if mine else ''} | {r['peak_rss_mb']} | "
+            f"{r['root_at_peak_mb'] if mine else ''} | {steps} |"
+        )
+    lines += [
+        "",
+        "Probe (one process per format, after the runs):",
+        "",
+        "```",
+        json.dumps(doc["breakdown"], indent=2),
+        "```",
+    ]
     return "\n".join(lines)
 
 
@@ -532,8 +661,12 @@ def tool_versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=2, help="Runs per side and format (default 2).")
-    parser.add_argument("--format", action="append", choices=FORMATS,
-                        help="Only this format (repeatable); results are then printed, not written.")
+    parser.add_argument(
+        "--format",
+        action="append",
+        choices=FORMATS,
+        help="Only this format (repeatable); results are then printed, not written.",
+    )
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be at least 1")
@@ -557,8 +690,12 @@ def main(argv: list[str] | None = None) -> int:
                     run.update(format=fmt, side=side, rep=rep)
                     runs.append(run)
                     load.append(os.getloadavg()[0])
-                    print(f"[{NAME}]   {run['wall_s']} s, CPU {run['cpu_s']} s, peak RSS {run['peak_rss_mb']} MiB, "
-                          f"load {load[-1]:.1f}", file=sys.stderr, flush=True)
+                    print(
+                        f"[{NAME}]   {run['wall_s']} s, CPU {run['cpu_s']} s, peak RSS {run['peak_rss_mb']} MiB, "
+                        f"load {load[-1]:.1f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     last = rep == args.reps - 1
                     if not (last and side == "edgekit"):
                         shutil.rmtree(d)  # keep one edgekit bundle per format for the probe
@@ -576,10 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         "tools": tool_versions(),
         "reps": args.reps,
         "load_average_1min": {"min": round(min(load), 2), "max": round(max(load), 2)},
-        "model": {"name": MODEL, "params": setup.params, "f16_mb": round(setup.f16_bytes / MiB, 1),
-                  "checkpoint_mb": round(setup.ckpt_bytes / MiB, 1)},
-        "settings": {"builder_extra_options": setup.extra_options, "gguf_model_name": setup.model_name,
-                     "onnx_recipe": dataclasses.asdict(setup.onnx_recipe)},
+        "model": {
+            "name": MODEL,
+            "params": setup.params,
+            "f16_mb": round(setup.f16_bytes / MiB, 1),
+            "checkpoint_mb": round(setup.ckpt_bytes / MiB, 1),
+        },
+        "settings": {
+            "builder_extra_options": setup.extra_options,
+            "gguf_model_name": setup.model_name,
+            "onnx_recipe": dataclasses.asdict(setup.onnx_recipe),
+        },
         "commands": setup.shown_commands(),
         "goals": {"max_ratio": MAX_RATIO, "max_gguf_rss_vs_f16": MAX_GGUF_RSS_VS_F16},
         "runs": runs,

@@ -81,6 +81,7 @@ def ensure_bundles() -> dict[str, Path]:
 # the raw loops (run as `harness_overhead.py --raw-child ...`; they import no edgekit code)
 # --------------------------------------------------------------------------------------------
 
+
 def _cycle(ids: list[int], n: int) -> list[int]:
     return (ids * math.ceil(n / len(ids)))[:n]
 
@@ -140,12 +141,16 @@ def raw_genai(bundle: Path, threads: int, context: int, prompt_n: int, gen: int,
     import onnxruntime_genai as og
 
     config = og.Config(str(bundle))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    config.overlay(
+        json.dumps(
+            {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}
+        )
+    )
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
-    prompt = np.asarray(_cycle([int(t) for t in tokenizer.encode(EVAL_TEXT.read_text(encoding="utf-8"))], prompt_n),
-                        dtype=np.int32)
+    prompt = np.asarray(
+        _cycle([int(t) for t in tokenizer.encode(EVAL_TEXT.read_text(encoding="utf-8"))], prompt_n), dtype=np.int32
+    )
 
     def trial():
         params = og.GeneratorParams(model)
@@ -179,9 +184,21 @@ def raw_child(argv: list[str]) -> None:
 # the comparison
 # --------------------------------------------------------------------------------------------
 
+
 def run_raw(run) -> dict:
-    cmd = [sys.executable, __file__, "--raw-child", run.format, run.bundle, str(run.threads), str(run.context),
-           str(run.prompt_tokens), str(run.gen_tokens), str(run.reps), str(run.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--raw-child",
+        run.format,
+        run.bundle,
+        str(run.threads),
+        str(run.context),
+        str(run.prompt_tokens),
+        str(run.gen_tokens),
+        str(run.reps),
+        str(run.warmup),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"[{NAME}] raw {run.format} loop failed:\n{proc.stderr[-3000:]}")
@@ -220,30 +237,49 @@ def compare(fmt: str, run, rounds: int, with_time: bool) -> dict:
             sides[side].append(run_edgekit(run, with_time) if side == "edgekit" else run_raw(run))
     metrics = {}
     for metric in ("prefill_tok_s", "decode_tok_s", "ttft_ms"):
-        med = {s: statistics.median([v for r in runs for v in rates(r["trials"], run.prompt_tokens)[metric]])
-               for s, runs in sides.items()}
-        per_round = {s: [statistics.median(rates(r["trials"], run.prompt_tokens)[metric]) for r in runs]
-                     for s, runs in sides.items()}
+        med = {
+            s: statistics.median([v for r in runs for v in rates(r["trials"], run.prompt_tokens)[metric]])
+            for s, runs in sides.items()
+        }
+        per_round = {
+            s: [statistics.median(rates(r["trials"], run.prompt_tokens)[metric]) for r in runs]
+            for s, runs in sides.items()
+        }
         round_ratios = [e / r for e, r in zip(per_round["edgekit"], per_round["raw"])]
-        metrics[metric] = {"edgekit": round(med["edgekit"], 2), "raw": round(med["raw"], 2),
-                           "pooled_ratio": round(med["edgekit"] / med["raw"], 3),
-                           "ratio": round(statistics.median(round_ratios), 3),
-                           "round_ratios": [round(x, 3) for x in round_ratios],
-                           "per_round": {s: [round(v, 2) for v in vals] for s, vals in per_round.items()}}
-    rss = [{"edgekit_peak_rss_mb": round(r["peak_rss_mb"], 1),
+        metrics[metric] = {
+            "edgekit": round(med["edgekit"], 2),
+            "raw": round(med["raw"], 2),
+            "pooled_ratio": round(med["edgekit"] / med["raw"], 3),
+            "ratio": round(statistics.median(round_ratios), 3),
+            "round_ratios": [round(x, 3) for x in round_ratios],
+            "per_round": {s: [round(v, 2) for v in vals] for s, vals in per_round.items()},
+        }
+    rss = [
+        {
+            "edgekit_peak_rss_mb": round(r["peak_rss_mb"], 1),
             "time_max_rss_mb": round(r["time_max_rss_mb"], 1) if r["time_max_rss_mb"] else None,
-            "ratio": round(r["peak_rss_mb"] / r["time_max_rss_mb"], 3) if r["time_max_rss_mb"] else None}
-           for r in sides["edgekit"]]
-    return {"metrics": metrics, "rss": rss, "raw_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sides["raw"]],
-            "load_avg_per_round": load}
+            "ratio": round(r["peak_rss_mb"] / r["time_max_rss_mb"], 3) if r["time_max_rss_mb"] else None,
+        }
+        for r in sides["edgekit"]
+    ]
+    return {
+        "metrics": metrics,
+        "rss": rss,
+        "raw_peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sides["raw"]],
+        "load_avg_per_round": load,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side (default 5)")
     ap.add_argument("--reps", type=int, default=10, help="timed trials per process after one warm-up (default 10)")
-    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="formats to compare (default both)")
-    ap.add_argument("--threads", type=int, help="override the profile's threads (default: laptop-cpu's, physical cores)")
+    ap.add_argument(
+        "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="formats to compare (default both)"
+    )
+    ap.add_argument(
+        "--threads", type=int, help="override the profile's threads (default: laptop-cpu's, physical cores)"
+    )
     args = ap.parse_args()
     name = NAME
     if args.formats != list(FORMATS) or args.threads:
@@ -255,24 +291,42 @@ def main() -> None:
 
     with_time = Path(GNU_TIME).is_file() and os.access(GNU_TIME, os.X_OK)
     if not with_time:
-        print(f"[{NAME}] GNU time is not installed at {GNU_TIME}: the peak-RSS cross-check CANNOT RUN and is "
-              f"reported as not run. Install it (apt-get install -y time) and rerun.", file=sys.stderr)
+        print(
+            f"[{NAME}] GNU time is not installed at {GNU_TIME}: the peak-RSS cross-check CANNOT RUN and is "
+            f"reported as not run. Install it (apt-get install -y time) and rerun.",
+            file=sys.stderr,
+        )
     bundles = ensure_bundles()
     host = hostmod.facts()
     profile, source, _ = choose_profile(PROFILE, {"threads": args.threads} if args.threads else None, host)
     results, settings = {}, {}
     for fmt in args.formats:
-        [run] = plan([bundles[fmt]], profile, source, host, reps=args.reps, warmup=1,
-                     prompt_tokens=None, gen_tokens=None)
-        settings = {"threads": run.threads, "context": run.context, "prompt_tokens": run.prompt_tokens,
-                    "gen_tokens": run.gen_tokens, "reps": run.reps, "warmup": run.warmup, "rounds": args.rounds}
+        [run] = plan(
+            [bundles[fmt]], profile, source, host, reps=args.reps, warmup=1, prompt_tokens=None, gen_tokens=None
+        )
+        settings = {
+            "threads": run.threads,
+            "context": run.context,
+            "prompt_tokens": run.prompt_tokens,
+            "gen_tokens": run.gen_tokens,
+            "reps": run.reps,
+            "warmup": run.warmup,
+            "rounds": args.rounds,
+        }
         results[fmt] = compare(fmt, run, args.rounds, with_time)
 
     facts = host_facts()
-    doc = {"host": facts, "date": dt.date.today().isoformat(), "model": MODEL, "profile": PROFILE,
-           "command": " ".join([RERUN, *sys.argv[1:]]),
-           "settings": settings, "gnu_time": with_time, "results": results,
-           "goals": {"ratio_range": RATIO_RANGE, "rss_tolerance": RSS_TOLERANCE}}
+    doc = {
+        "host": facts,
+        "date": dt.date.today().isoformat(),
+        "model": MODEL,
+        "profile": PROFILE,
+        "command": " ".join([RERUN, *sys.argv[1:]]),
+        "settings": settings,
+        "gnu_time": with_time,
+        "results": results,
+        "goals": {"ratio_range": RATIO_RANGE, "rss_tolerance": RSS_TOLERANCE},
+    }
     md = render(doc)
     write_results(name, doc, md)
     print(md)
@@ -288,7 +342,9 @@ def render(doc: dict) -> str:
         f"edgekit and raw loop columns: medians over all trials; ratio: median of the per-round ratios "
         f"(adjacent processes, same load). A shared machine: other jobs ran meanwhile, so rounds are noisy; "
         f"1-minute load average at the start of each round (on {doc['host']['logical_cores']} cores): "
-        + "; ".join(f"{fmt} " + ", ".join(str(v) for v in res["load_avg_per_round"]) for fmt, res in doc["results"].items())
+        + "; ".join(
+            f"{fmt} " + ", ".join(str(v) for v in res["load_avg_per_round"]) for fmt, res in doc["results"].items()
+        )
         + f". Rerun: `{doc.get('command', RERUN)}`.",
         "",
         "| format | metric | edgekit | raw loop | ratio of all-trial medians | per-round ratios | ratio (paired) | goal |",
@@ -296,22 +352,35 @@ def render(doc: dict) -> str:
     ]
     for fmt, res in doc["results"].items():
         for metric, m in res["metrics"].items():
-            goal = (("**yes**" if lo <= m["ratio"] <= hi else "**no**") + f" ({lo}-{hi})"
-                    if metric != "ttft_ms" else "(not a goal)")
+            goal = (
+                ("**yes**" if lo <= m["ratio"] <= hi else "**no**") + f" ({lo}-{hi})"
+                if metric != "ttft_ms"
+                else "(not a goal)"
+            )
             rounds = ", ".join(f"{v:.2f}" for v in m["round_ratios"])
-            lines.append(f"| {fmt} | {metric} | {m['edgekit']} | {m['raw']} | {m['pooled_ratio']:.3f} | {rounds} | "
-                         f"{m['ratio']:.3f} | {goal} |")
-    lines += ["", "| format | edgekit peak RSS MiB (the child's VmHWM) | /usr/bin/time -v max RSS MiB | ratio | "
-              "within 10 % | raw loop's own peak MiB |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {fmt} | {metric} | {m['edgekit']} | {m['raw']} | {m['pooled_ratio']:.3f} | {rounds} | "
+                f"{m['ratio']:.3f} | {goal} |"
+            )
+    lines += [
+        "",
+        "| format | edgekit peak RSS MiB (the child's VmHWM) | /usr/bin/time -v max RSS MiB | ratio | "
+        "within 10 % | raw loop's own peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     tol = doc["goals"]["rss_tolerance"]
     for fmt, res in doc["results"].items():
         raw_peak = ", ".join(str(v) for v in res["raw_peak_rss_mb"])
         for r in res["rss"]:
             if r["time_max_rss_mb"] is None:
-                lines.append(f"| {fmt} | {r['edgekit_peak_rss_mb']} | not run: no GNU time at {GNU_TIME} | | **not checked** | {raw_peak} |")
+                lines.append(
+                    f"| {fmt} | {r['edgekit_peak_rss_mb']} | not run: no GNU time at {GNU_TIME} | | **not checked** | {raw_peak} |"
+                )
             else:
                 ok = "**yes**" if abs(r["ratio"] - 1) <= tol else "**no**"
-                lines.append(f"| {fmt} | {r['edgekit_peak_rss_mb']} | {r['time_max_rss_mb']} | {r['ratio']:.3f} | {ok} | {raw_peak} |")
+                lines.append(
+                    f"| {fmt} | {r['edgekit_peak_rss_mb']} | {r['time_max_rss_mb']} | {r['ratio']:.3f} | {ok} | {raw_peak} |"
+                )
     return "\n".join(lines)
 
 

@@ -57,45 +57,112 @@ RERUN = ".venv/bin/python benchmarks/recipes.py"
 GOAL_KLD_RATIO, GOAL_SIZE_RATIO = 1.5, 1.2  # onnx default vs gguf default (the issue's goal)
 
 # Every onnx-int4 key, at the values the builder path had before edgekit re-quantization.
-ONNX_BASE = {"engine": "auto", "precision": "int4", "block_size": 32, "accuracy_level": 4,
-             "algorithm": "k_quant_mixed", "is_symmetric": True, "float_lm_head": False, "embeddings": "auto",
-             "weight_search": "builder", "int8_matmuls": [], "int8_block_size": 0}
+ONNX_BASE = {
+    "engine": "auto",
+    "precision": "int4",
+    "block_size": 32,
+    "accuracy_level": 4,
+    "algorithm": "k_quant_mixed",
+    "is_symmetric": True,
+    "float_lm_head": False,
+    "embeddings": "auto",
+    "weight_search": "builder",
+    "int8_matmuls": [],
+    "int8_block_size": 0,
+}
 GGUF_BASE = {"intermediate": "f16", "quant_type": "Q4_K_M", "quant_threads": 0, "imatrix": "none"}
 KVOD = ["k_proj", "v_proj", "o_proj", "down_proj"]
 
 # (name, target, overrides on the base, what it tries)
 CANDIDATES: list[tuple[str, str, dict, str]] = [
     ("gguf Q4_K_M", "gguf-q4_k_m", {}, "llama.cpp's mix, no importance matrix"),
-    ("gguf Q4_K_M + imatrix", "gguf-q4_k_m", {"imatrix": "calibration"},
-     "importance matrix from the reference model over the calibration text"),
-    ("onnx MLAS RTN (builder default)", "onnx-int4", {"algorithm": "default"},
-     "symmetric round-to-nearest, every MatMul int4"),
-    ("onnx rtn_last asym", "onnx-int4", {"algorithm": "rtn_last", "is_symmetric": False},
-     "neural-compressor RTN with zero points, lm_head int8"),
-    ("onnx k_quant_mixed", "onnx-int4", {}, "the previous default: k-quant search, lm_head + llama.cpp's use_more_bits layers int8"),
+    (
+        "gguf Q4_K_M + imatrix",
+        "gguf-q4_k_m",
+        {"imatrix": "calibration"},
+        "importance matrix from the reference model over the calibration text",
+    ),
+    (
+        "onnx MLAS RTN (builder default)",
+        "onnx-int4",
+        {"algorithm": "default"},
+        "symmetric round-to-nearest, every MatMul int4",
+    ),
+    (
+        "onnx rtn_last asym",
+        "onnx-int4",
+        {"algorithm": "rtn_last", "is_symmetric": False},
+        "neural-compressor RTN with zero points, lm_head int8",
+    ),
+    (
+        "onnx k_quant_mixed",
+        "onnx-int4",
+        {},
+        "the previous default: k-quant search, lm_head + llama.cpp's use_more_bits layers int8",
+    ),
     ("onnx k_quant_mixed acc0", "onnx-int4", {"accuracy_level": 0}, "fp32 activations instead of int8 in MatMulNBits"),
     ("onnx k_quant_mixed block16", "onnx-int4", {"block_size": 16}, "half-size blocks"),
     ("onnx k_quant_mixed block64", "onnx-int4", {"block_size": 64}, "double-size blocks"),
-    ("onnx k_quant_mixed float lm_head", "onnx-int4", {"float_lm_head": True}, "lm_head (and the tied embedding) in float"),
-    ("onnx k_quant_mixed + edgekit search", "onnx-int4", {"weight_search": "edgekit"},
-     "blocks re-searched against the error after zero-point rounding"),
-    ("onnx k_quant_mixed + imatrix search", "onnx-int4", {"weight_search": "imatrix"},
-     "the same search weighted by the calibration imatrix"),
-    ("onnx imatrix, int8 v,down", "onnx-int4", {"weight_search": "imatrix", "int8_matmuls": ["v_proj", "down_proj"]},
-     "v_proj and down_proj int8 in every layer"),
-    ("onnx imatrix, int8 k,v,down", "onnx-int4",
-     {"weight_search": "imatrix", "int8_matmuls": ["k_proj", "v_proj", "down_proj"]}, "k_proj too"),
-    ("onnx imatrix, int8 q,k,v,down", "onnx-int4",
-     {"weight_search": "imatrix", "int8_matmuls": ["qkv_proj", "down_proj"]}, "the whole fused qkv_proj"),
-    ("onnx k_quant_last, imatrix, int8 k,v,o,down", "onnx-int4",
-     {"algorithm": "k_quant_last", "weight_search": "imatrix", "int8_matmuls": KVOD},
-     "o_proj int8 instead of the use_more_bits layers' q"),
-    ("onnx imatrix, int8 k,v,o,down", "onnx-int4", {"weight_search": "imatrix", "int8_matmuls": KVOD},
-     "o_proj too, on top of the use_more_bits layers' qkv"),
-    ("onnx imatrix, int8 k,v,o,down, int8 block 64", "onnx-int4",
-     {"weight_search": "imatrix", "int8_matmuls": KVOD, "int8_block_size": 64}, "int8 scales per 64 weights"),
-    ("onnx imatrix, int8 k,v,o,down, int8 block 128", "onnx-int4",
-     {"weight_search": "imatrix", "int8_matmuls": KVOD, "int8_block_size": 128}, "int8 scales per 128 weights"),
+    (
+        "onnx k_quant_mixed float lm_head",
+        "onnx-int4",
+        {"float_lm_head": True},
+        "lm_head (and the tied embedding) in float",
+    ),
+    (
+        "onnx k_quant_mixed + edgekit search",
+        "onnx-int4",
+        {"weight_search": "edgekit"},
+        "blocks re-searched against the error after zero-point rounding",
+    ),
+    (
+        "onnx k_quant_mixed + imatrix search",
+        "onnx-int4",
+        {"weight_search": "imatrix"},
+        "the same search weighted by the calibration imatrix",
+    ),
+    (
+        "onnx imatrix, int8 v,down",
+        "onnx-int4",
+        {"weight_search": "imatrix", "int8_matmuls": ["v_proj", "down_proj"]},
+        "v_proj and down_proj int8 in every layer",
+    ),
+    (
+        "onnx imatrix, int8 k,v,down",
+        "onnx-int4",
+        {"weight_search": "imatrix", "int8_matmuls": ["k_proj", "v_proj", "down_proj"]},
+        "k_proj too",
+    ),
+    (
+        "onnx imatrix, int8 q,k,v,down",
+        "onnx-int4",
+        {"weight_search": "imatrix", "int8_matmuls": ["qkv_proj", "down_proj"]},
+        "the whole fused qkv_proj",
+    ),
+    (
+        "onnx k_quant_last, imatrix, int8 k,v,o,down",
+        "onnx-int4",
+        {"algorithm": "k_quant_last", "weight_search": "imatrix", "int8_matmuls": KVOD},
+        "o_proj int8 instead of the use_more_bits layers' q",
+    ),
+    (
+        "onnx imatrix, int8 k,v,o,down",
+        "onnx-int4",
+        {"weight_search": "imatrix", "int8_matmuls": KVOD},
+        "o_proj too, on top of the use_more_bits layers' qkv",
+    ),
+    (
+        "onnx imatrix, int8 k,v,o,down, int8 block 64",
+        "onnx-int4",
+        {"weight_search": "imatrix", "int8_matmuls": KVOD, "int8_block_size": 64},
+        "int8 scales per 64 weights",
+    ),
+    (
+        "onnx imatrix, int8 k,v,o,down, int8 block 128",
+        "onnx-int4",
+        {"weight_search": "imatrix", "int8_matmuls": KVOD, "int8_block_size": 128},
+        "int8 scales per 128 weights",
+    ),
 ]
 
 
@@ -131,9 +198,15 @@ def measure(name: str, target: str, recipe: dict, work: Path) -> dict:
         row["weights"] = q.get("weights") or q.get("tensor_types")
         row["notes"] = manifest["export"]["notes"]
         rep = api.verify(bundle, write=False)
-        row.update(kld_mean=rep.kld_mean, kld_p99=rep.kld_p99, top1_agreement=rep.top1_agreement,
-                   ppl_ratio=rep.ppl_ratio, greedy_match_tokens_mean=rep.greedy_match_tokens_mean,
-                   positions=rep.positions, passed=rep.passed)
+        row.update(
+            kld_mean=rep.kld_mean,
+            kld_p99=rep.kld_p99,
+            top1_agreement=rep.top1_agreement,
+            ppl_ratio=rep.ppl_ratio,
+            greedy_match_tokens_mean=rep.greedy_match_tokens_mean,
+            positions=rep.positions,
+            passed=rep.passed,
+        )
         speeds, generated = [], []
         for _ in range(RUNS):
             r = api.run(bundle, PROMPT, max_tokens=MAX_TOKENS)
@@ -172,28 +245,38 @@ def markdown(doc: dict) -> str:
             continue
         kr = f"{r['kld_mean'] / ref['kld_mean']:.2f}" if ref else "-"
         sr = f"{r['model_bytes'] / ref['model_bytes']:.2f}" if ref else "-"
-        lines.append(f"| {label} | {r['target']} | {_mb(r['model_bytes'])} | {r['kld_mean']:.4f} | "
-                     f"{r['top1_agreement']:.3f} | {r['ppl_ratio']:.3f} | {r['decode_tok_s']:.1f} | {kr} | {sr} |")
+        lines.append(
+            f"| {label} | {r['target']} | {_mb(r['model_bytes'])} | {r['kld_mean']:.4f} | "
+            f"{r['top1_agreement']:.3f} | {r['ppl_ratio']:.3f} | {r['decode_tok_s']:.1f} | {kr} | {sr} |"
+        )
     onnx = next((r for r in rows if r["target"] == "onnx-int4" and r.get("default") and "error" not in r), None)
     if ref and onnx:
         kr, sr = onnx["kld_mean"] / ref["kld_mean"], onnx["model_bytes"] / ref["model_bytes"]
         ok = kr <= GOAL_KLD_RATIO and sr <= GOAL_SIZE_RATIO
-        lines += ["", f"Goal (default onnx-int4 within {GOAL_KLD_RATIO}x the default gguf-q4_k_m's mean KLD at no more "
-                      f"than {GOAL_SIZE_RATIO}x its size): KLD x{kr:.2f}, size x{sr:.2f}: **{'met' if ok else 'not met'}**."]
-    lines += ["", "This checkpoint is SmolLM2-135M dequantized from a Q4_1 GGUF: its linear weights sit on a "
-                  "4-bit, block-32 grid with a float offset. No format in the table stores that grid exactly "
-                  "(MatMulNBits' zero points are integers here, q5_0 is symmetric), but the ranking could differ "
-                  "on an unquantized checkpoint. MatMulNBits also accepts float zero points, which would store "
-                  "the grid exactly, but onnxruntime 1.32 runs them about 50x slower on CPU, so no recipe uses them.",
-              "", f"Rerun: `{RERUN}`."]
+        lines += [
+            "",
+            f"Goal (default onnx-int4 within {GOAL_KLD_RATIO}x the default gguf-q4_k_m's mean KLD at no more "
+            f"than {GOAL_SIZE_RATIO}x its size): KLD x{kr:.2f}, size x{sr:.2f}: **{'met' if ok else 'not met'}**.",
+        ]
+    lines += [
+        "",
+        "This checkpoint is SmolLM2-135M dequantized from a Q4_1 GGUF: its linear weights sit on a "
+        "4-bit, block-32 grid with a float offset. No format in the table stores that grid exactly "
+        "(MatMulNBits' zero points are integers here, q5_0 is symmetric), but the ranking could differ "
+        "on an unquantized checkpoint. MatMulNBits also accepts float zero points, which would store "
+        "the grid exactly, but onnxruntime 1.32 runs them about 50x slower on CPU, so no recipe uses them.",
+        "",
+        f"Rerun: `{RERUN}`.",
+    ]
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="run only candidates whose name contains this (printed, nothing written)")
-    ap.add_argument("--render", action="store_true",
-                    help="only rewrite recipes.md and the README section from results/recipes.json")
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite recipes.md and the README section from results/recipes.json"
+    )
     args = ap.parse_args()
     if args.render:
         from _common import RESULTS
@@ -222,9 +305,25 @@ def main() -> int:
             row = measure(name, target, recipe, Path(tmp))
             row.update(why=why, default=is_default(target, recipe))
             rows.append(row)
-            print(f"[{NAME}]   " + json.dumps({k: row.get(k) for k in (
-                "model_bytes", "kld_mean", "top1_agreement", "ppl_ratio", "decode_tok_s", "export_s", "error")}),
-                file=sys.stderr, flush=True)
+            print(
+                f"[{NAME}]   "
+                + json.dumps(
+                    {
+                        k: row.get(k)
+                        for k in (
+                            "model_bytes",
+                            "kld_mean",
+                            "top1_agreement",
+                            "ppl_ratio",
+                            "decode_tok_s",
+                            "export_s",
+                            "error",
+                        )
+                    }
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
     eval_text = default_eval_text()
     doc = {
         "date": dt.date.today().isoformat(),
@@ -235,7 +334,9 @@ def main() -> int:
         "eval_text_sha256": hashlib.sha256(eval_text.encode()).hexdigest(),
         "eval_tokens": len(load_tokenizer(ckpt)(eval_text, add_special_tokens=False).input_ids),
         "calibration_text_sha256": hashlib.sha256(calibration_text().encode()).hexdigest(),
-        "prompt": PROMPT, "max_tokens": MAX_TOKENS, "runs": RUNS,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "runs": RUNS,
         "rows": rows,
     }
     md = markdown(doc)

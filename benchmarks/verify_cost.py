@@ -37,22 +37,49 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("all", "short", "long"), default="all",
-                        help="Which table to measure; the other is kept from the last results file.")
+    parser.add_argument(
+        "--part",
+        choices=("all", "short", "long"),
+        default="all",
+        help="Which table to measure; the other is kept from the last results file.",
+    )
     part = parser.parse_args().part
     previous = ROOT / "benchmarks" / "results" / f"{NAME}.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
     facts = host_facts()
     today = str(dt.date.today())
     # Each table keeps the date and host it was measured on when the other is rerun.
-    short = ({"rows": short_rows(), "date": today, "host": facts} if part in ("all", "short")
-             else {"rows": old.get("rows", []), "date": old.get("date", "2026-11-23"), "host": old.get("host", facts)})
-    long = ({"rows": probe_rows(), "date": today, "host": facts} if part in ("all", "long")
-            else {"rows": old.get("long_rows", []), "date": old.get("long_date", today), "host": old.get("long_host", facts)})
-    md = "\n".join(short_table(short["rows"], short["host"], short["date"]) + [""]
-                   + long_table(long["rows"], long["host"], long["date"]))
-    write_results(NAME, {"host": short["host"], "date": short["date"], "rows": short["rows"],
-                         "long_host": long["host"], "long_date": long["date"], "long_rows": long["rows"]}, md)
+    short = (
+        {"rows": short_rows(), "date": today, "host": facts}
+        if part in ("all", "short")
+        else {"rows": old.get("rows", []), "date": old.get("date", "2026-11-23"), "host": old.get("host", facts)}
+    )
+    long = (
+        {"rows": probe_rows(), "date": today, "host": facts}
+        if part in ("all", "long")
+        else {
+            "rows": old.get("long_rows", []),
+            "date": old.get("long_date", today),
+            "host": old.get("long_host", facts),
+        }
+    )
+    md = "\n".join(
+        short_table(short["rows"], short["host"], short["date"])
+        + [""]
+        + long_table(long["rows"], long["host"], long["date"])
+    )
+    write_results(
+        NAME,
+        {
+            "host": short["host"],
+            "date": short["date"],
+            "rows": short["rows"],
+            "long_host": long["host"],
+            "long_date": long["date"],
+            "long_rows": long["rows"],
+        },
+        md,
+    )
     update_doc("verify-cost", "## Verify cost\n\n" + md)
     print(md)
 
@@ -72,9 +99,11 @@ def probe_rows() -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="edgekit-verify-cost-long-"))
     env = _private_cache(work)
     cli = str(Path(sys.executable).parent / "edgekit")
-    models = {"smollm2-135m": ("smollm2-135m", ["--long-context"]),
-              "tiny phi3-longrope": (str(make_tiny("phi3-longrope", work / "phi3-longrope")), []),
-              "tiny phi4-mini": (str(make_tiny("phi4-mini", work / "phi4-mini")), [])}
+    models = {
+        "smollm2-135m": ("smollm2-135m", ["--long-context"]),
+        "tiny phi3-longrope": (str(make_tiny("phi3-longrope", work / "phi3-longrope")), []),
+        "tiny phi4-mini": (str(make_tiny("phi4-mini", work / "phi4-mini")), []),
+    }
     rows = []
     for label, (model, flags) in models.items():
         for fmt in ("gguf-q4_k_m", "onnx-int4"):
@@ -90,11 +119,19 @@ def probe_rows() -> list[dict]:
                         raise SystemExit(f"verify failed ({m.returncode}): {m.stderr[-2000:]}")
                     rep = json.loads(m.stdout)["reports"][0]
                     lc = rep.get("long_context")
-                    rows.append({"model": label, "format": fmt, "probe": probe, "reference": state,
-                                 "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb,
-                                 "positions": lc["positions"] if lc else 0,
-                                 "kld_after": lc["kld_mean_after"] if lc else None,
-                                 "parity_context": lc["parity_context"] if lc else None})
+                    rows.append(
+                        {
+                            "model": label,
+                            "format": fmt,
+                            "probe": probe,
+                            "reference": state,
+                            "wall_s": m.wall_s,
+                            "peak_rss_mb": m.peak_rss_mb,
+                            "positions": lc["positions"] if lc else 0,
+                            "kld_after": lc["kld_mean_after"] if lc else None,
+                            "parity_context": lc["parity_context"] if lc else None,
+                        }
+                    )
                     print(rows[-1], file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -115,8 +152,10 @@ def long_table(rows: list[dict], facts: dict, date: str) -> list[str]:
     ]
     for r in rows:
         kld = "" if r["kld_after"] is None else f"{r['kld_after']:.4f}"
-        lines.append(f"| {r['model']} | {r['format']} | {r['probe']} | {r['reference']} | {r['positions'] or ''} | {kld} "
-                     f"| {r['parity_context'] or ''} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['probe']} | {r['reference']} | {r['positions'] or ''} | {kld} "
+            f"| {r['parity_context'] or ''} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
     return lines
 
 
@@ -144,9 +183,18 @@ def short_rows() -> list[dict]:
                 if m.returncode not in (0, 3):
                     raise SystemExit(f"verify failed ({m.returncode}): {m.stderr[-2000:]}")
                 rep = json.loads(m.stdout)["reports"][0]
-                rows.append({"format": fmt, "text": size, "reference": state, "positions": rep["positions"],
-                             "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "kld_mean": rep["kld_mean"],
-                             "cached": rep["reference"]["cached"]})
+                rows.append(
+                    {
+                        "format": fmt,
+                        "text": size,
+                        "reference": state,
+                        "positions": rep["positions"],
+                        "wall_s": m.wall_s,
+                        "peak_rss_mb": m.peak_rss_mb,
+                        "kld_mean": rep["kld_mean"],
+                        "cached": rep["reference"]["cached"],
+                    }
+                )
                 print(rows[-1], file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -162,8 +210,10 @@ def short_table(rows: list[dict], facts: dict, date: str) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['text']} | {r['reference']}{'' if r['cached'] == (r['reference'] == 'warm') else ' (!)'} "
-                     f"| {r['positions']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['kld_mean']:.4f} |")
+        lines.append(
+            f"| {r['format']} | {r['text']} | {r['reference']}{'' if r['cached'] == (r['reference'] == 'warm') else ' (!)'} "
+            f"| {r['positions']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['kld_mean']:.4f} |"
+        )
     return lines
 
 

@@ -24,9 +24,27 @@ from .tasks import load_tasks
 from .verification import gate as parity_gate
 from .verification import open_bundle, reference_checkpoints, thresholds_for, verify
 
-__all__ = ["ALL", "ExportResult", "RunResult", "bench", "build", "check_architecture", "evaluate", "export",
-           "load_tasks", "merge", "open_bundle", "parity_gate", "recipe_for", "reference_checkpoints", "run", "select",
-           "thresholds_for", "validate", "verify"]
+__all__ = [
+    "ALL",
+    "ExportResult",
+    "RunResult",
+    "bench",
+    "build",
+    "check_architecture",
+    "evaluate",
+    "export",
+    "load_tasks",
+    "merge",
+    "open_bundle",
+    "parity_gate",
+    "recipe_for",
+    "reference_checkpoints",
+    "run",
+    "select",
+    "thresholds_for",
+    "validate",
+    "verify",
+]
 
 
 def bench(*args: Any, **kwargs: Any) -> Any:

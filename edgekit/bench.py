@@ -63,17 +63,17 @@ class BenchRecord:
     decode_tok_s_stddev: float
     decode_tok_s_min: float
     decode_tok_s_max: float
-    peak_rss_mb: float             # the child's own peak (VmHWM): interpreter + runtime + model
-    rss_before_load_mb: float      # interpreter and runtime imported, nothing loaded
+    peak_rss_mb: float  # the child's own peak (VmHWM): interpreter + runtime + model
+    rss_before_load_mb: float  # interpreter and runtime imported, nothing loaded
     rss_after_load_mb: float
     rss_after_prefill_mb: float
-    rss_end_mb: float              # at the end of the last trial's decoding
+    rss_end_mb: float  # at the end of the last trial's decoding
     model_bytes: int
     bundle_bytes: int
     kv_bytes_per_token: int
-    bytes_per_token: int           # weights + the KV cache a decode step reads, on average
-    read_bandwidth_gbs: float      # this host's measured read bandwidth (10^9 bytes/s)
-    bandwidth_utilization: float   # decode_tok_s x bytes_per_token / read bandwidth
+    bytes_per_token: int  # weights + the KV cache a decode step reads, on average
+    read_bandwidth_gbs: float  # this host's measured read bandwidth (10^9 bytes/s)
+    bandwidth_utilization: float  # decode_tok_s x bytes_per_token / read bandwidth
     threads: int
     gpu_layers: int
     context: int
@@ -114,14 +114,24 @@ class BenchRecord:
 # the parent: one child per run
 # --------------------------------------------------------------------------------------------
 
-def run_child(run: Run, wrap: Sequence[str] = (), on_mark: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
+
+def run_child(
+    run: Run, wrap: Sequence[str] = (), on_mark: Callable[[str], None] | None = None
+) -> tuple[dict[str, Any], str]:
     """Run one benchmark in a fresh `python -m edgekit.bench_child` process (prefixed by `wrap`, e.g.
     /usr/bin/time -v). Returns the child's result and everything it printed (marks removed)."""
     from . import childjob
     from .measure import ChildWatch
 
-    return childjob.run("edgekit.bench_child", dataclasses.asdict(run), f"the benchmark process for {run.bundle}",
-                        CHILD_MARK, wrap=wrap, on_mark=on_mark, watch=ChildWatch)
+    return childjob.run(
+        "edgekit.bench_child",
+        dataclasses.asdict(run),
+        f"the benchmark process for {run.bundle}",
+        CHILD_MARK,
+        wrap=wrap,
+        on_mark=on_mark,
+        watch=ChildWatch,
+    )
 
 
 def _stats(values: Sequence[float], digits: int) -> tuple[float, float, float, float]:
@@ -142,25 +152,60 @@ def make_record(run: Run, child: dict[str, Any], host, bandwidth_gbs: float) -> 
     peak = round(child["peak_rss_mb"], 1)
     kv_mb = round(run.kv_bytes_per_token * run.context / 2**20, 1)
     record = BenchRecord(
-        bundle=run.bundle, format=run.format, model=run.model, profile=run.profile, profile_source=run.profile_source,
-        host_id=host.host_id, load_s=round(child["load_s"], 3),
-        ttft_ms=ttft[0], ttft_ms_stddev=ttft[1], ttft_ms_min=ttft[2], ttft_ms_max=ttft[3],
-        prefill_tok_s=prefill[0], prefill_tok_s_stddev=prefill[1], prefill_tok_s_min=prefill[2], prefill_tok_s_max=prefill[3],
-        decode_tok_s=decode[0], decode_tok_s_stddev=decode[1], decode_tok_s_min=decode[2], decode_tok_s_max=decode[3],
-        peak_rss_mb=peak, rss_before_load_mb=round(child["rss_before_load_mb"], 1),
-        rss_after_load_mb=round(child["rss_after_load_mb"], 1), rss_after_prefill_mb=round(child["rss_after_prefill_mb"], 1),
-        rss_end_mb=round(child["rss_end_mb"], 1), model_bytes=run.model_bytes, bundle_bytes=run.bundle_bytes,
-        kv_bytes_per_token=run.kv_bytes_per_token, bytes_per_token=bytes_per_token, read_bandwidth_gbs=bandwidth_gbs,
-        bandwidth_utilization=utilization, threads=run.threads, gpu_layers=child["gpu_layers"], context=run.context,
-        accuracy_level=run.accuracy_level, prompt_tokens=run.prompt_tokens, gen_tokens=run.gen_tokens, reps=run.reps,
-        warmup=run.warmup, passed=True, budget_failures=(),
-        substitutions=run.substitutions + tuple(child.get("substitutions", ())), notes=run.notes,
-        host=host.to_dict(), runtime=dict(child.get("runtime", {})), trials=trials,
+        bundle=run.bundle,
+        format=run.format,
+        model=run.model,
+        profile=run.profile,
+        profile_source=run.profile_source,
+        host_id=host.host_id,
+        load_s=round(child["load_s"], 3),
+        ttft_ms=ttft[0],
+        ttft_ms_stddev=ttft[1],
+        ttft_ms_min=ttft[2],
+        ttft_ms_max=ttft[3],
+        prefill_tok_s=prefill[0],
+        prefill_tok_s_stddev=prefill[1],
+        prefill_tok_s_min=prefill[2],
+        prefill_tok_s_max=prefill[3],
+        decode_tok_s=decode[0],
+        decode_tok_s_stddev=decode[1],
+        decode_tok_s_min=decode[2],
+        decode_tok_s_max=decode[3],
+        peak_rss_mb=peak,
+        rss_before_load_mb=round(child["rss_before_load_mb"], 1),
+        rss_after_load_mb=round(child["rss_after_load_mb"], 1),
+        rss_after_prefill_mb=round(child["rss_after_prefill_mb"], 1),
+        rss_end_mb=round(child["rss_end_mb"], 1),
+        model_bytes=run.model_bytes,
+        bundle_bytes=run.bundle_bytes,
+        kv_bytes_per_token=run.kv_bytes_per_token,
+        bytes_per_token=bytes_per_token,
+        read_bandwidth_gbs=bandwidth_gbs,
+        bandwidth_utilization=utilization,
+        threads=run.threads,
+        gpu_layers=child["gpu_layers"],
+        context=run.context,
+        accuracy_level=run.accuracy_level,
+        prompt_tokens=run.prompt_tokens,
+        gen_tokens=run.gen_tokens,
+        reps=run.reps,
+        warmup=run.warmup,
+        passed=True,
+        budget_failures=(),
+        substitutions=run.substitutions + tuple(child.get("substitutions", ())),
+        notes=run.notes,
+        host=host.to_dict(),
+        runtime=dict(child.get("runtime", {})),
+        trials=trials,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        kv_cache_mb=kv_mb, kv_share_of_peak=round(kv_mb / peak, 3) if peak else 0.0,
+        kv_cache_mb=kv_mb,
+        kv_share_of_peak=round(kv_mb / peak, 3) if peak else 0.0,
     )
-    limits = {"max_peak_rss_mb": run.max_peak_rss_mb, "max_bundle_mb": run.max_bundle_mb,
-              "min_decode_tok_s": run.min_decode_tok_s}
+    limits = {
+        "max_peak_rss_mb": run.max_peak_rss_mb,
+        "max_bundle_mb": run.max_bundle_mb,
+        "min_decode_tok_s": run.min_decode_tok_s,
+    }
     failed = [g for g in gates_for(record, run.profile, limits) if not g.passed]
     return dataclasses.replace(record, passed=not failed, budget_failures=tuple(g.text() for g in failed))
 
@@ -188,10 +233,19 @@ def _check_output(output: str | Path | None) -> Path | None:
     return out
 
 
-def bench(bundles: Sequence[str | Path] = (), *, profile: str | None = None, reps: int = DEFAULT_REPS,
-          warmup: int = DEFAULT_WARMUP, prompt_tokens: int | None = None, gen_tokens: int | None = None,
-          overrides: dict[str, Any] | None = None, output: str | Path | None = None,
-          write_manifest: bool = True, progress=None) -> list[BenchRecord]:
+def bench(
+    bundles: Sequence[str | Path] = (),
+    *,
+    profile: str | None = None,
+    reps: int = DEFAULT_REPS,
+    warmup: int = DEFAULT_WARMUP,
+    prompt_tokens: int | None = None,
+    gen_tokens: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    output: str | Path | None = None,
+    write_manifest: bool = True,
+    progress=None,
+) -> list[BenchRecord]:
     """See edgekit.api.bench."""
     from . import host as hostmod
     from .progress import NullProgress
@@ -205,8 +259,17 @@ def bench(bundles: Sequence[str | Path] = (), *, profile: str | None = None, rep
     host = hostmod.facts()
     prof, source, why = choose_profile(profile, overrides, host)
     skipped: list[str] = []
-    runs = plan(bundles, prof, source, host, reps=reps, warmup=warmup, prompt_tokens=prompt_tokens,
-                gen_tokens=gen_tokens, notes=skipped)
+    runs = plan(
+        bundles,
+        prof,
+        source,
+        host,
+        reps=reps,
+        warmup=warmup,
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        notes=skipped,
+    )
     # Said only once every input is known good: a bad input gets exactly one line.
     if source == "detected":
         progress.note(f"profile: {prof.name} ({why}; pass --profile to choose)")
@@ -234,7 +297,9 @@ def bench(bundles: Sequence[str | Path] = (), *, profile: str | None = None, rep
 def gate(records: Iterable[BenchRecord]) -> None:
     failed = [f"{r.bundle} on {r.profile}: {'; '.join(r.budget_failures)}" for r in records if not r.passed]
     if failed:
-        raise GateFailed("bench budget exceeded: " + " | ".join(failed), "See the bench section of the bundle's manifest.json")
+        raise GateFailed(
+            "bench budget exceeded: " + " | ".join(failed), "See the bench section of the bundle's manifest.json"
+        )
 
 
 def print_table(records: Sequence[BenchRecord]) -> None:
@@ -251,26 +316,51 @@ def print_table(records: Sequence[BenchRecord]) -> None:
         return f"{median:{fmt}} ±{sd / median:.0%}" if median else f"{median:{fmt}}"
 
     budgets = any(r.budget_failures or r.profile == "mobile-onnx" for r in records)
-    table = Table(title=f"edgekit bench, profile {r0.profile}, host {r0.host_id} ({r0.host['cpu']})",
-                  title_justify="left")
+    table = Table(
+        title=f"edgekit bench, profile {r0.profile}, host {r0.host_id} ({r0.host['cpu']})", title_justify="left"
+    )
     cols = ["bundle", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "KV cache MB", "BW util"]
     for col in cols + (["budget"] if budgets else []):
         table.add_column(col, justify="left" if col in ("bundle", "budget") else "right")
     for r in records:
-        row = [Path(r.bundle).name, f"{r.load_s:.2f}", spread(r.ttft_ms, r.ttft_ms_stddev, ".1f"),
-               spread(r.prefill_tok_s, r.prefill_tok_s_stddev, ".0f"), spread(r.decode_tok_s, r.decode_tok_s_stddev, ".1f"),
-               f"{r.peak_rss_mb:.0f}", f"{r.kv_cache_mb:.0f} ({r.kv_share_of_peak:.0%})", f"{r.bandwidth_utilization:.0%}"]
+        row = [
+            Path(r.bundle).name,
+            f"{r.load_s:.2f}",
+            spread(r.ttft_ms, r.ttft_ms_stddev, ".1f"),
+            spread(r.prefill_tok_s, r.prefill_tok_s_stddev, ".0f"),
+            spread(r.decode_tok_s, r.decode_tok_s_stddev, ".1f"),
+            f"{r.peak_rss_mb:.0f}",
+            f"{r.kv_cache_mb:.0f} ({r.kv_share_of_peak:.0%})",
+            f"{r.bandwidth_utilization:.0%}",
+        ]
         if budgets:
             row.append("ok" if r.passed else "FAIL: " + "; ".join(r.budget_failures))
         table.add_row(*row)
     console.print(table)
-    console.print(f"{r0.prompt_tokens} prompt tokens, {r0.gen_tokens} generated, context {r0.context} (the KV cache "
-                  f"is allocated for all of it), {r0.threads} threads; median of "
-                  f"{r0.reps} after {r0.warmup} warm-up (± relative stddev); read bandwidth "
-                  f"{r0.read_bandwidth_gbs:.1f} GB/s", markup=False)
+    console.print(
+        f"{r0.prompt_tokens} prompt tokens, {r0.gen_tokens} generated, context {r0.context} (the KV cache "
+        f"is allocated for all of it), {r0.threads} threads; median of "
+        f"{r0.reps} after {r0.warmup} warm-up (± relative stddev); read bandwidth "
+        f"{r0.read_bandwidth_gbs:.1f} GB/s",
+        markup=False,
+    )
 
 
 # Run and Trial are part of a record; choose_profile, discover_bundles and plan are the first
 # half of bench(); open_run and run_from_job are the child's, which eval's child reuses.
-__all__ = ["BenchRecord", "Run", "Trial", "bench", "choose_profile", "discover_bundles", "gate", "make_record",
-           "open_run", "plan", "print_table", "record_in_manifest", "run_child", "run_from_job"]
+__all__ = [
+    "BenchRecord",
+    "Run",
+    "Trial",
+    "bench",
+    "choose_profile",
+    "discover_bundles",
+    "gate",
+    "make_record",
+    "open_run",
+    "plan",
+    "print_table",
+    "record_in_manifest",
+    "run_child",
+    "run_from_job",
+]

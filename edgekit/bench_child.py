@@ -36,9 +36,15 @@ def prompt_ids(encode: Callable[[str], list[int]], n: int) -> list[int]:
     return (ids * math.ceil(n / len(ids)))[:n]
 
 
-def run_trials(timed_generate: Callable[..., Trial], prompt: Sequence[int],
-               gen_tokens: int, reps: int, warmup: int, probe: Callable[[str], None] | None = None,
-               on_trial: Callable[[str], None] | None = None) -> list[Trial]:
+def run_trials(
+    timed_generate: Callable[..., Trial],
+    prompt: Sequence[int],
+    gen_tokens: int,
+    reps: int,
+    warmup: int,
+    probe: Callable[[str], None] | None = None,
+    on_trial: Callable[[str], None] | None = None,
+) -> list[Trial]:
     """`warmup` untimed generations, then `reps` timed ones; each is exactly one generation of
     exactly gen_tokens tokens. probe sees the last timed trial's stages."""
     for i in range(warmup):
@@ -68,8 +74,12 @@ def open_run(run: Run) -> tuple[TimedSession, Callable[..., Trial], dict[str, An
     manifest = read_manifest(bundle)  # validated by the parent
     fmt = backend(run.format)
     runtime = fmt.bench_runtime(bundle, manifest, run.context, run.gpu_layers)
-    info: dict[str, Any] = {"substitutions": list(runtime.substitutions), "gpu_layers": runtime.gpu_layers,
-                            "runtime": runtime.versions, "rss_before_load_mb": rss_mb()}
+    info: dict[str, Any] = {
+        "substitutions": list(runtime.substitutions),
+        "gpu_layers": runtime.gpu_layers,
+        "runtime": runtime.versions,
+        "rss_before_load_mb": rss_mb(),
+    }
     t0 = time.perf_counter()
     session = fmt.bench_session(bundle, manifest, run.threads, run.context, runtime.gpu_layers)
     info["load_s"] = time.perf_counter() - t0
@@ -86,15 +96,24 @@ def child_run(run: Run) -> dict[str, Any]:
     rss = {"load": rss_mb()}
     try:
         prompt = prompt_ids(session.encode, run.prompt_tokens)  # tokenization: outside every timed region
-        trials = run_trials(timed, prompt, run.gen_tokens, run.reps, run.warmup,
-                            probe=lambda stage: rss.__setitem__(stage, rss_mb()), on_trial=_mark)
+        trials = run_trials(
+            timed,
+            prompt,
+            run.gen_tokens,
+            run.reps,
+            run.warmup,
+            probe=lambda stage: rss.__setitem__(stage, rss_mb()),
+            on_trial=_mark,
+        )
         peak = peak_rss_mb()
     finally:
         session.close()
     return {
         **info,
         "trials": [dataclasses.astuple(t) for t in trials],
-        "rss_after_load_mb": rss["load"], "rss_after_prefill_mb": rss["prefill"], "rss_end_mb": rss["decode"],
+        "rss_after_load_mb": rss["load"],
+        "rss_after_prefill_mb": rss["prefill"],
+        "rss_end_mb": rss["decode"],
         "peak_rss_mb": peak,
     }
 

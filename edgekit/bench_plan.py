@@ -28,7 +28,7 @@ class Run:
     format: str
     model: str
     profile: str
-    profile_source: str            # "requested" | "detected"
+    profile_source: str  # "requested" | "detected"
     threads: int
     gpu_layers: int
     context: int
@@ -36,10 +36,10 @@ class Run:
     gen_tokens: int
     reps: int
     warmup: int
-    accuracy_level: int | None     # a compute type fixed at export (the backend says), None if none
+    accuracy_level: int | None  # a compute type fixed at export (the backend says), None if none
     model_bytes: int
     bundle_bytes: int
-    kv_bytes_per_token: int        # K and V, all layers, one position
+    kv_bytes_per_token: int  # K and V, all layers, one position
     max_peak_rss_mb: float | None = None
     max_bundle_mb: float | None = None
     min_decode_tok_s: float | None = None
@@ -54,8 +54,7 @@ def detect_profile(host: HostFacts) -> tuple[str, str]:
     return "laptop-cpu", f"this host is {host.os.split()[0]} {host.machine}, not Apple silicon"
 
 
-def choose_profile(name: str | None, overrides: dict[str, Any] | None,
-                   host: HostFacts) -> tuple[Profile, str, str]:
+def choose_profile(name: str | None, overrides: dict[str, Any] | None, host: HostFacts) -> tuple[Profile, str, str]:
     """(profile, "requested" | "detected", why): the profile named or detected for this host,
     with `overrides` (--set KEY=VALUE) checked as strictly as targets/profiles.toml."""
     targets = load_targets()
@@ -90,16 +89,20 @@ def _threads(profile: Profile, host: HostFacts) -> tuple[int, list[str]]:
             return host.performance_cores, []
         return host.physical_cores, [
             f"threads: the profile asks for the performance-core count; this host does not report one "
-            f"(not Apple silicon), so its {host.physical_cores} physical cores"]
+            f"(not Apple silicon), so its {host.physical_cores} physical cores"
+        ]
     if isinstance(want, str):
-        raise BadInput(f"threads must be a number, \"physical\" or \"performance\", got {want!r}",
-                       "Fix threads in the profile or --set threads=N")
+        raise BadInput(
+            f'threads must be a number, "physical" or "performance", got {want!r}',
+            "Fix threads in the profile or --set threads=N",
+        )
     if want < 1:
         raise BadInput(f"threads must be at least 1, got {want}", "Fix threads in the profile or --set threads=N")
     if want > host.logical_cores:
         return host.logical_cores, [
             f"threads: the profile asks for {want}; this host has {host.logical_cores} logical cores, "
-            f"so {host.logical_cores}"]
+            f"so {host.logical_cores}"
+        ]
     return int(want), []
 
 
@@ -139,8 +142,18 @@ def _model_name(bundle: Path, manifest: dict[str, Any]) -> str:
     return src.get("alias") or src.get("hub_id") or (Path(src["path"]).name if src.get("path") else bundle.name)
 
 
-def plan(bundles: Sequence[str | Path], profile: Profile, profile_source: str, host: HostFacts, *, reps: int, warmup: int,
-         prompt_tokens: int | None, gen_tokens: int | None, notes: list[str] | None = None) -> list[Run]:
+def plan(
+    bundles: Sequence[str | Path],
+    profile: Profile,
+    profile_source: str,
+    host: HostFacts,
+    *,
+    reps: int,
+    warmup: int,
+    prompt_tokens: int | None,
+    gen_tokens: int | None,
+    notes: list[str] | None = None,
+) -> list[Run]:
     """Check every input and resolve one Run per bundle; raises before anything runs.
     Bundles found in dist/ that the profile does not take are skipped, with a line in `notes`."""
     prompt_tokens = profile.prompt_tokens if prompt_tokens is None else prompt_tokens
@@ -148,13 +161,17 @@ def plan(bundles: Sequence[str | Path], profile: Profile, profile_source: str, h
     if prompt_tokens < 1:
         raise BadInput(f"--prompt-tokens must be at least 1, got {prompt_tokens}", "Pass a positive number")
     if gen_tokens < 2:
-        raise BadInput(f"--gen-tokens must be at least 2 (decode speed is measured after the first token), "
-                       f"got {gen_tokens}", "Pass 2 or more")
+        raise BadInput(
+            f"--gen-tokens must be at least 2 (decode speed is measured after the first token), got {gen_tokens}",
+            "Pass 2 or more",
+        )
     discovered = not bundles
     if discovered:
         bundles = discover_bundles()
         if not bundles:
-            raise BadInput("no bundles given and none found in dist/", "Pass bundle directories, e.g. edgekit bench dist/my-bundle")
+            raise BadInput(
+                "no bundles given and none found in dist/", "Pass bundle directories, e.g. edgekit bench dist/my-bundle"
+            )
     threads, thread_subs = _threads(profile, host)
     runs = []
     for b in bundles:
@@ -164,33 +181,59 @@ def plan(bundles: Sequence[str | Path], profile: Profile, profile_source: str, h
         if fmt not in profile.formats:
             if discovered:
                 if notes is not None:
-                    notes.append(f"skipping {bundle}: profile {profile.name} takes {', '.join(profile.formats)}, not {fmt}")
+                    notes.append(
+                        f"skipping {bundle}: profile {profile.name} takes {', '.join(profile.formats)}, not {fmt}"
+                    )
                 continue
-            raise BadInput(f"profile {profile.name} does not take {fmt} bundles ({bundle})",
-                           f"It takes {', '.join(profile.formats)}; choose another --profile")
+            raise BadInput(
+                f"profile {profile.name} does not take {fmt} bundles ({bundle})",
+                f"It takes {', '.join(profile.formats)}; choose another --profile",
+            )
         setup = backend(fmt).bench_setup(bundle, manifest, profile)
         trained = _trained_context(manifest, setup.context_limit)
         context = min(profile.context, trained) if trained else profile.context
         if prompt_tokens + gen_tokens > context:
             whose = f"profile {profile.name}" if context == profile.context else "the model's trained context"
-            raise BadInput(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} = {prompt_tokens + gen_tokens} "
-                           f"exceed the context of {context} ({whose}) for {bundle}",
-                           "Lower --prompt-tokens or --gen-tokens")
+            raise BadInput(
+                f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} = {prompt_tokens + gen_tokens} "
+                f"exceed the context of {context} ({whose}) for {bundle}",
+                "Lower --prompt-tokens or --gen-tokens",
+            )
         subs, notes = [*thread_subs, *setup.substitutions], []
         elem = setup.kv_element_bytes
         kv = kv_bytes_per_token(manifest, elem) if elem else None
         if kv is None:
-            notes.append("KV cache size unknown (config or graph unreadable): bandwidth utilization counts weights only")
-        runs.append(Run(
-            bundle=str(bundle), format=fmt, model=_model_name(bundle, manifest), profile=profile.name,
-            profile_source=profile_source, threads=threads,
-            gpu_layers=setup.gpu_layers,
-            context=context, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, warmup=warmup,
-            accuracy_level=setup.accuracy_level, model_bytes=_model_bytes(manifest), bundle_bytes=bundle_size(manifest),
-            kv_bytes_per_token=kv or 0, max_peak_rss_mb=profile.max_peak_rss_mb, max_bundle_mb=profile.max_bundle_mb,
-            min_decode_tok_s=profile.min_decode_tok_s, substitutions=tuple(subs), notes=tuple(notes),
-        ))
+            notes.append(
+                "KV cache size unknown (config or graph unreadable): bandwidth utilization counts weights only"
+            )
+        runs.append(
+            Run(
+                bundle=str(bundle),
+                format=fmt,
+                model=_model_name(bundle, manifest),
+                profile=profile.name,
+                profile_source=profile_source,
+                threads=threads,
+                gpu_layers=setup.gpu_layers,
+                context=context,
+                prompt_tokens=prompt_tokens,
+                gen_tokens=gen_tokens,
+                reps=reps,
+                warmup=warmup,
+                accuracy_level=setup.accuracy_level,
+                model_bytes=_model_bytes(manifest),
+                bundle_bytes=bundle_size(manifest),
+                kv_bytes_per_token=kv or 0,
+                max_peak_rss_mb=profile.max_peak_rss_mb,
+                max_bundle_mb=profile.max_bundle_mb,
+                min_decode_tok_s=profile.min_decode_tok_s,
+                substitutions=tuple(subs),
+                notes=tuple(notes),
+            )
+        )
     if not runs:
-        raise BadInput(f"none of the bundles in dist/ is a {' or '.join(profile.formats)} bundle",
-                       "Pass bundle directories, or choose another --profile")
+        raise BadInput(
+            f"none of the bundles in dist/ is a {' or '.join(profile.formats)} bundle",
+            "Pass bundle directories, or choose another --profile",
+        )
     return runs

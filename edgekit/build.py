@@ -82,9 +82,16 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
-def build(config: str | Path | None = None, *, out: str | Path | None = None, force: bool = False,
-          baseline: str | Path | None = None, shard: str | None = None, offline: bool | None = None,
-          progress: Progress | None = None) -> dict[str, Any]:
+def build(
+    config: str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    baseline: str | Path | None = None,
+    shard: str | None = None,
+    offline: bool | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Build every entry of the config (or one shard of it) into `out`; returns the summary.
     Raises BuildFailed with the worst exit code when any entry failed (the outputs are written first)."""
     progress = progress or NullProgress()
@@ -107,8 +114,10 @@ def build(config: str | Path | None = None, *, out: str | Path | None = None, fo
             progress.note(f"[{i}/{len(jobs)}] {job.id} ({_elapsed(started)} elapsed)")
             e = run_job_child(cfg, job, out, previous.get(job.id), force, offline, quiet=quiet)
             entries.append(e)
-            progress.note(f"[{i}/{len(jobs)}] {job.id}: {e.status}{' (reused: inputs unchanged)' if e.reused else ''}"
-                          f"{' - ' + e.message if e.message else ''}")
+            progress.note(
+                f"[{i}/{len(jobs)}] {job.id}: {e.status}{' (reused: inputs unchanged)' if e.reused else ''}"
+                f"{' - ' + e.message if e.message else ''}"
+            )
         summary = _summary(str(cfg.path), cfg.sha256, entries, f"{sh[0]}/{sh[1]}" if sh else None, len(cfg.jobs()))
         if base is not None:
             summary = compare_baseline(summary, base, cfg.regression)
@@ -117,7 +126,9 @@ def build(config: str | Path | None = None, *, out: str | Path | None = None, fo
     return summary.to_dict()
 
 
-_EMPTY = BuildSummary(config="", config_sha256="", edgekit_version="", created_at="", host={}, matrix_size=0, entries=())
+_EMPTY = BuildSummary(
+    config="", config_sha256="", edgekit_version="", created_at="", host={}, matrix_size=0, entries=()
+)
 
 
 def _elapsed(t0: float) -> str:
@@ -125,37 +136,68 @@ def _elapsed(t0: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def run_job_child(cfg: BuildConfig, job: Job, out: Path, previous: BuildEntry | None, force: bool,
-                  offline: bool | None, quiet: bool) -> BuildEntry:
+def run_job_child(
+    cfg: BuildConfig, job: Job, out: Path, previous: BuildEntry | None, force: bool, offline: bool | None, quiet: bool
+) -> BuildEntry:
     """One entry in a fresh interpreter; its progress goes to our stderr, its entry to a file."""
     spec = {
-        "job": {"id": job.id, "format": job.format, "profiles": list(job.profiles),
-                "model": dataclasses.asdict(job.model),
-                "budgets": {p: job.budgets(cfg, p) for p in job.profiles}},
-        "bench": {"reps": cfg.reps, "warmup": cfg.warmup, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens},
-        "eval_text": cfg.eval_text, "config_sha256": cfg.sha256, "out": str(out.resolve()),
+        "job": {
+            "id": job.id,
+            "format": job.format,
+            "profiles": list(job.profiles),
+            "model": dataclasses.asdict(job.model),
+            "budgets": {p: job.budgets(cfg, p) for p in job.profiles},
+        },
+        "bench": {
+            "reps": cfg.reps,
+            "warmup": cfg.warmup,
+            "prompt_tokens": cfg.prompt_tokens,
+            "gen_tokens": cfg.gen_tokens,
+        },
+        "eval_text": cfg.eval_text,
+        "config_sha256": cfg.sha256,
+        "out": str(out.resolve()),
         "eval": dataclasses.asdict(cfg.eval) if cfg.eval is not None else None,
-        "previous": previous.to_dict() if previous else None, "force": force, "offline": offline, "quiet": quiet,
+        "previous": previous.to_dict() if previous else None,
+        "force": force,
+        "offline": offline,
+        "quiet": quiet,
     }
     with tempfile.TemporaryDirectory(prefix="edgekit-build-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "edgekit.buildchild", str(spec_path), str(result_path)], check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgekit.buildchild", str(spec_path), str(result_path)], check=False
+        )
         if result_path.is_file():
             return BuildEntry.from_dict(json.loads(result_path.read_text(encoding="utf-8")))
     how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
     if proc.returncode in (-2, ExitCode.INTERRUPTED):
         raise KeyboardInterrupt
-    return BuildEntry(job.id, job.model.name, job.format, status="error", exit_code=ExitCode.ERROR,
-                      message=f"the build process for {job.id} {how} without a result (out of memory?)",
-                      timings={"total_s": round(time.monotonic() - t0, 1)})
+    return BuildEntry(
+        job.id,
+        job.model.name,
+        job.format,
+        status="error",
+        exit_code=ExitCode.ERROR,
+        message=f"the build process for {job.id} {how} without a result (out of memory?)",
+        timings={"total_s": round(time.monotonic() - t0, 1)},
+    )
 
 
 def _summary(config: str, config_sha: str, entries: list[BuildEntry], shard: str | None, total: int) -> BuildSummary:
     host = json.loads(json.dumps(dataclasses.asdict(facts()), default=str))
-    return BuildSummary(config=str(config), config_sha256=config_sha, edgekit_version=__version__, created_at=_now(),
-                        host=host, matrix_size=total, entries=tuple(sorted(entries, key=lambda e: e.id)), shard=shard)
+    return BuildSummary(
+        config=str(config),
+        config_sha256=config_sha,
+        edgekit_version=__version__,
+        created_at=_now(),
+        host=host,
+        matrix_size=total,
+        entries=tuple(sorted(entries, key=lambda e: e.id)),
+        shard=shard,
+    )
 
 
 def regression_gates(e: BuildEntry, b: BuildEntry, margins: dict[str, float]) -> list[Gate]:
@@ -168,8 +210,13 @@ def regression_gates(e: BuildEntry, b: BuildEntry, margins: dict[str, float]) ->
 
     p, q = e.parity or {}, b.parity or {}
     add("kld_mean", p.get("kld_mean"), q.get("kld_mean"), q.get("kld_mean", 0) * (1 + margins["kld_mean_rel"]), "<=")
-    add("top1_agreement", p.get("top1_agreement"), q.get("top1_agreement"),
-        (q.get("top1_agreement") or 0) - margins["top1_agreement_abs"], ">=")
+    add(
+        "top1_agreement",
+        p.get("top1_agreement"),
+        q.get("top1_agreement"),
+        (q.get("top1_agreement") or 0) - margins["top1_agreement_abs"],
+        ">=",
+    )
     add("ppl_ratio", p.get("ppl_ratio"), q.get("ppl_ratio"), (q.get("ppl_ratio") or 0) + margins["ppl_ratio_abs"], "<=")
     if e.size_bytes and b.size_bytes:
         add("size_bytes", e.size_bytes, b.size_bytes, b.size_bytes * (1 + margins["size_rel"]), "<=")
@@ -178,12 +225,27 @@ def regression_gates(e: BuildEntry, b: BuildEntry, margins: dict[str, float]) ->
         o = old_bench.get((r["profile"], r.get("host_id")))
         if o is None:
             continue  # speed is only comparable on the same host
-        add(f"{r['profile']}.decode_tok_s", r["decode_tok_s"], o["decode_tok_s"],
-            o["decode_tok_s"] * (1 - margins["decode_tok_s_rel"]), ">=")
-        add(f"{r['profile']}.prefill_tok_s", r["prefill_tok_s"], o["prefill_tok_s"],
-            o["prefill_tok_s"] * (1 - margins["prefill_tok_s_rel"]), ">=")
-        add(f"{r['profile']}.peak_rss_mb", r["peak_rss_mb"], o["peak_rss_mb"],
-            o["peak_rss_mb"] * (1 + margins["peak_rss_rel"]), "<=")
+        add(
+            f"{r['profile']}.decode_tok_s",
+            r["decode_tok_s"],
+            o["decode_tok_s"],
+            o["decode_tok_s"] * (1 - margins["decode_tok_s_rel"]),
+            ">=",
+        )
+        add(
+            f"{r['profile']}.prefill_tok_s",
+            r["prefill_tok_s"],
+            o["prefill_tok_s"],
+            o["prefill_tok_s"] * (1 - margins["prefill_tok_s_rel"]),
+            ">=",
+        )
+        add(
+            f"{r['profile']}.peak_rss_mb",
+            r["peak_rss_mb"],
+            o["peak_rss_mb"],
+            o["peak_rss_mb"] * (1 + margins["peak_rss_rel"]),
+            "<=",
+        )
     return gates
 
 
@@ -200,12 +262,14 @@ def compare_baseline(summary: BuildSummary, base: BuildSummary, margins: dict[st
         own = [g for g in e.gates if g.kind != "regression"]
         judged = e.with_gates(own + regression_gates(e, b, margins))
         entries.append(dataclasses.replace(judged, baseline=base.created_at))
-    return dataclasses.replace(summary, entries=tuple(entries),
-                               baseline={"created_at": base.created_at, "config_sha256": base.config_sha256})
+    return dataclasses.replace(
+        summary, entries=tuple(entries), baseline={"created_at": base.created_at, "config_sha256": base.config_sha256}
+    )
 
 
-def merge(dirs: list[str | Path], out: str | Path, *, baseline: str | Path | None = None,
-          progress: Progress | None = None) -> dict[str, Any]:
+def merge(
+    dirs: list[str | Path], out: str | Path, *, baseline: str | Path | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Combine shard outputs into `out`: bundles and tarballs copied in (if elsewhere), one
     summary, SHA256SUMS and report. Shards must come from the same config."""
     progress = progress or NullProgress()
@@ -213,7 +277,9 @@ def merge(dirs: list[str | Path], out: str | Path, *, baseline: str | Path | Non
     docs = [(Path(d), read_summary(Path(d), "--merge")) for d in dirs]
     shas = {doc.config_sha256 for _, doc in docs}
     if len(shas) != 1:
-        raise BadInput("the shards were built from different configs (config_sha256 differs)", "Merge shards of one build only")
+        raise BadInput(
+            "the shards were built from different configs (config_sha256 differs)", "Merge shards of one build only"
+        )
     base = read_summary(Path(baseline), "--baseline") if baseline else None
     out.mkdir(parents=True, exist_ok=True)
     entries: dict[str, BuildEntry] = {}
@@ -221,7 +287,9 @@ def merge(dirs: list[str | Path], out: str | Path, *, baseline: str | Path | Non
         for d, doc in docs:
             for e in doc.entries:
                 if e.id in entries:
-                    raise BadInput(f"entry {e.id} appears in two shards ({d})", "Each shard must be a distinct K of the same N")
+                    raise BadInput(
+                        f"entry {e.id} appears in two shards ({d})", "Each shard must be a distinct K of the same N"
+                    )
                 if e.tarball:
                     _copy_entry(d, e, out)
                 entries[e.id] = e
@@ -241,8 +309,9 @@ def merge(dirs: list[str | Path], out: str | Path, *, baseline: str | Path | Non
 def _copy_entry(d: Path, e: BuildEntry, out: Path) -> None:
     src = d / e.tarball
     if not src.is_file() or sha256_file(src) != e.tarball_sha256:
-        raise IntegrityError(f"{src} is missing or does not match its sha256 in {d / SUMMARY}",
-                             "Re-run or re-download that shard")
+        raise IntegrityError(
+            f"{src} is missing or does not match its sha256 in {d / SUMMARY}", "Re-run or re-download that shard"
+        )
     if d.resolve() != out.resolve():
         shutil.copyfile(src, out / e.tarball)
         if e.bundle and (d / e.bundle).is_dir():
@@ -258,8 +327,12 @@ def _raise_worst(summary: BuildSummary, out: Path) -> None:
     listed = "; ".join(f"{e.id}: {e.message or e.status}" for e in bad[:3])
     more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
     what = "failed a gate" if code == ExitCode.GATE_FAILED else "failed"
-    raise BuildFailed(f"{len(bad)} of {len(summary.entries)} entries {what}: {listed}{more}",
-                      f"See {out / SUMMARY_MD}", code, summary.to_dict())
+    raise BuildFailed(
+        f"{len(bad)} of {len(summary.entries)} entries {what}: {listed}{more}",
+        f"See {out / SUMMARY_MD}",
+        code,
+        summary.to_dict(),
+    )
 
 
 def write_outputs(out: Path, summary: BuildSummary) -> None:

@@ -44,8 +44,13 @@ def run_job(spec: dict[str, Any]) -> BuildEntry:
     blank = BuildEntry(job["id"], model["name"], job["format"])
     try:
         progress = RichProgress(quiet=spec.get("quiet", False))
-        ck = resolve(model["source"], revision=model["revision"], offline=spec["offline"],
-                     trust_remote_code=model["trust_remote_code"], allow_pickle=model["allow_pickle"])
+        ck = resolve(
+            model["source"],
+            revision=model["revision"],
+            offline=spec["offline"],
+            trust_remote_code=model["trust_remote_code"],
+            allow_pickle=model["allow_pickle"],
+        )
         recipe = recipe_for(job["format"], model["recipe"].get(job["format"]))
         thresholds = thresholds_for(job["format"], model["thresholds"].get(job["format"]))
         inputs = {
@@ -59,43 +64,69 @@ def run_job(spec: dict[str, Any]) -> BuildEntry:
         }
         if spec.get("eval"):
             # the task file's hash, not its path, so an edited task file is never reused
-            inputs["eval"] = {**spec["eval"], "tasks": None,
-                              "tasks_sha256": load_tasks(spec["eval"]["tasks"]).sha256}
+            inputs["eval"] = {**spec["eval"], "tasks": None, "tasks_sha256": load_tasks(spec["eval"]["tasks"]).sha256}
         key = hashlib.sha256(canonical(inputs).encode()).hexdigest()
         prev = BuildEntry.from_dict(spec["previous"]) if spec.get("previous") else None
         if not spec["force"] and reusable(prev, key, bundle, tar_path):
             # Its own gates still hold; a previous --baseline comparison is redone by the caller.
             return dataclasses.replace(
-                prev, reused=True, baseline=None, timings={"total_s": round(time.monotonic() - t0, 1)},
+                prev,
+                reused=True,
+                baseline=None,
+                timings={"total_s": round(time.monotonic() - t0, 1)},
                 built_timings=prev.built_timings or prev.timings,
             ).with_gates(g for g in prev.gates if g.kind != "regression")
 
         tar_path.unlink(missing_ok=True)  # never leave a tarball of an older bundle beside a new one
         flow = run_flow(
-            ck, job["format"], recipe, bundle, force=True, progress=progress, offline=spec["offline"],
-            verify_options=VerifyOptions(eval_text=spec["eval_text"], thresholds=model["thresholds"].get(job["format"]),
-                                         offline=spec["offline"]),
+            ck,
+            job["format"],
+            recipe,
+            bundle,
+            force=True,
+            progress=progress,
+            offline=spec["offline"],
+            verify_options=VerifyOptions(
+                eval_text=spec["eval_text"], thresholds=model["thresholds"].get(job["format"]), offline=spec["offline"]
+            ),
             bench_options=BenchOptions(profiles=tuple(job["profiles"]), budgets=job["budgets"], **spec["bench"]),
             eval_options=spec.get("eval"),
             manifest_sections={"build": {"input_key": key, "inputs": inputs, "config_sha256": spec["config_sha256"]}},
-            tarball=tar_path)
+            tarball=tar_path,
+        )
         timings = {**flow.timings, "total_s": round(time.monotonic() - t0, 1)}
         return dataclasses.replace(
-            blank, bundle=bundle.name, tarball=tar_path.name, tarball_sha256=flow.tarball_sha256,
-            size_bytes=sum(f["size"] for f in flow.manifest["files"]), input_key=key,
-            parity=flow.parity.summary(), bench=flow.bench, eval=flow.eval, timings=timings,
+            blank,
+            bundle=bundle.name,
+            tarball=tar_path.name,
+            tarball_sha256=flow.tarball_sha256,
+            size_bytes=sum(f["size"] for f in flow.manifest["files"]),
+            input_key=key,
+            parity=flow.parity.summary(),
+            bench=flow.bench,
+            eval=flow.eval,
+            timings=timings,
             reproducible_files=tuple(flow.manifest.get("reproducible_files", [])),
         ).with_gates(flow.gates)
     except EdgekitError as e:
         tar_path.unlink(missing_ok=True)
-        return dataclasses.replace(blank, status="error", exit_code=e.exit_code, message=e.one_line(),
-                                   timings={"total_s": round(time.monotonic() - t0, 1)})
+        return dataclasses.replace(
+            blank,
+            status="error",
+            exit_code=e.exit_code,
+            message=e.one_line(),
+            timings={"total_s": round(time.monotonic() - t0, 1)},
+        )
     except Exception as e:  # noqa: BLE001 - one entry's crash must not stop the matrix
         tar_path.unlink(missing_ok=True)
         first = str(e).splitlines()[0] if str(e) else ""
-        return dataclasses.replace(blank, status="error", exit_code=ExitCode.ERROR,
-                                   message=f"unexpected {type(e).__name__}: {first}",
-                                   timings={"total_s": round(time.monotonic() - t0, 1)})
+        return dataclasses.replace(
+            blank,
+            status="error",
+            exit_code=ExitCode.ERROR,
+            message=f"unexpected {type(e).__name__}: {first}",
+            timings={"total_s": round(time.monotonic() - t0, 1)},
+        )
 
 
 def reusable(prev: BuildEntry | None, key: str, bundle: Path, tar_path: Path) -> bool:

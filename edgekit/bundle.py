@@ -144,7 +144,9 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         raise BadInput(f"{bundle} is not a bundle directory", "Pass a directory written by `edgekit export`")
     mpath = bundle / MANIFEST
     if not mpath.is_file():
-        raise BadInput(f"{bundle} is not an edgekit bundle (no {MANIFEST})", "Pass a directory written by `edgekit export`")
+        raise BadInput(
+            f"{bundle} is not an edgekit bundle (no {MANIFEST})", "Pass a directory written by `edgekit export`"
+        )
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -175,7 +177,11 @@ def validate(bundle: Path, check_hashes: bool = True) -> dict[str, Any]:
         if rel.startswith("/") or ".." in Path(rel).parts:
             raise IntegrityError(f"manifest lists an unsafe path '{rel}'", "Do not use this bundle")
         listed[rel] = entry
-    present = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST}
+    present = {
+        p.relative_to(bundle).as_posix()
+        for p in bundle.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+    }
     for rel in sorted(set(listed) - present):
         raise IntegrityError(f"{bundle}: file '{rel}' is missing", "Re-export or re-download the bundle")
     for rel in sorted(present - set(listed)):
@@ -185,9 +191,15 @@ def validate(bundle: Path, check_hashes: bool = True) -> dict[str, Any]:
         if p.is_symlink():
             raise IntegrityError(f"{bundle}: '{rel}' is a symbolic link", "Bundles hold regular files only")
         if p.stat().st_size != entry["size"]:
-            raise IntegrityError(f"{bundle}: '{rel}' has {p.stat().st_size} bytes, manifest says {entry['size']}", "The file is damaged: re-export or re-download")
+            raise IntegrityError(
+                f"{bundle}: '{rel}' has {p.stat().st_size} bytes, manifest says {entry['size']}",
+                "The file is damaged: re-export or re-download",
+            )
         if check_hashes and sha256_file(p) != entry["sha256"]:
-            raise IntegrityError(f"{bundle}: '{rel}' does not match its sha256 in the manifest", "The file is damaged: re-export or re-download")
+            raise IntegrityError(
+                f"{bundle}: '{rel}' does not match its sha256 in the manifest",
+                "The file is damaged: re-export or re-download",
+            )
     return manifest
 
 

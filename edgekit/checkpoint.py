@@ -28,8 +28,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    requested: str                # what the user typed
-    kind: str                     # "local" | "hub" | "alias"
+    requested: str  # what the user typed
+    kind: str  # "local" | "hub" | "alias"
     architecture: str
     config: dict[str, Any] = field(repr=False)
     alias: str | None = None
@@ -83,16 +83,38 @@ def resolve(
             from . import embedded
 
             local = embedded.ensure_checkpoint(alias.name)
-            return _local(local, model, "alias", alias=alias.name, hub_id=alias.hub_id,
-                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            return _local(
+                local,
+                model,
+                "alias",
+                alias=alias.name,
+                hub_id=alias.hub_id,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+            )
         local = _from_hub(alias.hub_id, revision, offline, requested=model)
-        return _local(local, model, "alias", alias=alias.name, hub_id=alias.hub_id, revision=revision,
-                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return _local(
+            local,
+            model,
+            "alias",
+            alias=alias.name,
+            hub_id=alias.hub_id,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
 
     if HUB_ID.match(model):
         local = _from_hub(model, revision, offline, requested=model)
-        return _local(local, model, "hub", hub_id=model, revision=revision,
-                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return _local(
+            local,
+            model,
+            "hub",
+            hub_id=model,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
 
     raise BadInput(
         f"'{model}' is not a directory, a hub id (org/name) or a known alias",
@@ -110,8 +132,10 @@ def _from_hub(repo_id: str, revision: str | None, offline: bool, requested: str)
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    fix = (f"Download it where the hub is reachable (huggingface-cli download {repo_id}) "
-           f"or pass a local checkpoint directory instead of '{requested}'")
+    fix = (
+        f"Download it where the hub is reachable (huggingface-cli download {repo_id}) "
+        f"or pass a local checkpoint directory instead of '{requested}'"
+    )
     if offline:
         raise OfflineError(f"'{repo_id}' is not in the local Hugging Face cache and edgekit is offline", fix)
     try:
@@ -123,15 +147,26 @@ def _from_hub(repo_id: str, revision: str | None, offline: bool, requested: str)
         raise OfflineError(f"cannot reach the Hugging Face hub for '{repo_id}' ({name})", fix) from None
 
 
-def _local(path: Path, requested: str, kind: str, *, alias: str | None = None, hub_id: str | None = None,
-           revision: str | None = None, trust_remote_code: bool, allow_pickle: bool) -> Checkpoint:
+def _local(
+    path: Path,
+    requested: str,
+    kind: str,
+    *,
+    alias: str | None = None,
+    hub_id: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+) -> Checkpoint:
     if not path.exists():
         raise BadInput(f"no such directory: {path}", "Pass a Hugging Face checkpoint directory, a hub id or an alias")
     if not path.is_dir():
         raise BadInput(f"{path} is a file, not a checkpoint directory", "Pass the directory that holds config.json")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise BadInput(f"{path} has no config.json", "Pass a Hugging Face checkpoint directory (save_pretrained output)")
+        raise BadInput(
+            f"{path} has no config.json", "Pass a Hugging Face checkpoint directory (save_pretrained output)"
+        )
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
@@ -140,7 +175,7 @@ def _local(path: Path, requested: str, kind: str, *, alias: str | None = None, h
         raise BadInput(f"{cfg_path} is not valid JSON ({e})", "Repair or re-download config.json") from None
     archs = config.get("architectures")
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
-        raise BadInput(f"{cfg_path} names no architecture", "Add \"architectures\": [\"...ForCausalLM\"] to config.json")
+        raise BadInput(f"{cfg_path} names no architecture", 'Add "architectures": ["...ForCausalLM"] to config.json')
     if config.get("auto_map") and not trust_remote_code:
         raise BadInput(
             f"{path} needs custom Python code from the model repo (auto_map in config.json)",
@@ -161,20 +196,37 @@ def _local(path: Path, requested: str, kind: str, *, alias: str | None = None, h
             )
         weights, is_pickle = tuple(pickles), True
     else:
-        raise BadInput(f"{path} has no weights (*.safetensors)", "Save the model with save_pretrained(safe_serialization=True)")
+        raise BadInput(
+            f"{path} has no weights (*.safetensors)", "Save the model with save_pretrained(safe_serialization=True)"
+        )
 
     if not any((path / t).is_file() for t in TOKENIZER_FILES):
-        raise BadInput(f"{path} has no tokenizer (tokenizer.json or tokenizer.model)", "Save the tokenizer beside the model (tokenizer.save_pretrained)")
+        raise BadInput(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model)",
+            "Save the tokenizer beside the model (tokenizer.save_pretrained)",
+        )
     _check_vocab(path, config)
-    return Checkpoint(path=path.resolve(), requested=requested, kind=kind, architecture=archs[0], config=config,
-                      alias=alias, hub_id=hub_id, revision=revision, trust_remote_code=trust_remote_code,
-                      weight_files=weights, pickle_weights=is_pickle)
+    return Checkpoint(
+        path=path.resolve(),
+        requested=requested,
+        kind=kind,
+        architecture=archs[0],
+        config=config,
+        alias=alias,
+        hub_id=hub_id,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        weight_files=weights,
+        pickle_weights=is_pickle,
+    )
 
 
 def check_safetensors(file: Path) -> None:
     """Reject a truncated file or a header whose offsets point past the end, without loading it."""
     size = file.stat().st_size
-    bad = BadInput(f"{file} is not a valid safetensors file (truncated or corrupt header)", "Re-download or re-save the checkpoint")
+    bad = BadInput(
+        f"{file} is not a valid safetensors file (truncated or corrupt header)", "Re-download or re-save the checkpoint"
+    )
     if size < 8:
         raise bad
     with open(file, "rb") as f:

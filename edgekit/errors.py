@@ -14,10 +14,10 @@ class ExitCode(IntEnum):
     """What the CLI returns; documented in README.md. Scripts in release pipelines branch on these."""
 
     OK = 0
-    ERROR = 1          # unexpected error, a tool failed, out of memory
-    BAD_INPUT = 2      # bad input or usage: a path, a name, a flag value
-    GATE_FAILED = 3    # a quality, size, speed or memory threshold was not met
-    INTEGRITY = 4      # a bundle's files do not match its manifest, or a tarball is unsafe
+    ERROR = 1  # unexpected error, a tool failed, out of memory
+    BAD_INPUT = 2  # bad input or usage: a path, a name, a flag value
+    GATE_FAILED = 3  # a quality, size, speed or memory threshold was not met
+    INTEGRITY = 4  # a bundle's files do not match its manifest, or a tarball is unsafe
     INTERRUPTED = 130  # SIGINT or SIGTERM
 
 

@@ -33,8 +33,11 @@ class _BundleAdapter:
     def __init__(self, run_job: dict[str, Any]):
         run = run_from_job(run_job)
         self.session, _, info = open_run(run)
-        self.info = {"load_s": info["load_s"], "runtime": info.get("runtime", {}),
-                     "substitutions": info.get("substitutions", [])}
+        self.info = {
+            "load_s": info["load_s"],
+            "runtime": info.get("runtime", {}),
+            "substitutions": info.get("substitutions", []),
+        }
 
     def prompt_ids(self, item: dict[str, Any]) -> list[int]:
         if item["kind"] == "chat":
@@ -68,14 +71,20 @@ class _ReferenceAdapter:
         t0 = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(job["checkpoint"], trust_remote_code=job["trust_remote_code"])
         # eager attention, as the parity reference: sdpa skips Gemma 2's logit soft-capping.
-        self.model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.float32,
-                                                          attn_implementation="eager",
-                                                          trust_remote_code=job["trust_remote_code"]).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            job["checkpoint"],
+            dtype=torch.float32,
+            attn_implementation="eager",
+            trust_remote_code=job["trust_remote_code"],
+        ).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.torch = torch
-        self.info = {"load_s": time.perf_counter() - t0, "substitutions": [],
-                     "runtime": {"transformers": transformers.__version__, "torch": torch.__version__}}
+        self.info = {
+            "load_s": time.perf_counter() - t0,
+            "substitutions": [],
+            "runtime": {"transformers": transformers.__version__, "torch": torch.__version__},
+        }
 
     def prompt_ids(self, item: dict[str, Any]) -> list[int]:
         if item["kind"] == "chat":
@@ -104,10 +113,20 @@ class _ReferenceAdapter:
         inp = torch.tensor([ids])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         with torch.inference_mode():
-            out = self.model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_tokens,
-                                      do_sample=False, num_beams=1, repetition_penalty=1.0, temperature=None,
-                                      top_p=None, top_k=None, pad_token_id=pad, streamer=_First())
-        new = [int(t) for t in out[0, len(ids):]]
+            out = self.model.generate(
+                inp,
+                attention_mask=torch.ones_like(inp),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                num_beams=1,
+                repetition_penalty=1.0,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+                streamer=_First(),
+            )
+        new = [int(t) for t in out[0, len(ids) :]]
         stopped = "max_tokens"
         if new and new[-1] in self.eos:
             new, stopped = new[:-1], "eos"
@@ -141,12 +160,18 @@ def _generate(adapter, ids: list[int], max_tokens: int) -> dict[str, Any]:
     t0 = clock()
     tokens, text, stopped = adapter.generate(ids, max_tokens, on_text)
     t1 = clock()
-    return {"answer": text, "token_ids": tokens, "stopped_by": stopped,
-            "ttft_s": (first[0] if first else t1) - t0, "e2e_s": t1 - t0}
+    return {
+        "answer": text,
+        "token_ids": tokens,
+        "stopped_by": stopped,
+        "ttft_s": (first[0] if first else t1) - t0,
+        "e2e_s": t1 - t0,
+    }
 
 
-def run_items(adapter, items: Sequence[dict[str, Any]], warmup: bool = True,
-              on_item: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def run_items(
+    adapter, items: Sequence[dict[str, Any]], warmup: bool = True, on_item: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     prompts = [adapter.prompt_ids(item) for item in items]  # tokenization: outside every timed region
     if warmup:
         gen = next((i for i, item in enumerate(items) if item["match"] != "choice"), None)

@@ -24,12 +24,12 @@ class ItemResult:
     group: str | None
     format: str
     prompt_ids: tuple[int, ...]
-    answer: str                        # generated text, or the chosen choice
+    answer: str  # generated text, or the chosen choice
     correct: bool
-    e2e_ms: float                      # generation, or scoring every choice
-    ttft_ms: float | None = None       # generation items only
+    e2e_ms: float  # generation, or scoring every choice
+    ttft_ms: float | None = None  # generation items only
     generated_tokens: int = 0
-    stopped_by: str = "choice"         # "eos" | "max_tokens" | "choice"
+    stopped_by: str = "choice"  # "eos" | "max_tokens" | "choice"
     choice_probs: tuple[float, ...] = ()
 
 
@@ -46,31 +46,31 @@ class EvalRecord:
     """One bundle (or the reference) on one task set. Deltas and flips are against the reference
     of the same checkpoint; they are None for the reference itself or with no reference."""
 
-    name: str                          # the bundle path, or "reference"
-    kind: str                          # "bundle" | "reference"
-    format: str                        # bundle format, or "transformers"
+    name: str  # the bundle path, or "reference"
+    kind: str  # "bundle" | "reference"
+    format: str  # bundle format, or "transformers"
     model: str
     tasks: str
     tasks_sha256: str
     n_items: int
     correct: int
     accuracy: float
-    accuracy_low: float                # 95 % Wilson interval
+    accuracy_low: float  # 95 % Wilson interval
     accuracy_high: float
     by_match: tuple[MatchAccuracy, ...]
     reference_accuracy: float | None
-    accuracy_delta: float | None       # bundle - reference
-    flips_lost: int | None             # right for the reference, wrong here
+    accuracy_delta: float | None  # bundle - reference
+    flips_lost: int | None  # right for the reference, wrong here
     flips_gained: int | None
     flip_rate: float | None
     mcnemar_p: float | None
-    ece: float | None                  # choice items, 10 equal-width bins
+    ece: float | None  # choice items, 10 equal-width bins
     choice_items: int
     paraphrase_drop: float | None
     paraphrase_drop_max: float
     format_sensitivity: float | None
     format_sensitivity_max: float
-    robust: bool                       # both figures within their thresholds (None counts as within)
+    robust: bool  # both figures within their thresholds (None counts as within)
     ttft_ms_p50: float | None
     ttft_ms_p95: float | None
     ttft_ms_max: float | None
@@ -85,7 +85,7 @@ class EvalRecord:
     profile: str
     host_id: str
     runtime: dict[str, str]
-    cached: bool = False               # reference answers and timings read from the cache
+    cached: bool = False  # reference answers and timings read from the cache
     created_at: str = ""
     edgekit_version: str = __version__
     items: tuple[ItemResult, ...] = field(default=(), repr=False)
@@ -107,9 +107,15 @@ class EvalReport:
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tasks": self.tasks, "tasks_sha256": self.tasks_sha256, "n_items": self.n_items,
-                "profile": self.profile, "warnings": list(self.warnings),
-                "references": [r.summary() for r in self.references], "bundles": [r.summary() for r in self.bundles]}
+        return {
+            "tasks": self.tasks,
+            "tasks_sha256": self.tasks_sha256,
+            "n_items": self.n_items,
+            "profile": self.profile,
+            "warnings": list(self.warnings),
+            "references": [r.summary() for r in self.references],
+            "bundles": [r.summary() for r in self.bundles],
+        }
 
 
 def item_results(tasks: TaskSet, child_items: Sequence[dict[str, Any]]) -> list[ItemResult]:
@@ -119,14 +125,33 @@ def item_results(tasks: TaskSet, child_items: Sequence[dict[str, Any]]) -> list[
             probs = softmax(got["choice_logprobs"])
             best = max(range(len(probs)), key=probs.__getitem__)
             answer = task.choices[best]
-            out.append(ItemResult(task.id, task.group, task.format, tuple(got["prompt_ids"]), answer,
-                                  is_correct(task, answer, tasks.normalization), round(got["e2e_s"] * 1000, 2),
-                                  choice_probs=tuple(round(p, 6) for p in probs)))
+            out.append(
+                ItemResult(
+                    task.id,
+                    task.group,
+                    task.format,
+                    tuple(got["prompt_ids"]),
+                    answer,
+                    is_correct(task, answer, tasks.normalization),
+                    round(got["e2e_s"] * 1000, 2),
+                    choice_probs=tuple(round(p, 6) for p in probs),
+                )
+            )
         else:
-            out.append(ItemResult(task.id, task.group, task.format, tuple(got["prompt_ids"]), got["answer"],
-                                  is_correct(task, got["answer"], tasks.normalization), round(got["e2e_s"] * 1000, 2),
-                                  ttft_ms=round(got["ttft_s"] * 1000, 2), generated_tokens=len(got["token_ids"]),
-                                  stopped_by=got["stopped_by"]))
+            out.append(
+                ItemResult(
+                    task.id,
+                    task.group,
+                    task.format,
+                    tuple(got["prompt_ids"]),
+                    got["answer"],
+                    is_correct(task, got["answer"], tasks.normalization),
+                    round(got["e2e_s"] * 1000, 2),
+                    ttft_ms=round(got["ttft_s"] * 1000, 2),
+                    generated_tokens=len(got["token_ids"]),
+                    stopped_by=got["stopped_by"],
+                )
+            )
     return out
 
 
@@ -134,10 +159,24 @@ def _round(v: float | None, digits: int = 4) -> float | None:
     return None if v is None else round(v, digits)
 
 
-def make_record(*, name: str, kind: str, fmt: str, model: str, tasks: TaskSet, items: Sequence[ItemResult],
-                child: dict[str, Any], reference: EvalRecord | None, size_bytes: int | None, threads: int,
-                profile: str, host_id: str, paraphrase_max: float = PARAPHRASE_DROP_MAX,
-                format_max: float = FORMAT_SENSITIVITY_MAX, cached: bool = False) -> EvalRecord:
+def make_record(
+    *,
+    name: str,
+    kind: str,
+    fmt: str,
+    model: str,
+    tasks: TaskSet,
+    items: Sequence[ItemResult],
+    child: dict[str, Any],
+    reference: EvalRecord | None,
+    size_bytes: int | None,
+    threads: int,
+    profile: str,
+    host_id: str,
+    paraphrase_max: float = PARAPHRASE_DROP_MAX,
+    format_max: float = FORMAT_SENSITIVITY_MAX,
+    cached: bool = False,
+) -> EvalRecord:
     tasks_by_id = {t.id: t for t in tasks.tasks}
     n = len(items)
     correct = sum(i.correct for i in items)
@@ -169,18 +208,46 @@ def make_record(*, name: str, kind: str, fmt: str, model: str, tasks: TaskSet, i
         return _round(scoring.percentile(values, q), 2)
 
     return EvalRecord(
-        name=name, kind=kind, format=fmt, model=model, tasks=tasks.key, tasks_sha256=tasks.sha256, n_items=n,
-        correct=correct, accuracy=round(correct / n, 4), accuracy_low=round(lo, 4), accuracy_high=round(hi, 4),
-        by_match=tuple(by_match), reference_accuracy=ref_acc, accuracy_delta=delta, flips_lost=lost,
-        flips_gained=gained, flip_rate=rate, mcnemar_p=p,
+        name=name,
+        kind=kind,
+        format=fmt,
+        model=model,
+        tasks=tasks.key,
+        tasks_sha256=tasks.sha256,
+        n_items=n,
+        correct=correct,
+        accuracy=round(correct / n, 4),
+        accuracy_low=round(lo, 4),
+        accuracy_high=round(hi, 4),
+        by_match=tuple(by_match),
+        reference_accuracy=ref_acc,
+        accuracy_delta=delta,
+        flips_lost=lost,
+        flips_gained=gained,
+        flip_rate=rate,
+        mcnemar_p=p,
         ece=_round(scoring.ece([max(i.choice_probs) for i in choice], [i.correct for i in choice])),
-        choice_items=len(choice), paraphrase_drop=_round(para), paraphrase_drop_max=paraphrase_max,
-        format_sensitivity=_round(fmt_sens), format_sensitivity_max=format_max,
+        choice_items=len(choice),
+        paraphrase_drop=_round(para),
+        paraphrase_drop_max=paraphrase_max,
+        format_sensitivity=_round(fmt_sens),
+        format_sensitivity_max=format_max,
         robust=(para is None or para <= paraphrase_max) and (fmt_sens is None or fmt_sens <= format_max),
-        ttft_ms_p50=pct(ttft, 50), ttft_ms_p95=pct(ttft, 95), ttft_ms_max=pct(ttft, 100),
-        e2e_ms_p50=pct(e2e, 50), e2e_ms_p95=pct(e2e, 95), e2e_ms_max=pct(e2e, 100),
-        decode_tok_s=_round(tok_s, 2), peak_rss_mb=round(child["peak_rss_mb"], 1), size_bytes=size_bytes,
-        load_s=round(child["load_s"], 3), threads=threads, profile=profile, host_id=host_id,
-        runtime=dict(child.get("runtime", {})), cached=cached,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), items=tuple(items),
+        ttft_ms_p50=pct(ttft, 50),
+        ttft_ms_p95=pct(ttft, 95),
+        ttft_ms_max=pct(ttft, 100),
+        e2e_ms_p50=pct(e2e, 50),
+        e2e_ms_p95=pct(e2e, 95),
+        e2e_ms_max=pct(e2e, 100),
+        decode_tok_s=_round(tok_s, 2),
+        peak_rss_mb=round(child["peak_rss_mb"], 1),
+        size_bytes=size_bytes,
+        load_s=round(child["load_s"], 3),
+        threads=threads,
+        profile=profile,
+        host_id=host_id,
+        runtime=dict(child.get("runtime", {})),
+        cached=cached,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        items=tuple(items),
     )

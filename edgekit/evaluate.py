@@ -34,12 +34,19 @@ from .progress import NullProgress, Progress
 from .scoring import wilson
 from .tasks import load_tasks
 from .verification import reference_checkpoints
-from .evalrecord import (FORMAT_SENSITIVITY_MAX, PARAPHRASE_DROP_MAX, REFERENCE, EvalRecord, EvalReport,
-                         item_results, make_record)
+from .evalrecord import (
+    FORMAT_SENSITIVITY_MAX,
+    PARAPHRASE_DROP_MAX,
+    REFERENCE,
+    EvalRecord,
+    EvalReport,
+    item_results,
+    make_record,
+)
 from .tasks import TaskSet, choice_continuation
 
-MIN_ITEMS = 30            # below this an accuracy interval is too wide to decide anything
-CACHE_FORMAT = 1          # bump when what the reference cache stores changes
+MIN_ITEMS = 30  # below this an accuracy interval is too wide to decide anything
+CACHE_FORMAT = 1  # bump when what the reference cache stores changes
 # The reference runs torch on one thread: on SmolLM2-135M one and two threads both decode about
 # 22 tok/s here (per-op overhead dominates), but with two threads on a 2-core machine busy with
 # other jobs the intra-op barriers waited on descheduled threads and one run of the shipped set
@@ -54,9 +61,16 @@ def _items_job(tasks: TaskSet) -> list[dict[str, Any]]:
 def reference_cache_path(checkpoint, tasks: TaskSet, threads: int) -> Path:
     """Where the reference's answers for these items are cached: keyed by the checkpoint's
     content, the items as sent, the threads and the transformers / torch versions."""
-    key_src = json.dumps({"v": CACHE_FORMAT, "ckpt": content_hash(checkpoint.path), "items": _items_job(tasks),
-                          "threads": threads, "versions": [version(p) for p in ("transformers", "torch")]},
-                         sort_keys=True)
+    key_src = json.dumps(
+        {
+            "v": CACHE_FORMAT,
+            "ckpt": content_hash(checkpoint.path),
+            "items": _items_job(tasks),
+            "threads": threads,
+            "versions": [version(p) for p in ("transformers", "torch")],
+        },
+        sort_keys=True,
+    )
     return cache_dir() / "eval-reference" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.json"
 
 
@@ -70,11 +84,21 @@ def _reference_child(checkpoint, tasks: TaskSet, threads: int, progress) -> tupl
             return json.loads(path.read_text(encoding="utf-8")), True
         except ValueError:
             pass  # a damaged cache entry is recomputed
-    job = {"mode": REFERENCE, "checkpoint": str(checkpoint.path), "trust_remote_code": checkpoint.trust_remote_code,
-           "threads": threads, "items": items}
+    job = {
+        "mode": REFERENCE,
+        "checkpoint": str(checkpoint.path),
+        "trust_remote_code": checkpoint.trust_remote_code,
+        "threads": threads,
+        "items": items,
+    }
     with progress.step(f"eval reference ({checkpoint.short_name}, transformers)", total=1 + len(items)) as step:
-        child, _ = childjob.run("edgekit.eval_child", job, f"the eval reference process for {checkpoint.path}",
-                                "@edgekit-eval", on_mark=lambda m: step.advance())
+        child, _ = childjob.run(
+            "edgekit.eval_child",
+            job,
+            f"the eval reference process for {checkpoint.path}",
+            "@edgekit-eval",
+            on_mark=lambda m: step.advance(),
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(child))
     return child, False
@@ -91,16 +115,23 @@ def _check_output(output: str | Path | None) -> Path | None:
     return out
 
 
-def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[str, Any] | None = None,
-             profile: str | None = None, overrides: dict[str, Any] | None = None,
-             output: str | Path | None = None, write_manifest: bool = True,
-             paraphrase_max: float = PARAPHRASE_DROP_MAX, format_max: float = FORMAT_SENSITIVITY_MAX,
-             progress: Progress | None = None) -> EvalReport:
+def evaluate(
+    bundles: Sequence[str | Path],
+    tasks: TaskSet,
+    *,
+    references: dict[str, Any] | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    output: str | Path | None = None,
+    write_manifest: bool = True,
+    paraphrase_max: float = PARAPHRASE_DROP_MAX,
+    format_max: float = FORMAT_SENSITIVITY_MAX,
+    progress: Progress | None = None,
+) -> EvalReport:
     """See evaluate_bundles. `references` maps a checkpoint content sha256 to the resolved
     checkpoint whose transformers run is the baseline row for bundles made from it."""
     # edgekit.bench is also the benchmark child's __main__; loaded here, not by the package.
     from .bench import choose_profile, plan
-
 
     progress = progress or NullProgress()
     for name, v in (("--max-paraphrase-drop", paraphrase_max), ("--max-format-sensitivity", format_max)):
@@ -111,12 +142,15 @@ def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[
     prof, source, why = choose_profile(profile, overrides, host)
     skipped: list[str] = []
     need = max(t.max_tokens for t in tasks.tasks) + 1
-    runs = plan(bundles, prof, source, host, reps=1, warmup=0, prompt_tokens=1, gen_tokens=max(2, need - 1),
-                notes=skipped)
+    runs = plan(
+        bundles, prof, source, host, reps=1, warmup=0, prompt_tokens=1, gen_tokens=max(2, need - 1), notes=skipped
+    )
     warnings = []
     if len(tasks.tasks) < MIN_ITEMS:
-        warnings.append(f"only {len(tasks.tasks)} items: the 95 % interval is wide (±{_half_width(len(tasks.tasks)):.2f} "
-                        f"at 50 % accuracy); use at least {MIN_ITEMS}")
+        warnings.append(
+            f"only {len(tasks.tasks)} items: the 95 % interval is wide (±{_half_width(len(tasks.tasks)):.2f} "
+            f"at 50 % accuracy); use at least {MIN_ITEMS}"
+        )
     if source == "detected":
         progress.note(f"profile: {prof.name} ({why}; pass --profile to choose)")
     for line in skipped:
@@ -125,34 +159,66 @@ def evaluate(bundles: Sequence[str | Path], tasks: TaskSet, *, references: dict[
     for sha, ck in (references or {}).items():
         child, cached = _reference_child(ck, tasks, REFERENCE_THREADS, progress)
         ref_records[sha] = make_record(
-            name=REFERENCE, kind=REFERENCE, fmt="transformers", model=ck.short_name, tasks=tasks,
-            items=item_results(tasks, child["items"]), child=child, reference=None, size_bytes=None,
-            threads=REFERENCE_THREADS, profile=prof.name, host_id=host.host_id, paraphrase_max=paraphrase_max,
-            format_max=format_max, cached=cached)
+            name=REFERENCE,
+            kind=REFERENCE,
+            fmt="transformers",
+            model=ck.short_name,
+            tasks=tasks,
+            items=item_results(tasks, child["items"]),
+            child=child,
+            reference=None,
+            size_bytes=None,
+            threads=REFERENCE_THREADS,
+            profile=prof.name,
+            host_id=host.host_id,
+            paraphrase_max=paraphrase_max,
+            format_max=format_max,
+            cached=cached,
+        )
     records = []
     job_items = _items_job(tasks)
     for run in runs:
         manifest = read_manifest(Path(run.bundle))
         with progress.step(f"eval {Path(run.bundle).name}", total=1 + len(job_items)) as step:
-            child, _ = childjob.run("edgekit.eval_child", {"mode": "bundle", "run": dataclasses.asdict(run),
-                                                           "items": job_items},
-                                    f"the eval process for {run.bundle}", "@edgekit-eval",
-                                    on_mark=lambda m: step.advance())
+            child, _ = childjob.run(
+                "edgekit.eval_child",
+                {"mode": "bundle", "run": dataclasses.asdict(run), "items": job_items},
+                f"the eval process for {run.bundle}",
+                "@edgekit-eval",
+                on_mark=lambda m: step.advance(),
+            )
         for s in run.substitutions + tuple(child.get("substitutions", ())):
             progress.note(f"{run.bundle}: {s}")
         record = make_record(
-            name=run.bundle, kind="bundle", fmt=run.format, model=run.model, tasks=tasks,
-            items=item_results(tasks, child["items"]), child=child,
-            reference=ref_records.get(manifest["source"].get("content_sha256")), size_bytes=run.bundle_bytes,
-            threads=run.threads, profile=prof.name, host_id=host.host_id, paraphrase_max=paraphrase_max,
-            format_max=format_max)
+            name=run.bundle,
+            kind="bundle",
+            fmt=run.format,
+            model=run.model,
+            tasks=tasks,
+            items=item_results(tasks, child["items"]),
+            child=child,
+            reference=ref_records.get(manifest["source"].get("content_sha256")),
+            size_bytes=run.bundle_bytes,
+            threads=run.threads,
+            profile=prof.name,
+            host_id=host.host_id,
+            paraphrase_max=paraphrase_max,
+            format_max=format_max,
+        )
         if write_manifest:
             record_in_manifest(record)
         records.append(record)
     if out is not None:
         _write_items(out, list(ref_records.values()) + records)
-    return EvalReport(tasks=tasks.key, tasks_sha256=tasks.sha256, n_items=len(tasks.tasks), profile=prof.name,
-                      references=tuple(ref_records.values()), bundles=tuple(records), warnings=tuple(warnings))
+    return EvalReport(
+        tasks=tasks.key,
+        tasks_sha256=tasks.sha256,
+        n_items=len(tasks.tasks),
+        profile=prof.name,
+        references=tuple(ref_records.values()),
+        bundles=tuple(records),
+        warnings=tuple(warnings),
+    )
 
 
 def evaluate_bundles(
@@ -183,11 +249,25 @@ def evaluate_bundles(
     from .bench import discover_bundles  # the benchmark child's __main__: see evaluate()
 
     task_set = load_tasks(tasks, limit=limit, normalization=normalization)
-    refs = reference_checkpoints(bundles or discover_bundles(), reference if isinstance(reference, str) else None,
-                                 offline, trust_remote_code) if reference else {}
-    return evaluate(bundles, task_set, references=refs, profile=profile, overrides=overrides, output=output,
-                    write_manifest=write_manifest, paraphrase_max=max_paraphrase_drop,
-                    format_max=max_format_sensitivity, progress=progress)
+    refs = (
+        reference_checkpoints(
+            bundles or discover_bundles(), reference if isinstance(reference, str) else None, offline, trust_remote_code
+        )
+        if reference
+        else {}
+    )
+    return evaluate(
+        bundles,
+        task_set,
+        references=refs,
+        profile=profile,
+        overrides=overrides,
+        output=output,
+        write_manifest=write_manifest,
+        paraphrase_max=max_paraphrase_drop,
+        format_max=max_format_sensitivity,
+        progress=progress,
+    )
 
 
 def _half_width(n: int) -> float:
@@ -197,8 +277,15 @@ def _half_width(n: int) -> float:
 
 def _write_items(out: Path, records: Sequence[EvalRecord]) -> None:
     """One JSON line per item per bundle (and reference), replaced atomically."""
-    lines = [json.dumps({"bundle": r.name, "kind": r.kind, "format": r.format, "tasks": r.tasks,
-                         **dataclasses.asdict(item)}, sort_keys=True) + "\n" for r in records for item in r.items]
+    lines = [
+        json.dumps(
+            {"bundle": r.name, "kind": r.kind, "format": r.format, "tasks": r.tasks, **dataclasses.asdict(item)},
+            sort_keys=True,
+        )
+        + "\n"
+        for r in records
+        for item in r.items
+    ]
     write_text(out, "".join(lines))
 
 
@@ -222,10 +309,24 @@ def print_table(report: EvalReport) -> None:
     from rich.table import Table
 
     console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
-    table = Table(title=f"edgekit eval, {report.tasks}, {report.n_items} items, profile {report.profile}",
-                  title_justify="left")
-    cols = ["bundle", "accuracy [95% CI]", "Δ ref", "flips -/+", "McNemar p", "ECE", "para", "fmt",
-            "e2e ms p50/p95", "TTFT p95", "tok/s", "RSS MiB", "MiB"]
+    table = Table(
+        title=f"edgekit eval, {report.tasks}, {report.n_items} items, profile {report.profile}", title_justify="left"
+    )
+    cols = [
+        "bundle",
+        "accuracy [95% CI]",
+        "Δ ref",
+        "flips -/+",
+        "McNemar p",
+        "ECE",
+        "para",
+        "fmt",
+        "e2e ms p50/p95",
+        "TTFT p95",
+        "tok/s",
+        "RSS MiB",
+        "MiB",
+    ]
     for col in cols:
         table.add_column(col, justify="left" if col == "bundle" else "right", no_wrap=True)
 
@@ -238,17 +339,30 @@ def print_table(report: EvalReport) -> None:
     for r in report.references + report.bundles:
         name = f"reference ({r.model}){' cached' if r.cached else ''}" if r.kind == REFERENCE else Path(r.name).name
         table.add_row(
-            name, f"{r.accuracy:.3f} [{r.accuracy_low:.2f}, {r.accuracy_high:.2f}]", f(r.accuracy_delta, "+.3f"),
-            "-" if r.flips_lost is None else f"{r.flips_lost}/{r.flips_gained}", f(r.mcnemar_p, ".3g"), f(r.ece, ".3f"),
-            robust(r.paraphrase_drop, r.paraphrase_drop_max), robust(r.format_sensitivity, r.format_sensitivity_max),
-            f"{f(r.e2e_ms_p50, '.0f')}/{f(r.e2e_ms_p95, '.0f')}", f(r.ttft_ms_p95, ".0f"), f(r.decode_tok_s, ".1f"),
-            f"{r.peak_rss_mb:.0f}", "-" if r.size_bytes is None else f"{r.size_bytes / 2**20:.1f}")
+            name,
+            f"{r.accuracy:.3f} [{r.accuracy_low:.2f}, {r.accuracy_high:.2f}]",
+            f(r.accuracy_delta, "+.3f"),
+            "-" if r.flips_lost is None else f"{r.flips_lost}/{r.flips_gained}",
+            f(r.mcnemar_p, ".3g"),
+            f(r.ece, ".3f"),
+            robust(r.paraphrase_drop, r.paraphrase_drop_max),
+            robust(r.format_sensitivity, r.format_sensitivity_max),
+            f"{f(r.e2e_ms_p50, '.0f')}/{f(r.e2e_ms_p95, '.0f')}",
+            f(r.ttft_ms_p95, ".0f"),
+            f(r.decode_tok_s, ".1f"),
+            f"{r.peak_rss_mb:.0f}",
+            "-" if r.size_bytes is None else f"{r.size_bytes / 2**20:.1f}",
+        )
     console.print(table)
     for r in report.bundles[:1] or report.references[:1]:
-        console.print("per match: " + ", ".join(f"{m.match} {m.correct}/{m.n}" for m in r.by_match)
-                      + f"; {r.threads} threads; latency over generation items after one warm-up, percentiles by "
-                        "linear interpolation; para = paraphrase drop, fmt = format sensitivity, '!' = above the threshold "
-                        f"({r.paraphrase_drop_max:g} / {r.format_sensitivity_max:g})", markup=False)
+        console.print(
+            "per match: "
+            + ", ".join(f"{m.match} {m.correct}/{m.n}" for m in r.by_match)
+            + f"; {r.threads} threads; latency over generation items after one warm-up, percentiles by "
+            "linear interpolation; para = paraphrase drop, fmt = format sensitivity, '!' = above the threshold "
+            f"({r.paraphrase_drop_max:g} / {r.format_sensitivity_max:g})",
+            markup=False,
+        )
     for w in report.warnings:
         console.print(f"warning: {w}", markup=False)
 
@@ -273,16 +387,41 @@ def gates(record: EvalRecord, limits: dict[str, float | None]) -> list[Gate]:
         if limit is None or key not in GATE_KEYS:
             continue
         name, op = GATE_KEYS[key]
-        figure = -record.accuracy_delta if name == "accuracy_drop" and record.accuracy_delta is not None \
+        figure = (
+            -record.accuracy_delta
+            if name == "accuracy_drop" and record.accuracy_delta is not None
             else getattr(record, name, None)
+        )
         out.append(Gate.check("eval", f"eval.{name}", figure if figure is None else round(figure, 4), op, limit))
     return out
 
 
-SUMMARY_KEYS = ("tasks", "n_items", "accuracy", "accuracy_low", "accuracy_high", "reference_accuracy",
-                "accuracy_delta", "flip_rate", "flips_lost", "flips_gained", "mcnemar_p", "ece", "paraphrase_drop",
-                "format_sensitivity", "robust", "ttft_ms_p50", "ttft_ms_p95", "e2e_ms_p50", "e2e_ms_p95",
-                "decode_tok_s", "peak_rss_mb", "size_bytes", "profile", "host_id")
+SUMMARY_KEYS = (
+    "tasks",
+    "n_items",
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "reference_accuracy",
+    "accuracy_delta",
+    "flip_rate",
+    "flips_lost",
+    "flips_gained",
+    "mcnemar_p",
+    "ece",
+    "paraphrase_drop",
+    "format_sensitivity",
+    "robust",
+    "ttft_ms_p50",
+    "ttft_ms_p95",
+    "e2e_ms_p50",
+    "e2e_ms_p95",
+    "decode_tok_s",
+    "peak_rss_mb",
+    "size_bytes",
+    "profile",
+    "host_id",
+)
 
 
 def build_summary(record: EvalRecord) -> dict[str, Any]:

@@ -80,8 +80,9 @@ def destinations(checkpoint: Checkpoint, target: str, names: list[str], out: str
     return dests
 
 
-def export_one(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, force: bool,
-               progress: Progress) -> ExportResult:
+def export_one(
+    checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, force: bool, progress: Progress
+) -> ExportResult:
     spec = load_targets().format(name)
     mod = backend(name)
     progress.note(f"exporting {checkpoint.short_name} ({checkpoint.architecture}) to {name} -> {dest}")
@@ -117,9 +118,15 @@ def export_one(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, force
     for n in notes.notes:
         progress.note(f"note: {n}")
     return ExportResult(
-        bundle=str(dest), format=name, model=checkpoint.short_name, path_taken=notes.path_taken,
-        wall_s=round(usage.wall_s, 2), peak_rss_mb=round(usage.peak_rss_mb, 1),
-        size_bytes=bundle_size(manifest), files=len(manifest["files"]), notes=tuple(notes.notes),
+        bundle=str(dest),
+        format=name,
+        model=checkpoint.short_name,
+        path_taken=notes.path_taken,
+        wall_s=round(usage.wall_s, 2),
+        peak_rss_mb=round(usage.peak_rss_mb, 1),
+        size_bytes=bundle_size(manifest),
+        files=len(manifest["files"]),
+        notes=tuple(notes.notes),
     )
 
 
@@ -132,6 +139,8 @@ def raise_if_disk_full(tmp: Path, dest: Path, error: BaseException) -> None:
         return
     said = any(m in str(error) for m in ("No space left", "Disk quota", "File too large", " requested and "))
     if free < 4 * 2**20 or said:  # a converter may delete its partial file before we look
-        raise ToolFailed(f"disk full while exporting to {dest} ({free // 1024} KiB left on that filesystem; "
-                         f"{type(error).__name__}: {str(error).splitlines()[0][:120]})",
-                         "Free space or choose another --out; nothing was published") from None
+        raise ToolFailed(
+            f"disk full while exporting to {dest} ({free // 1024} KiB left on that filesystem; "
+            f"{type(error).__name__}: {str(error).splitlines()[0][:120]})",
+            "Free space or choose another --out; nothing was published",
+        ) from None

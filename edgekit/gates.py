@@ -14,18 +14,19 @@ Figure = float | int | bool | None
 
 @dataclass(frozen=True)
 class Gate:
-    kind: str                      # "parity" | "budget" | "eval" | "regression" | "long_context"
-    name: str                      # e.g. "kld_mean", "laptop-cpu.max_peak_rss_mb", "eval.accuracy_drop"
-    figure: Figure                 # the measured value; None = could not be measured (fails)
-    op: str                        # "<=", ">=", "=="
+    kind: str  # "parity" | "budget" | "eval" | "regression" | "long_context"
+    name: str  # e.g. "kld_mean", "laptop-cpu.max_peak_rss_mb", "eval.accuracy_drop"
+    figure: Figure  # the measured value; None = could not be measured (fails)
+    op: str  # "<=", ">=", "=="
     threshold: float | int | bool
     passed: bool
-    baseline: Figure = None        # regression gates: the baseline's figure
-    delta: float | None = None     # regression gates: figure - baseline
+    baseline: Figure = None  # regression gates: the baseline's figure
+    delta: float | None = None  # regression gates: figure - baseline
 
     @classmethod
-    def check(cls, kind: str, name: str, figure: Figure, op: str, threshold: float | int | bool,
-              baseline: Figure = None) -> "Gate":
+    def check(
+        cls, kind: str, name: str, figure: Figure, op: str, threshold: float | int | bool, baseline: Figure = None
+    ) -> "Gate":
         """Evaluate a gate. A figure that could not be measured fails rather than passing unseen."""
         if op not in _OPS:
             raise ValueError(f"unknown gate operator {op!r}")
@@ -52,8 +53,16 @@ class Gate:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Gate":
-        return cls(d["kind"], d["name"], d.get("figure"), d["op"], d["threshold"], bool(d["passed"]),
-                   d.get("baseline"), d.get("delta"))
+        return cls(
+            d["kind"],
+            d["name"],
+            d.get("figure"),
+            d["op"],
+            d["threshold"],
+            bool(d["passed"]),
+            d.get("baseline"),
+            d.get("delta"),
+        )
 
 
 def failed(gates: Iterable[Gate]) -> list[Gate]:

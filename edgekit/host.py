@@ -34,10 +34,10 @@ BANDWIDTH_REPEATS = 5
 class HostFacts:
     host_id: str
     cpu: str
-    machine: str                    # x86_64, arm64, aarch64
+    machine: str  # x86_64, arm64, aarch64
     physical_cores: int
     logical_cores: int
-    performance_cores: int | None   # Apple silicon P-cores; None where the OS does not say
+    performance_cores: int | None  # Apple silicon P-cores; None where the OS does not say
     ram_gb: float
     os: str
     apple_silicon: bool
@@ -99,14 +99,21 @@ def facts() -> HostFacts:
     digest = hashlib.sha256(f"{cpu}|{machine}|{logical}|{ram_gb}|{platform.system()}".encode()).hexdigest()[:8]
     node = (platform.node() or "host").split(".")[0]
     return HostFacts(
-        host_id=f"{node}-{digest}", cpu=cpu, machine=machine, physical_cores=_physical_cores(),
-        logical_cores=logical, performance_cores=int(perf) if perf and perf.isdigit() else None,
-        ram_gb=ram_gb, os=os_name, apple_silicon=apple,
+        host_id=f"{node}-{digest}",
+        cpu=cpu,
+        machine=machine,
+        physical_cores=_physical_cores(),
+        logical_cores=logical,
+        performance_cores=int(perf) if perf and perf.isdigit() else None,
+        ram_gb=ram_gb,
+        os=os_name,
+        apple_silicon=apple,
     )
 
 
-def measure_read_bandwidth(size_mb: int = BANDWIDTH_MB, repeats: int = BANDWIDTH_REPEATS,
-                           threads: int | None = None) -> float:
+def measure_read_bandwidth(
+    size_mb: int = BANDWIDTH_MB, repeats: int = BANDWIDTH_REPEATS, threads: int | None = None
+) -> float:
     """Bytes/s a plain streaming read achieves: numpy sums over slices of one buffer, one
     thread per core (numpy releases the GIL in reductions), best of `repeats`."""
     from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +173,7 @@ def read_bandwidth_gbs(host: HostFacts | None = None, refresh: bool = False, pro
 
 
 # --- this process's memory ---------------------------------------------------------------------
+
 
 def _proc_status_kb(key: str) -> int | None:
     try:

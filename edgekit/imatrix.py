@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 IMATRIX_FORMAT = 1  # bump when what is stored or how it is computed changes
-WINDOW = 512        # tokens per forward pass
+WINDOW = 512  # tokens per forward pass
 
 
 def calibration_text() -> str:
@@ -38,14 +38,18 @@ def calibration_text() -> str:
 @dataclass(frozen=True)
 class Imatrix:
     values: Mapping[str, Any]  # HF module name -> float32 [in_features]: mean squared input
-    tokens: int                # calibration tokens the means are over
+    tokens: int  # calibration tokens the means are over
     text_sha256: str
-    key: str                   # cache key
+    key: str  # cache key
     cached: bool = False
 
     def summary(self) -> dict[str, Any]:
-        return {"entries": len(self.values), "tokens": self.tokens,
-                "calibration_text_sha256": self.text_sha256, "key": self.key}
+        return {
+            "entries": len(self.values),
+            "tokens": self.tokens,
+            "calibration_text_sha256": self.text_sha256,
+            "key": self.key,
+        }
 
 
 def _model_dtype(config: dict[str, Any]) -> str:
@@ -67,8 +71,16 @@ def load_or_compute(checkpoint, text: str | None = None, progress=None) -> Imatr
     text = calibration_text() if text is None else text
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     dtype = _model_dtype(checkpoint.config)
-    key_src = json.dumps({"v": IMATRIX_FORMAT, "ckpt": content_hash(checkpoint.path), "text": text_sha,
-                          "window": WINDOW, "dtype": dtype}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "v": IMATRIX_FORMAT,
+            "ckpt": content_hash(checkpoint.path),
+            "text": text_sha,
+            "window": WINDOW,
+            "dtype": dtype,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     path = cache_dir() / "imatrix" / f"{key}.npz"
     if path.is_file():
@@ -99,8 +111,11 @@ def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tup
     windows = windows_of(ids, WINDOW, tokenizer_bos(tokenizer))
     with progress.step("imatrix: loading reference model"):
         model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint.path), dtype=getattr(torch, dtype), attn_implementation="eager",
-            trust_remote_code=checkpoint.trust_remote_code)
+            str(checkpoint.path),
+            dtype=getattr(torch, dtype),
+            attn_implementation="eager",
+            trust_remote_code=checkpoint.trust_remote_code,
+        )
         model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -110,6 +125,7 @@ def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tup
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -129,6 +145,7 @@ def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tup
 # ---------------------------------------------------------------------------------------------
 # llama.cpp
 
+
 def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
     """(general.architecture, block_count, 2-D tensor name -> row length ne[0]) of a GGUF file."""
     from gguf import GGUFReader
@@ -147,7 +164,9 @@ def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
     return arch, n_blocks, rows
 
 
-def gguf_entries(imatrix: Imatrix, arch: str, n_blocks: int, rows: Mapping[str, int]) -> tuple[dict[str, Any], list[str]]:
+def gguf_entries(
+    imatrix: Imatrix, arch: str, n_blocks: int, rows: Mapping[str, int]
+) -> tuple[dict[str, Any], list[str]]:
     """imatrix values under the GGUF tensor names llama.cpp's quantizer looks up.
 
     Hugging Face module names are mapped with gguf-py's TensorNameMap for `arch`
@@ -203,6 +222,7 @@ class LlamaImatrix:
 # ---------------------------------------------------------------------------------------------
 # onnxruntime-genai builder graphs
 
+
 def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int):
     """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
 
@@ -216,14 +236,19 @@ def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int):
     m = re.match(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+?)/MatMul", node_name)
     if m:
         layer, proj = m.group(1), m.group(2)
-        aliases = {"qkv_proj": ("qkv_proj", "q_proj", "query_key_value", "Wqkv"),
-                   "gate_proj": ("gate_proj", "gate_up_proj", "up_proj"),
-                   "up_proj": ("up_proj", "gate_up_proj", "gate_proj"),
-                   "q_proj": ("q_proj", "qkv_proj"), "k_proj": ("k_proj", "qkv_proj"),
-                   "v_proj": ("v_proj", "qkv_proj"), "o_proj": ("o_proj", "dense"),
-                   "down_proj": ("down_proj",)}.get(proj, (proj,))
-        candidates = [f"model.layers.{layer}.{part}.{alias}" for alias in aliases
-                      for part in ("self_attn", "mlp", "attn")]
+        aliases = {
+            "qkv_proj": ("qkv_proj", "q_proj", "query_key_value", "Wqkv"),
+            "gate_proj": ("gate_proj", "gate_up_proj", "up_proj"),
+            "up_proj": ("up_proj", "gate_up_proj", "gate_proj"),
+            "q_proj": ("q_proj", "qkv_proj"),
+            "k_proj": ("k_proj", "qkv_proj"),
+            "v_proj": ("v_proj", "qkv_proj"),
+            "o_proj": ("o_proj", "dense"),
+            "down_proj": ("down_proj",),
+        }.get(proj, (proj,))
+        candidates = [
+            f"model.layers.{layer}.{part}.{alias}" for alias in aliases for part in ("self_attn", "mlp", "attn")
+        ]
     elif re.match(r"^/lm_head/MatMul", node_name):
         candidates = ["lm_head"]
     else:

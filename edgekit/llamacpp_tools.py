@@ -45,8 +45,9 @@ def runtime_version() -> str:
     try:
         import llama_cpp
     except ImportError:
-        raise BadInput("llama-cpp-python is not installed",
-                       "pip install 'edgekit[runtimes]' (or llama-cpp-python) to export GGUF") from None
+        raise BadInput(
+            "llama-cpp-python is not installed", "pip install 'edgekit[runtimes]' (or llama-cpp-python) to export GGUF"
+        ) from None
     return llama_cpp.__version__
 
 
@@ -66,8 +67,10 @@ def converter_dir(progress=None) -> Path:
         if env_sdist:
             sdist, origin = Path(env_sdist).expanduser(), f"{SDIST_ENV}={env_sdist}"
             if not sdist.is_file():
-                raise BadInput(f"{SDIST_ENV} points to {sdist}, which does not exist",
-                               f"Set it to a llama-cpp-python {version} sdist (.tar.gz) or unset it")
+                raise BadInput(
+                    f"{SDIST_ENV} points to {sdist}, which does not exist",
+                    f"Set it to a llama-cpp-python {version} sdist (.tar.gz) or unset it",
+                )
         else:
             with progress.step(f"fetch llama.cpp converter {version}"):
                 sdist = _download_sdist(version, Path(download_dir))
@@ -92,8 +95,19 @@ def converter_info() -> dict[str, str]:
 def _download_sdist(version: str, dest: Path) -> Path:
     """`pip download` the sdist; pip checks the index's hashes, so no checksum list is kept here."""
     public = version.split("+")[0]  # a local build tag (+cpu) is not on PyPI
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", f"llama-cpp-python=={public}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        f"llama-cpp-python=={public}",
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob("*.tar.gz"))
     if proc.returncode != 0 or len(found) != 1:
@@ -156,7 +170,7 @@ def _extract_converter(sdist: Path, dest: Path, version: str) -> str:
                 commit = tar.extractfile(member).read().decode("ascii", "replace").strip()
             if not rel.startswith(_VENDOR):
                 continue
-            inner = rel[len(_VENDOR):]
+            inner = rel[len(_VENDOR) :]
             if inner not in _WANTED_FILES and not inner.startswith(_WANTED_DIRS):
                 continue
             if member.isdir():
@@ -167,12 +181,15 @@ def _extract_converter(sdist: Path, dest: Path, version: str) -> str:
             with tar.extractfile(member) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)
     if not version_checked:
-        raise BadInput(f"{sdist.name} has no PKG-INFO, so its version is unknown",
-                       f"Use the llama-cpp-python {version} sdist from PyPI")
+        raise BadInput(
+            f"{sdist.name} has no PKG-INFO, so its version is unknown",
+            f"Use the llama-cpp-python {version} sdist from PyPI",
+        )
     for needed in (CONVERTER_SCRIPT, "conversion/__init__.py", "gguf-py/gguf/__init__.py"):
         if not (dest / needed).is_file():
-            raise BadInput(f"{sdist.name} has no {_VENDOR}{needed}",
-                           f"Use the llama-cpp-python {version} sdist from PyPI")
+            raise BadInput(
+                f"{sdist.name} has no {_VENDOR}{needed}", f"Use the llama-cpp-python {version} sdist from PyPI"
+            )
     return commit if len(commit) == 40 else ""
 
 
@@ -184,8 +201,10 @@ def _check_member(member: tarfile.TarInfo, parts: tuple[str, ...], top: str | No
         or not member.isreg()  # links, devices, fifos
     )
     if unsafe:
-        raise IntegrityError(f"{sdist.name} has an unsafe member '{member.name}'",
-                             "Do not use this file; download the sdist again from PyPI")
+        raise IntegrityError(
+            f"{sdist.name} has an unsafe member '{member.name}'",
+            "Do not use this file; download the sdist again from PyPI",
+        )
 
 
 def _check_sdist_version(pkg_info: bytes, version: str, sdist: Path) -> None:

@@ -33,8 +33,10 @@ def output_lock(directory: Path, name: str = LOCK_NAME) -> Iterator[None]:
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise Busy(f"another edgekit process (pid {other}) is writing to {directory}",
-                       "Wait for it to finish, or choose another --out") from None
+            raise Busy(
+                f"another edgekit process (pid {other}) is writing to {directory}",
+                "Wait for it to finish, or choose another --out",
+            ) from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break

@@ -65,9 +65,9 @@ def forced_boundary(config: dict[str, Any]) -> int | None:
 
 @dataclass(frozen=True)
 class ProbePlan:
-    boundary: int        # first position (0-based) whose logits use the long-context rope
-    prompt_tokens: int   # prefilled at once; ends BEFORE tokens before the boundary
-    total_tokens: int    # the whole probe text
+    boundary: int  # first position (0-based) whose logits use the long-context rope
+    prompt_tokens: int  # prefilled at once; ends BEFORE tokens before the boundary
+    total_tokens: int  # the whole probe text
 
     @classmethod
     def at(cls, boundary: int) -> "ProbePlan":
@@ -84,16 +84,16 @@ class LongContextReport:
     boundary: int
     prompt_tokens: int
     total_tokens: int
-    positions: int                 # positions compared (those the bundle could run)
-    positions_after: int           # of which past the boundary
+    positions: int  # positions compared (those the bundle could run)
+    positions_after: int  # of which past the boundary
     kld_mean: float
     top1_agreement: float
-    kld_mean_before: float         # positions before the boundary
-    kld_mean_after: float | None   # positions past it (None when the bundle stops before)
+    kld_mean_before: float  # positions before the boundary
+    kld_mean_after: float | None  # positions past it (None when the bundle stops before)
     top1_after: float | None
-    parity_context: int            # tokens up to which the bundle matches the reference
-    bundle_context: int | None     # the longest sequence the bundle accepts, if it has a limit
-    limit: str | None              # the named runtime limit when parity stops early
+    parity_context: int  # tokens up to which the bundle matches the reference
+    bundle_context: int | None  # the longest sequence the bundle accepts, if it has a limit
+    limit: str | None  # the named runtime limit when parity stops early
     passed: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +111,6 @@ def parity_context(kld, first_position: int, threshold: float, block: int = 16) 
 
     k = np.asarray(kld, dtype=np.float64)
     for i in np.flatnonzero(k > threshold):
-        if k[i:i + block].mean() > threshold:
+        if k[i : i + block].mean() > threshold:
             return first_position + int(i)
     return first_position + len(k)

@@ -153,8 +153,11 @@ class ChildWatch:
             return None
         limit = memory_limit_bytes()
         near = self.peak_bytes >= 0.8 * limit or (
-            self.min_available is not None and self.min_available <= 0.05 * psutil.virtual_memory().total)
+            self.min_available is not None and self.min_available <= 0.05 * psutil.virtual_memory().total
+        )
         if not near:
             return None
-        return (f"out of memory: {what} reached {self.peak_bytes / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB "
-                "and was killed by the kernel (SIGKILL)")
+        return (
+            f"out of memory: {what} reached {self.peak_bytes / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB "
+            "and was killed by the kernel (SIGKILL)"
+        )

@@ -23,11 +23,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class PositionStats:
     """Per-position figures for one window; concatenated across windows before summarising."""
 
-    kld: np.ndarray          # KL(ref || bundle) per position
-    top1_same: np.ndarray    # bool: both argmaxes equal
-    nll_ref: np.ndarray      # -log p_ref(correct token)
-    nll_bundle: np.ndarray   # -log p_bundle(correct token)
-    delta_p: np.ndarray      # p_bundle(correct) - p_ref(correct)
+    kld: np.ndarray  # KL(ref || bundle) per position
+    top1_same: np.ndarray  # bool: both argmaxes equal
+    nll_ref: np.ndarray  # -log p_ref(correct token)
+    nll_bundle: np.ndarray  # -log p_bundle(correct token)
+    delta_p: np.ndarray  # p_bundle(correct) - p_ref(correct)
 
 
 def position_stats(ref_logits: np.ndarray, bundle_logits: np.ndarray, targets: np.ndarray) -> PositionStats:

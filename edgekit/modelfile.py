@@ -18,10 +18,10 @@ from typing import Any
 @dataclass(frozen=True)
 class ChatFamily:
     name: str
-    marker: str                 # a string only this family's Jinja template contains
-    template: str               # Ollama (Go text/template) over .Messages
+    marker: str  # a string only this family's Jinja template contains
+    template: str  # Ollama (Go text/template) over .Messages
     stops: tuple[str, ...]
-    system_block: str | None    # regex capturing a system prompt in the rendered HF template
+    system_block: str | None  # regex capturing a system prompt in the rendered HF template
 
 
 _SENTINEL = "EDGEKIT_SENTINEL_USER_MESSAGE"
@@ -30,29 +30,41 @@ _SENTINEL = "EDGEKIT_SENTINEL_USER_MESSAGE"
 # so every template ranges over .Messages alone.
 FAMILIES: tuple[ChatFamily, ...] = (
     # ChatML: SmolLM2, Qwen2/2.5 (both inject a default system prompt, captured as SYSTEM).
-    ChatFamily("chatml", "<|im_start|>",
-               "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-               ("<|im_start|>", "<|im_end|>"),
-               r"<\|im_start\|>system\n(.*?)<\|im_end\|>"),
+    ChatFamily(
+        "chatml",
+        "<|im_start|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+        ("<|im_start|>", "<|im_end|>"),
+        r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
+    ),
     # Llama 3 / 3.1 / 3.2 headers; BOS is added by llama.cpp's tokenizer, not the template.
-    ChatFamily("llama3", "<|start_header_id|>",
-               "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-               "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
-               ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-               r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>"),
+    ChatFamily(
+        "llama3",
+        "<|start_header_id|>",
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+    ),
     # Phi-3 / 3.5 / 4-mini: <|role|> tags closed by <|end|>.
-    ChatFamily("phi3", "<|assistant|>",
-               "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
-               ("<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>"),
-               r"<\|system\|>\n(.*?)<\|end\|>"),
+    ChatFamily(
+        "phi3",
+        "<|assistant|>",
+        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        ("<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>"),
+        r"<\|system\|>\n(.*?)<\|end\|>",
+    ),
     # Gemma 2 / 3: "model" for the assistant. Hugging Face folds a system message into the first
     # user turn; Go templates cannot carry that across iterations cleanly, so (like Ollama's
     # own Gemma templates) a system message becomes a user turn of its own.
-    ChatFamily("gemma", "<start_of_turn>",
-               "{{- range .Messages }}{{ if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
-               "{{ else }}<start_of_turn>user\n{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n",
-               ("<start_of_turn>", "<end_of_turn>"),
-               None),
+    ChatFamily(
+        "gemma",
+        "<start_of_turn>",
+        '{{- range .Messages }}{{ if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+        "{{ else }}<start_of_turn>user\n{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n",
+        ("<start_of_turn>", "<end_of_turn>"),
+        None,
+    ),
 )
 
 
@@ -83,16 +95,24 @@ def _quote(text: str) -> str:
     return f'"""{text}"""'
 
 
-def render_modelfile(model_file: str, chat_template: str | None, vocab: set[str], render=None) -> tuple[str, str | None]:
+def render_modelfile(
+    model_file: str, chat_template: str | None, vocab: set[str], render=None
+) -> tuple[str, str | None]:
     """Modelfile text and the family name (None when the template was not translated).
 
     `vocab` holds the model's token strings: a stop token the model does not have is left out.
     `render(messages) -> str` applies the HF chat template (for the default system prompt)."""
     fam = detect_family(chat_template)
-    lines = ["# Ollama Modelfile written by edgekit: `ollama create <name> -f Modelfile` in this directory.",
-             f"FROM ./{model_file}"]
+    lines = [
+        "# Ollama Modelfile written by edgekit: `ollama create <name> -f Modelfile` in this directory.",
+        f"FROM ./{model_file}",
+    ]
     if fam is None:
-        why = "it has no chat template" if not chat_template else "its chat template is not a known family (ChatML, Llama 3, Phi-3, Gemma)"
+        why = (
+            "it has no chat template"
+            if not chat_template
+            else "its chat template is not a known family (ChatML, Llama 3, Phi-3, Gemma)"
+        )
         lines.append(f"# No TEMPLATE: {why}; Ollama will send prompts as raw text.")
         return "\n".join(lines) + "\n", None
     lines.append(f"# Chat template: the {fam.name} family, translated from the checkpoint's Jinja template.")

@@ -55,7 +55,7 @@ class Thresholds:
     kld_p99_max: float | None = None
     top1_agreement_min: float = 0.80
     ppl_ratio_max: float = 1.10
-    greedy_match_min: float | None = None   # mean tokens before divergence
+    greedy_match_min: float | None = None  # mean tokens before divergence
     tokenizer_agreement_min: float = 1.0
     chat_template_match: bool = True
     # The long-context probe's gate, over the positions past the original context; unset:
@@ -72,8 +72,12 @@ class Thresholds:
         for key, value in table.items():
             expected = bool if key == "chat_template_match" else (int, float)
             if not isinstance(value, expected) or (expected != bool and isinstance(value, bool)):
-                raise BadInput(f"{where}: threshold '{key}' must be a number" if expected != bool
-                               else f"{where}: '{key}' must be true or false", f"Fix {key}")
+                raise BadInput(
+                    f"{where}: threshold '{key}' must be a number"
+                    if expected != bool
+                    else f"{where}: '{key}' must be true or false",
+                    f"Fix {key}",
+                )
             kwargs[key] = value
         return cls(**kwargs)
 
@@ -101,35 +105,53 @@ class ParityReport:
     tokenizer_agreement: float
     tokenizer_failures: tuple[str, ...]
     chat_template_match: bool
-    checks: tuple[Gate, ...]          # kind "parity": one per threshold set
+    checks: tuple[Gate, ...]  # kind "parity": one per threshold set
     passed: bool
     wall_s: float
     peak_rss_mb: float
     failed: tuple[str, ...] = field(default=())
-    long_context: LongContextReport | None = None   # None: the probe did not run
+    long_context: LongContextReport | None = None  # None: the probe did not run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def summary(self) -> dict[str, Any]:
-        keys = ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "greedy_match_tokens_mean",
-                "tokenizer_agreement", "chat_template_match", "passed", "failed")
+        keys = (
+            "kld_mean",
+            "kld_p99",
+            "top1_agreement",
+            "ppl_ratio",
+            "greedy_match_tokens_mean",
+            "tokenizer_agreement",
+            "chat_template_match",
+            "passed",
+            "failed",
+        )
         out = {k: getattr(self, k) for k in keys}
         if self.long_context is not None:
             lc = self.long_context
-            out["long_context"] = {"parity_context": lc.parity_context, "boundary": lc.boundary,
-                                   "kld_mean_after": lc.kld_mean_after, "top1_after": lc.top1_after,
-                                   "limit": lc.limit, "passed": lc.passed}
+            out["long_context"] = {
+                "parity_context": lc.parity_context,
+                "boundary": lc.boundary,
+                "kld_mean_after": lc.kld_mean_after,
+                "top1_after": lc.top1_after,
+                "limit": lc.limit,
+                "passed": lc.passed,
+            }
         return out
 
 
 def evaluate_checks(metrics: dict[str, Any], t: Thresholds) -> list[Gate]:
     """One parity gate per threshold the target sets (a None threshold is not checked)."""
-    limits = (("kld_mean", t.kld_mean_max, "<="), ("kld_p99", t.kld_p99_max, "<="),
-              ("top1_agreement", t.top1_agreement_min, ">="), ("ppl_ratio", t.ppl_ratio_max, "<="),
-              ("greedy_match_tokens_mean", t.greedy_match_min, ">="),
-              ("tokenizer_agreement", t.tokenizer_agreement_min, ">="),
-              ("chat_template_match", True if t.chat_template_match else None, "=="))
+    limits = (
+        ("kld_mean", t.kld_mean_max, "<="),
+        ("kld_p99", t.kld_p99_max, "<="),
+        ("top1_agreement", t.top1_agreement_min, ">="),
+        ("ppl_ratio", t.ppl_ratio_max, "<="),
+        ("greedy_match_tokens_mean", t.greedy_match_min, ">="),
+        ("tokenizer_agreement", t.tokenizer_agreement_min, ">="),
+        ("chat_template_match", True if t.chat_template_match else None, "=="),
+    )
     return [Gate.check("parity", name, metrics[name], op, limit) for name, limit, op in limits if limit is not None]
 
 
@@ -166,8 +188,14 @@ def greedy_agreement(session, reference) -> tuple[float, int]:
 
 
 def probe_strings(tokenizer) -> list[str]:
-    specials = [t for t in dict.fromkeys(tokenizer.all_special_tokens + list(tokenizer.added_tokens_decoder and
-                [a.content for a in tokenizer.added_tokens_decoder.values()])) if t]
+    specials = [
+        t
+        for t in dict.fromkeys(
+            tokenizer.all_special_tokens
+            + list(tokenizer.added_tokens_decoder and [a.content for a in tokenizer.added_tokens_decoder.values()])
+        )
+        if t
+    ]
     return list(PROBES) + [f"{s}Hello there{s}\n" for s in specials[:8]]
 
 
@@ -194,8 +222,9 @@ def chat_match(session, tokenizer) -> bool:
     return session.chat_prompt_ids(list(CHAT)) == want
 
 
-def long_context_probe(session, fmt: str, checkpoint, tokenizer, text: str, thresholds: Thresholds, boundary: int,
-                       progress) -> tuple[LongContextReport, list[Gate]]:
+def long_context_probe(
+    session, fmt: str, checkpoint, tokenizer, text: str, thresholds: Thresholds, boundary: int, progress
+) -> tuple[LongContextReport, list[Gate]]:
     """Past the original context, teacher-forced as an application runs it (edgekit.longcontext)."""
     import numpy as np
 
@@ -208,25 +237,33 @@ def long_context_probe(session, fmt: str, checkpoint, tokenizer, text: str, thre
     ids = probe_ids(tokenizer, text, plan.total_tokens)
     ref = long_reference(checkpoint, ids, plan.prompt_tokens, plan.boundary, progress)
     with progress.step(f"bundle logits across token {boundary}", total=None):
-        got = session.stepwise_logits(ids[:plan.prompt_tokens], ids[plan.prompt_tokens:])
+        got = session.stepwise_logits(ids[: plan.prompt_tokens], ids[plan.prompt_tokens :])
     n = len(got)
-    first = plan.prompt_tokens - 1                       # position of the first compared row
-    stats = position_stats(np.asarray(ref[:n]), got, np.asarray(ids[plan.prompt_tokens:plan.prompt_tokens + n]))
+    first = plan.prompt_tokens - 1  # position of the first compared row
+    stats = position_stats(np.asarray(ref[:n]), got, np.asarray(ids[plan.prompt_tokens : plan.prompt_tokens + n]))
     after = np.arange(first, first + n) >= boundary
-    kld_max = thresholds.long_context_kld_mean_max if thresholds.long_context_kld_mean_max is not None \
+    kld_max = (
+        thresholds.long_context_kld_mean_max
+        if thresholds.long_context_kld_mean_max is not None
         else thresholds.kld_mean_max
-    top1_min = thresholds.long_context_top1_min if thresholds.long_context_top1_min is not None \
+    )
+    top1_min = (
+        thresholds.long_context_top1_min
+        if thresholds.long_context_top1_min is not None
         else thresholds.top1_agreement_min
+    )
     bundle_context = getattr(session, "context_length", None)
     if bundle_context is not None and bundle_context >= plan.total_tokens:
-        bundle_context = None                            # no limit the probe ran into
+        bundle_context = None  # no limit the probe ran into
     # Gated: the positions past the boundary, where nothing else looks; if the bundle stops
     # before it, the positions it can run.
     gated = after if after.any() else np.ones(n, dtype=bool)
     kld_gated = float(stats.kld[gated].mean())
     top1_gated = float(stats.top1_same[gated].mean())
-    checks = [Gate.check("parity", "long_context_kld_mean", kld_gated, "<=", kld_max),
-              Gate.check("parity", "long_context_top1", top1_gated, ">=", top1_min)]
+    checks = [
+        Gate.check("parity", "long_context_kld_mean", kld_gated, "<=", kld_max),
+        Gate.check("parity", "long_context_top1", top1_gated, ">=", top1_min),
+    ]
     if after.any():
         reach = parity_context(stats.kld[after], boundary, kld_max)
     else:
@@ -243,12 +280,21 @@ def long_context_probe(session, fmt: str, checkpoint, tokenizer, text: str, thre
     if limit:
         limit = limit.format(boundary=boundary, context=bundle_context, reach=reach)
     report = LongContextReport(
-        boundary=boundary, prompt_tokens=plan.prompt_tokens, total_tokens=plan.total_tokens, positions=n,
-        positions_after=int(after.sum()), kld_mean=float(stats.kld.mean()), top1_agreement=float(stats.top1_same.mean()),
-        kld_mean_before=kld_before, kld_mean_after=float(stats.kld[after].mean()) if after.any() else None,
+        boundary=boundary,
+        prompt_tokens=plan.prompt_tokens,
+        total_tokens=plan.total_tokens,
+        positions=n,
+        positions_after=int(after.sum()),
+        kld_mean=float(stats.kld.mean()),
+        top1_agreement=float(stats.top1_same.mean()),
+        kld_mean_before=kld_before,
+        kld_mean_after=float(stats.kld[after].mean()) if after.any() else None,
         top1_after=float(stats.top1_same[after].mean()) if after.any() else None,
-        parity_context=min(reach, bundle_context) if bundle_context else reach, bundle_context=bundle_context,
-        limit=limit, passed=all(c.passed for c in checks))
+        parity_context=min(reach, bundle_context) if bundle_context else reach,
+        bundle_context=bundle_context,
+        limit=limit,
+        passed=all(c.passed for c in checks),
+    )
     return report, checks
 
 
@@ -268,13 +314,21 @@ def long_context_boundary(checkpoint, long_context: bool | None) -> int | None:
     if found is None and long_context:
         found = forced_boundary(checkpoint.config)
         if found is None:
-            raise BadInput("--long-context: the model's context is too short for the probe",
-                           "Drop --long-context")
+            raise BadInput("--long-context: the model's context is too short for the probe", "Drop --long-context")
     return found
 
 
-def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thresholds: Thresholds,
-                   window: int, progress, long_context: bool | None = None) -> ParityReport:
+def verify_session(
+    session,
+    bundle: Path,
+    fmt: str,
+    checkpoint,
+    text: str,
+    thresholds: Thresholds,
+    window: int,
+    progress,
+    long_context: bool | None = None,
+) -> ParityReport:
     from .formats import backend
     from .measure import PeakRSS
     from .reference import build_reference, load_tokenizer, reference_info
@@ -290,8 +344,11 @@ def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thres
             tok_share, tok_failures = tokenizer_agreement(session, tokenizer)
             chat_ok = chat_match(session, tokenizer)
         boundary = long_context_boundary(checkpoint, long_context)
-        long_report, long_checks = (long_context_probe(session, fmt, checkpoint, tokenizer, text, thresholds, boundary, progress)
-                                    if boundary else (None, []))
+        long_report, long_checks = (
+            long_context_probe(session, fmt, checkpoint, tokenizer, text, thresholds, boundary, progress)
+            if boundary
+            else (None, [])
+        )
     metrics.update(greedy_match_tokens_mean=g_mean, tokenizer_agreement=tok_share, chat_template_match=chat_ok)
     checks = evaluate_checks(metrics, thresholds) + long_checks
     failed = tuple(c.text() for c in checks if not c.passed)
@@ -303,15 +360,32 @@ def verify_session(session, bundle: Path, fmt: str, checkpoint, text: str, thres
         # Only when the bundle matches on the short text: otherwise the limit is not the reason.
         failed += (f"long context: {long_report.limit}",)
     return ParityReport(
-        bundle=str(bundle), format=fmt, reference=reference_info(reference), eval_text_sha256=text_sha256(text),
-        positions=metrics["positions"], kld_mean=metrics["kld_mean"], kld_p99=metrics["kld_p99"],
-        kld_max=metrics["kld_max"], top1_agreement=metrics["top1_agreement"], ppl_ref=metrics["ppl_ref"],
-        ppl_bundle=metrics["ppl_bundle"], ppl_ratio=metrics["ppl_ratio"], delta_p_mean=metrics["delta_p_mean"],
-        delta_p_p1=metrics["delta_p_p1"], delta_p_p99=metrics["delta_p_p99"],
-        greedy_match_tokens_mean=g_mean, greedy_match_tokens_min=g_min, greedy_tokens=GREEDY_TOKENS,
-        tokenizer_agreement=tok_share, tokenizer_failures=tuple(tok_failures), chat_template_match=chat_ok,
-        checks=tuple(checks), passed=not failed, failed=failed,
-        wall_s=round(time.perf_counter() - t0, 2), peak_rss_mb=round(usage.peak_rss_mb, 1),
+        bundle=str(bundle),
+        format=fmt,
+        reference=reference_info(reference),
+        eval_text_sha256=text_sha256(text),
+        positions=metrics["positions"],
+        kld_mean=metrics["kld_mean"],
+        kld_p99=metrics["kld_p99"],
+        kld_max=metrics["kld_max"],
+        top1_agreement=metrics["top1_agreement"],
+        ppl_ref=metrics["ppl_ref"],
+        ppl_bundle=metrics["ppl_bundle"],
+        ppl_ratio=metrics["ppl_ratio"],
+        delta_p_mean=metrics["delta_p_mean"],
+        delta_p_p1=metrics["delta_p_p1"],
+        delta_p_p99=metrics["delta_p_p99"],
+        greedy_match_tokens_mean=g_mean,
+        greedy_match_tokens_min=g_min,
+        greedy_tokens=GREEDY_TOKENS,
+        tokenizer_agreement=tok_share,
+        tokenizer_failures=tuple(tok_failures),
+        chat_template_match=chat_ok,
+        checks=tuple(checks),
+        passed=not failed,
+        failed=failed,
+        wall_s=round(time.perf_counter() - t0, 2),
+        peak_rss_mb=round(usage.peak_rss_mb, 1),
         long_context=long_report,
     )
 

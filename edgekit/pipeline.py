@@ -47,7 +47,7 @@ class VerifyOptions:
     """How the verify stage runs (None: the target file's default)."""
 
     eval_text: str | Path | None = None
-    thresholds: dict[str, Any] | None = None     # overrides of the target's [thresholds]
+    thresholds: dict[str, Any] | None = None  # overrides of the target's [thresholds]
     offline: bool | None = None
     long_context: bool | None = None
 
@@ -55,7 +55,7 @@ class VerifyOptions:
 @dataclass(frozen=True)
 class BenchOptions:
     profiles: tuple[str, ...] = ()
-    budgets: dict[str, dict[str, float]] = field(default_factory=dict)   # profile -> budget overrides
+    budgets: dict[str, dict[str, float]] = field(default_factory=dict)  # profile -> budget overrides
     reps: int = 5
     warmup: int = 1
     prompt_tokens: int | None = None
@@ -115,8 +115,9 @@ def export(
     progress = progress or NullProgress()
     target = target or default_format()
     names = targets_for(target)
-    checkpoint = resolve(model, revision=revision, offline=offline,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    checkpoint = resolve(
+        model, revision=revision, offline=offline, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     recipes = {n: recipe_for(n, recipe) for n in names}  # bad recipe keys fail before any work
     for n in names:
         check_architecture(checkpoint, n)
@@ -129,16 +130,34 @@ def export(
         return [tune_one(checkpoint, n, recipe, dests[n], force, options, progress) for n in names]
     results = []
     for n in names:
-        flow = run_flow(checkpoint, n, recipes[n], dests[n], force=force, progress=progress,
-                        verify_options=options if verify else None)
+        flow = run_flow(
+            checkpoint,
+            n,
+            recipes[n],
+            dests[n],
+            force=force,
+            progress=progress,
+            verify_options=options if verify else None,
+        )
         results.append(dataclasses.replace(flow.export, parity=flow.parity))
     return results
 
 
-def run_flow(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, *, force: bool, progress: Progress,
-             offline: bool | None = None, verify_options: VerifyOptions | None = VerifyOptions(), bench_options: BenchOptions | None = None,
-             eval_options: dict[str, Any] | None = None, manifest_sections: dict[str, Any] | None = None,
-             tarball: Path | None = None) -> FlowResult:
+def run_flow(
+    checkpoint: Checkpoint,
+    name: str,
+    recipe: Any,
+    dest: Path,
+    *,
+    force: bool,
+    progress: Progress,
+    offline: bool | None = None,
+    verify_options: VerifyOptions | None = VerifyOptions(),
+    bench_options: BenchOptions | None = None,
+    eval_options: dict[str, Any] | None = None,
+    manifest_sections: dict[str, Any] | None = None,
+    tarball: Path | None = None,
+) -> FlowResult:
     """One model x format through every stage asked for: export, then verify (verify_options),
     bench on each profile (bench_options), eval (eval_options: a build config's [eval]
     table), extra manifest sections, and a tarball. Gates never raise here; they are returned."""
@@ -151,9 +170,15 @@ def run_flow(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, *, forc
     report = None
     if verify_options is not None:
         t = time.monotonic()
-        report = verify(dest, eval_text=verify_options.eval_text, thresholds=verify_options.thresholds,
-                        offline=verify_options.offline, trust_remote_code=checkpoint.trust_remote_code,
-                        long_context=verify_options.long_context, progress=progress)
+        report = verify(
+            dest,
+            eval_text=verify_options.eval_text,
+            thresholds=verify_options.thresholds,
+            offline=verify_options.offline,
+            trust_remote_code=checkpoint.trust_remote_code,
+            long_context=verify_options.long_context,
+            progress=progress,
+        )
         timings["verify_s"] = round(time.monotonic() - t, 1)
         gates += report.checks
     bench: list[dict[str, Any]] = []
@@ -165,9 +190,16 @@ def run_flow(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, *, forc
         t = time.monotonic()
         for profile in bench_options.profiles:
             budgets = bench_options.budgets.get(profile, {})
-            r = run_bench([dest], profile=profile, reps=bench_options.reps, warmup=bench_options.warmup,
-                          prompt_tokens=bench_options.prompt_tokens, gen_tokens=bench_options.gen_tokens,
-                          overrides=budgets or None, progress=progress)[0]
+            r = run_bench(
+                [dest],
+                profile=profile,
+                reps=bench_options.reps,
+                warmup=bench_options.warmup,
+                prompt_tokens=bench_options.prompt_tokens,
+                gen_tokens=bench_options.gen_tokens,
+                overrides=budgets or None,
+                progress=progress,
+            )[0]
             bench.append(bench_summary(r))
             gates += budget_gates(r, profile, budgets)
         timings["bench_s"] = round(time.monotonic() - t, 1)
@@ -175,9 +207,16 @@ def run_flow(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, *, forc
     if eval_options:
         t, ev = time.monotonic(), eval_options
         profiles = bench_options.profiles if bench_options else ()
-        rep = evaluate_bundles([dest], tasks=ev["tasks"], limit=ev["limit"], reference=ev["reference"],
-                               profile=profiles[0] if profiles else None, offline=offline, trust_remote_code=checkpoint.trust_remote_code,
-                               progress=progress)
+        rep = evaluate_bundles(
+            [dest],
+            tasks=ev["tasks"],
+            limit=ev["limit"],
+            reference=ev["reference"],
+            profile=profiles[0] if profiles else None,
+            offline=offline,
+            trust_remote_code=checkpoint.trust_remote_code,
+            progress=progress,
+        )
         evaluation = build_summary(rep.bundles[0])
         gates += eval_gates(rep.bundles[0], {k: ev[k] for k in ev if k.startswith(("min_", "max_"))})
         timings["eval_s"] = round(time.monotonic() - t, 1)
@@ -188,12 +227,27 @@ def run_flow(checkpoint: Checkpoint, name: str, recipe: Any, dest: Path, *, forc
     if tarball is not None:
         manifest = validate(dest)
         sha = pack(dest, tarball)
-    return FlowResult(export=exported, parity=report, bench=tuple(bench), eval=evaluation, gates=tuple(gates),
-                      timings=timings, manifest=manifest, tarball_sha256=sha)
+    return FlowResult(
+        export=exported,
+        parity=report,
+        bench=tuple(bench),
+        eval=evaluation,
+        gates=tuple(gates),
+        timings=timings,
+        manifest=manifest,
+        tarball_sha256=sha,
+    )
 
 
-def tune_one(checkpoint: Checkpoint, name: str, overrides: dict[str, Any] | None, dest: Path, force: bool,
-             options: VerifyOptions, progress: Progress) -> ExportResult:
+def tune_one(
+    checkpoint: Checkpoint,
+    name: str,
+    overrides: dict[str, Any] | None,
+    dest: Path,
+    force: bool,
+    options: VerifyOptions,
+    progress: Progress,
+) -> ExportResult:
     """Export every candidate into a hidden work dir beside dest, verify each, publish the
     smallest passing one. The work dir carries the owner's pid, so a killed run is swept later."""
     candidates = load_targets().format(name).tune or ({"name": "default", "set": {}},)
@@ -204,19 +258,30 @@ def tune_one(checkpoint: Checkpoint, name: str, overrides: dict[str, Any] | None
     try:
         for i, (cand, rec) in enumerate(zip(candidates, recipes)):
             progress.note(f"tune {name}: candidate {i + 1}/{len(candidates)}: {cand['name']}")
-            flow = run_flow(checkpoint, name, rec, work / str(i) / dest.name, force=False, progress=progress,
-                            verify_options=options)
+            flow = run_flow(
+                checkpoint, name, rec, work / str(i) / dest.name, force=False, progress=progress, verify_options=options
+            )
             rep = flow.parity
             results.append(flow.export)
-            tried.append({"name": cand["name"], "set": cand["set"], "size_bytes": flow.export.size_bytes,
-                          "kld_mean": rep.kld_mean, "top1_agreement": rep.top1_agreement,
-                          "ppl_ratio": rep.ppl_ratio, "passed": rep.passed, "failed": list(rep.failed)})
+            tried.append(
+                {
+                    "name": cand["name"],
+                    "set": cand["set"],
+                    "size_bytes": flow.export.size_bytes,
+                    "kld_mean": rep.kld_mean,
+                    "top1_agreement": rep.top1_agreement,
+                    "ppl_ratio": rep.ppl_ratio,
+                    "passed": rep.passed,
+                    "failed": list(rep.failed),
+                }
+            )
         passing = [i for i, t in enumerate(tried) if t["passed"]]
         if not passing:
             figures = "; ".join(f"{t['name']}: {t['size_bytes'] / 1e6:.1f} MB, kld {t['kld_mean']:.4f}" for t in tried)
-            raise GateFailed(f"tune {name}: no candidate passed the thresholds ({figures})",
-                             f"Add a larger [[tune]] candidate in a {name}.toml of your own (--targets-dir) "
-                             "or relax the thresholds")
+            raise GateFailed(
+                f"tune {name}: no candidate passed the thresholds ({figures})",
+                f"Add a larger [[tune]] candidate in a {name}.toml of your own (--targets-dir) or relax the thresholds",
+            )
         best = min(passing, key=lambda i: (tried[i]["size_bytes"], tried[i]["kld_mean"]))
         check_destination(dest, force)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,20 @@ from .formats import REGISTRY, ExportCost, backend
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def cost(fmt: str) -> ExportCost | None:
@@ -67,8 +79,9 @@ def estimate(checkpoint: Checkpoint, fmt: str) -> Needs:
         raise BadInput(f"no resource estimate for {fmt}", "Export it with --force to skip the preflight")
     params = parameter_count(checkpoint)
     fp32_mb = params * 4 / 2**20
-    return Needs(fmt, params, c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb,
-                 c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb)
+    return Needs(
+        fmt, params, c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb, c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb
+    )
 
 
 def available(dest: Path) -> tuple[float, float]:

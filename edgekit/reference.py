@@ -60,7 +60,7 @@ def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[in
     step = window - (1 if bos is not None else 0)
     out = []
     for start in range(0, len(ids), step):
-        chunk = list(ids[start:start + step])
+        chunk = list(ids[start : start + step])
         if len(chunk) < 2 and out:
             out[-1] += chunk  # never leave a window with nothing to predict
             continue
@@ -83,9 +83,9 @@ class Reference:
     directory: Path
     windows: tuple[tuple[int, ...], ...]
     dtype: str
-    greedy: dict[str, list[int]]     # prompt text -> reference greedy continuation ids
+    greedy: dict[str, list[int]]  # prompt text -> reference greedy continuation ids
     prompt_ids: dict[str, list[int]]  # prompt text -> ids fed to both models
-    cached: bool                     # True if nothing had to be computed
+    cached: bool  # True if nothing had to be computed
 
     def logits(self, i: int):
         import numpy as np
@@ -99,8 +99,9 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def build_reference(checkpoint, text: str, prompts: Sequence[str], greedy_tokens: int,
-                    window: int = DEFAULT_WINDOW, progress=None) -> Reference:
+def build_reference(
+    checkpoint, text: str, prompts: Sequence[str], greedy_tokens: int, window: int = DEFAULT_WINDOW, progress=None
+) -> Reference:
     """Reference logits for `text` and greedy continuations for `prompts`, from the cache if present."""
     from .checkpoint import content_hash
     from .progress import NullProgress
@@ -109,13 +110,24 @@ def build_reference(checkpoint, text: str, prompts: Sequence[str], greedy_tokens
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) < 2:
-        raise BadInput(f"the evaluation text is {len(ids)} token(s) long", "Pass a text of at least two tokens (a few sentences)")
+        raise BadInput(
+            f"the evaluation text is {len(ids)} token(s) long", "Pass a text of at least two tokens (a few sentences)"
+        )
     bos = tokenizer_bos(tokenizer)
     windows = windows_of(ids, window, bos)
     prompt_ids = {p: _prompt_ids(tokenizer, p, bos) for p in prompts}
     dtype = reference_dtype()
-    key_src = json.dumps({"v": REFERENCE_FORMAT, "ckpt": content_hash(checkpoint.path), "windows": windows,
-                          "prompts": prompt_ids, "greedy": greedy_tokens, "dtype": dtype}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "v": REFERENCE_FORMAT,
+            "ckpt": content_hash(checkpoint.path),
+            "windows": windows,
+            "prompts": prompt_ids,
+            "greedy": greedy_tokens,
+            "dtype": dtype,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     directory = cache_dir() / "reference" / key
     meta_path = directory / "meta.json"
@@ -144,8 +156,11 @@ def _compute(checkpoint, windows, prompt_ids, greedy_tokens, dtype, directory: P
         with progress.step("loading reference model"):
             # eager attention: sdpa skips Gemma 2's attention logit soft-capping.
             model = AutoModelForCausalLM.from_pretrained(
-                str(checkpoint.path), dtype=getattr(torch, dtype), attn_implementation="eager",
-                trust_remote_code=checkpoint.trust_remote_code)
+                str(checkpoint.path),
+                dtype=getattr(torch, dtype),
+                attn_implementation="eager",
+                trust_remote_code=checkpoint.trust_remote_code,
+            )
             model.eval()
         with torch.inference_mode():
             with progress.step("reference logits", total=len(windows)) as step:
@@ -196,8 +211,13 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def reference_info(ref: Reference) -> dict[str, Any]:
-    return {"key": ref.key, "dtype": ref.dtype, "windows": len(ref.windows),
-            "tokens": sum(len(w) for w in ref.windows), "cached": ref.cached}
+    return {
+        "key": ref.key,
+        "dtype": ref.dtype,
+        "windows": len(ref.windows),
+        "tokens": sum(len(w) for w in ref.windows),
+        "cached": ref.cached,
+    }
 
 
 def probe_ids(tokenizer, text: str, total: int) -> list[int]:
@@ -225,8 +245,18 @@ def long_reference(checkpoint, ids: Sequence[int], prompt_tokens: int, boundary:
     progress = progress or NullProgress()
     ids = [int(t) for t in ids]
     dtype = reference_dtype()
-    key_src = json.dumps({"v": REFERENCE_FORMAT, "kind": "long", "ckpt": content_hash(checkpoint.path), "ids": ids,
-                          "prompt": prompt_tokens, "boundary": boundary, "dtype": dtype}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "v": REFERENCE_FORMAT,
+            "kind": "long",
+            "ckpt": content_hash(checkpoint.path),
+            "ids": ids,
+            "prompt": prompt_tokens,
+            "boundary": boundary,
+            "dtype": dtype,
+        },
+        sort_keys=True,
+    )
     directory = cache_dir() / "reference" / ("long-" + hashlib.sha256(key_src.encode()).hexdigest()[:32])
     path = directory / "logits.npy"
     if not path.is_file():
@@ -253,15 +283,18 @@ def _long_logits(checkpoint, ids: list[int], prompt_tokens: int, boundary: int, 
     attn = "eager" if cfg.get("attn_logit_softcapping") else "sdpa"
     with progress.step("loading reference model"):
         model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint.path), dtype=getattr(torch, dtype), attn_implementation=attn,
-            trust_remote_code=checkpoint.trust_remote_code).eval()
+            str(checkpoint.path),
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn,
+            trust_remote_code=checkpoint.trust_remote_code,
+        ).eval()
     n = len(ids)
     with torch.inference_mode(), progress.step("reference logits past the original context", total=2) as step:
         # Positions prompt_tokens-1 .. boundary-1 see at most `boundary` tokens: short factors.
         short = model(torch.tensor([ids[:boundary]]), logits_to_keep=boundary - prompt_tokens + 1).logits[0]
         step.advance()
         # Positions boundary .. n-2 see more: the long factors, over their whole prefix.
-        long = model(torch.tensor([ids[:n - 1]]), logits_to_keep=n - 1 - boundary).logits[0]
+        long = model(torch.tensor([ids[: n - 1]]), logits_to_keep=n - 1 - boundary).logits[0]
         step.advance()
     out = torch.cat([short, long]).float().numpy().astype(np.float32)
     del model

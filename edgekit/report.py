@@ -19,10 +19,11 @@ from .select import Constraints, candidates_from, select
 from .summary import REPORT, read_summary
 
 
-
 def format_color(fmt: str) -> str:
     """Each backend names its plot colour; a format this install does not know is grey."""
     return backend(fmt).PLOT_COLOR if fmt in REGISTRY else "#555"
+
+
 POINT_ALPHA = 0.8  # overlapping points stay visible
 
 
@@ -33,9 +34,17 @@ def points(summary: dict[str, Any]) -> list[dict[str, Any]]:
         p = e.get("parity") or {}
         for r in e.get("bench") or []:
             if p.get("kld_mean") is not None and r.get("decode_tok_s"):
-                out.append({"id": e["id"], "format": e["format"], "profile": r["profile"], "kld_mean": p["kld_mean"],
-                            "decode_tok_s": r["decode_tok_s"], "size_mb": (e.get("size_bytes") or 0) / 2**20,
-                            "peak_rss_mb": r.get("peak_rss_mb")})
+                out.append(
+                    {
+                        "id": e["id"],
+                        "format": e["format"],
+                        "profile": r["profile"],
+                        "kld_mean": p["kld_mean"],
+                        "decode_tok_s": r["decode_tok_s"],
+                        "size_mb": (e.get("size_bytes") or 0) / 2**20,
+                        "peak_rss_mb": r.get("peak_rss_mb"),
+                    }
+                )
     return out
 
 
@@ -43,8 +52,13 @@ def pareto_front(pts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Points no other point beats on both axes (lower KLD and higher decode speed)."""
     front = []
     for a in pts:
-        dominated = any(b is not a and b["kld_mean"] <= a["kld_mean"] and b["decode_tok_s"] >= a["decode_tok_s"]
-                        and (b["kld_mean"] < a["kld_mean"] or b["decode_tok_s"] > a["decode_tok_s"]) for b in pts)
+        dominated = any(
+            b is not a
+            and b["kld_mean"] <= a["kld_mean"]
+            and b["decode_tok_s"] >= a["decode_tok_s"]
+            and (b["kld_mean"] < a["kld_mean"] or b["decode_tok_s"] > a["decode_tok_s"])
+            for b in pts
+        )
         if not dominated:
             front.append(a)
     return sorted(front, key=lambda p: p["decode_tok_s"])
@@ -54,7 +68,7 @@ def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})  # same summary, same bytes
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: invalid inside HTML
+    return text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: invalid inside HTML
 
 
 def tradeoff_svg(pts: list[dict[str, Any]]) -> str:
@@ -65,18 +79,42 @@ def tradeoff_svg(pts: list[dict[str, Any]]) -> str:
     biggest = max((p["size_mb"] for p in pts), default=1) or 1
     for fmt in sorted({p["format"] for p in pts}):
         sel = [p for p in pts if p["format"] == fmt]
-        ax.scatter([p["decode_tok_s"] for p in sel], [p["kld_mean"] for p in sel],
-                   s=[80 + 400 * p["size_mb"] / biggest for p in sel], alpha=POINT_ALPHA,
-                   color=format_color(fmt), label=fmt, edgecolors="black", linewidths=0.5)
+        ax.scatter(
+            [p["decode_tok_s"] for p in sel],
+            [p["kld_mean"] for p in sel],
+            s=[80 + 400 * p["size_mb"] / biggest for p in sel],
+            alpha=POINT_ALPHA,
+            color=format_color(fmt),
+            label=fmt,
+            edgecolors="black",
+            linewidths=0.5,
+        )
     front = pareto_front(pts)
     if front:
-        ax.plot([p["decode_tok_s"] for p in front], [p["kld_mean"] for p in front], "--", color="#2ca02c",
-                label="Pareto front", zorder=0)
-        ax.scatter([p["decode_tok_s"] for p in front], [p["kld_mean"] for p in front], s=260, facecolors="none",
-                   edgecolors="#2ca02c", linewidths=1.5)  # ring the points on the front
+        ax.plot(
+            [p["decode_tok_s"] for p in front],
+            [p["kld_mean"] for p in front],
+            "--",
+            color="#2ca02c",
+            label="Pareto front",
+            zorder=0,
+        )
+        ax.scatter(
+            [p["decode_tok_s"] for p in front],
+            [p["kld_mean"] for p in front],
+            s=260,
+            facecolors="none",
+            edgecolors="#2ca02c",
+            linewidths=1.5,
+        )  # ring the points on the front
     for p in pts:
-        ax.annotate(f"{p['id']} @ {p['profile']}", (p["decode_tok_s"], p["kld_mean"]), fontsize=7,
-                    xytext=(6, 4), textcoords="offset points")
+        ax.annotate(
+            f"{p['id']} @ {p['profile']}",
+            (p["decode_tok_s"], p["kld_mean"]),
+            fontsize=7,
+            xytext=(6, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel("decode tokens/s (higher is better)")
     ax.set_ylabel("mean KL divergence vs reference (lower is better)")
     if pts and min(p["kld_mean"] for p in pts) > 0:
@@ -94,8 +132,11 @@ def rss_svg(summary: dict[str, Any]) -> str:
 
     rows = []  # (profile, entry id, peak RSS, budget)
     for e in summary["entries"]:
-        budgets = {g["name"].split(".")[0]: g["threshold"] for g in e.get("gates", [])
-                   if g["kind"] == "budget" and g["name"].endswith("max_peak_rss_mb")}
+        budgets = {
+            g["name"].split(".")[0]: g["threshold"]
+            for g in e.get("gates", [])
+            if g["kind"] == "budget" and g["name"].endswith("max_peak_rss_mb")
+        }
         for r in e.get("bench") or []:
             if r.get("peak_rss_mb") is not None:
                 rows.append((r["profile"], e["id"], r["peak_rss_mb"], budgets.get(r["profile"])))
@@ -137,26 +178,54 @@ def accuracy_latency_svg(summary: dict[str, Any]) -> str:
     from matplotlib.figure import Figure
 
     cands, sel = eval_selection(summary)
-    intervals = {e["id"]: (e["eval"]["accuracy_low"], e["eval"]["accuracy_high"])
-                 for e in summary["entries"] if e.get("eval")}
+    intervals = {
+        e["id"]: (e["eval"]["accuracy_low"], e["eval"]["accuracy_high"]) for e in summary["entries"] if e.get("eval")
+    }
     pts = [c for c in cands if c.p95_ms is not None]
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     for c in pts:
         lo, hi = intervals[c.name]
-        ax.errorbar([c.p95_ms], [c.accuracy], yerr=[[c.accuracy - lo], [hi - c.accuracy]], fmt="o", capsize=3,
-                    color=format_color(c.format), alpha=POINT_ALPHA)
+        ax.errorbar(
+            [c.p95_ms],
+            [c.accuracy],
+            yerr=[[c.accuracy - lo], [hi - c.accuracy]],
+            fmt="o",
+            capsize=3,
+            color=format_color(c.format),
+            alpha=POINT_ALPHA,
+        )
         ax.annotate(c.name, (c.p95_ms, c.accuracy), fontsize=7, xytext=(6, 4), textcoords="offset points")
     front = sorted((c for c in pts if sel and c.name in sel.front), key=lambda c: c.p95_ms)
     if front:
-        ax.plot([c.p95_ms for c in front], [c.accuracy for c in front], "--", color="#2ca02c", zorder=0,
-                label="Pareto front (accuracy, p95, RSS, size)")
-        ax.scatter([c.p95_ms for c in front], [c.accuracy for c in front], s=260, facecolors="none",
-                   edgecolors="#2ca02c", linewidths=1.5)
+        ax.plot(
+            [c.p95_ms for c in front],
+            [c.accuracy for c in front],
+            "--",
+            color="#2ca02c",
+            zorder=0,
+            label="Pareto front (accuracy, p95, RSS, size)",
+        )
+        ax.scatter(
+            [c.p95_ms for c in front],
+            [c.accuracy for c in front],
+            s=260,
+            facecolors="none",
+            edgecolors="#2ca02c",
+            linewidths=1.5,
+        )
     pick = next((c for c in pts if sel and c.name == sel.pick), None)
     if pick is not None:
-        ax.scatter([pick.p95_ms], [pick.accuracy], marker="*", s=420, color="#ff7f0e", edgecolors="black",
-                   zorder=5, label=f"pick: {pick.name}")
+        ax.scatter(
+            [pick.p95_ms],
+            [pick.accuracy],
+            marker="*",
+            s=420,
+            color="#ff7f0e",
+            edgecolors="black",
+            zorder=5,
+            label=f"pick: {pick.name}",
+        )
     for ref in {e["eval"]["reference_accuracy"] for e in summary["entries"] if e.get("eval")} - {None}:
         ax.axhline(ref, color="#7f7f7f", linestyle=":", label=f"reference {ref:.3f}")
     ax.set_xlabel("p95 end-to-end latency per request, ms (lower is better)")
@@ -181,26 +250,48 @@ def render_html(summary: dict[str, Any]) -> str:
     for e in summary["entries"]:
         p = e.get("parity") or {}
         for r in e.get("bench") or [{}]:
-            cells = [e["id"], f'<span class="{esc(e["status"])}">{esc(e["status"])}</span>',
-                     _f(e.get("size_bytes") and e["size_bytes"] / 2**20, 1), _f(p.get("kld_mean"), 4),
-                     _f(p.get("top1_agreement"), 3), _f(p.get("ppl_ratio"), 3), esc(r.get("profile", "-")),
-                     _f(r.get("prefill_tok_s"), 1), _f(r.get("decode_tok_s"), 1), _f(r.get("ttft_ms"), 0),
-                     _f(r.get("peak_rss_mb"), 0)]
+            cells = [
+                e["id"],
+                f'<span class="{esc(e["status"])}">{esc(e["status"])}</span>',
+                _f(e.get("size_bytes") and e["size_bytes"] / 2**20, 1),
+                _f(p.get("kld_mean"), 4),
+                _f(p.get("top1_agreement"), 3),
+                _f(p.get("ppl_ratio"), 3),
+                esc(r.get("profile", "-")),
+                _f(r.get("prefill_tok_s"), 1),
+                _f(r.get("decode_tok_s"), 1),
+                _f(r.get("ttft_ms"), 0),
+                _f(r.get("peak_rss_mb"), 0),
+            ]
             rows.append("<tr>" + "".join(f"<td>{c if c.startswith('<span') else esc(c)}</td>" for c in cells) + "</tr>")
-    failures = [f"<li><b>{esc(e['id'])}</b>: {esc(e['message'] or e['status'])}</li>"
-                for e in summary["entries"] if e["status"] != "ok"]
-    head = ("bundle", "status", "size MiB", "kld_mean", "top-1", "PPL ratio", "profile", "prefill tok/s",
-            "decode tok/s", "TTFT ms", "peak RSS MiB")
+    failures = [
+        f"<li><b>{esc(e['id'])}</b>: {esc(e['message'] or e['status'])}</li>"
+        for e in summary["entries"]
+        if e["status"] != "ok"
+    ]
+    head = (
+        "bundle",
+        "status",
+        "size MiB",
+        "kld_mean",
+        "top-1",
+        "PPL ratio",
+        "profile",
+        "prefill tok/s",
+        "decode tok/s",
+        "TTFT ms",
+        "peak RSS MiB",
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>edgekit build report</title><style>{_CSS}</style></head>
 <body>
 <h1>edgekit build report</h1>
-<p>edgekit {esc(summary['edgekit_version'])}, built {esc(summary['created_at'])} from <code>{esc(Path(summary['config']).name)}</code>
-on {esc(str(h.get('cpu', '?')))} ({esc(str(h.get('logical_cores', '?')))} cores, {esc(str(h.get('os', '')))}).</p>
-<table id="summary"><thead><tr>{''.join(f'<th>{c}</th>' for c in head)}</tr></thead><tbody>
-{''.join(rows)}
+<p>edgekit {esc(summary["edgekit_version"])}, built {esc(summary["created_at"])} from <code>{esc(Path(summary["config"]).name)}</code>
+on {esc(str(h.get("cpu", "?")))} ({esc(str(h.get("logical_cores", "?")))} cores, {esc(str(h.get("os", "")))}).</p>
+<table id="summary"><thead><tr>{"".join(f"<th>{c}</th>" for c in head)}</tr></thead><tbody>
+{"".join(rows)}
 </tbody></table>
-{'<h2>Failures</h2><ul id="failures">' + ''.join(failures) + '</ul>' if failures else '<p id="failures">Every gate passed.</p>'}
+{'<h2>Failures</h2><ul id="failures">' + "".join(failures) + "</ul>" if failures else '<p id="failures">Every gate passed.</p>'}
 <h2>Trade-off</h2>
 <figure id="tradeoff">{tradeoff_svg(points(summary))}</figure>
 {_eval_section(summary)}
@@ -214,8 +305,11 @@ def _eval_section(summary: dict[str, Any]) -> str:
     if not any(e.get("eval") for e in summary["entries"]):
         return ""
     _, sel = eval_selection(summary)
-    pick = f"<p id=\"pick\">Pick (most accurate entry that passed every gate): <b>{html.escape(sel.pick)}</b></p>" \
-        if sel and sel.pick else '<p id="pick">No entry passed every gate: no pick.</p>'
+    pick = (
+        f'<p id="pick">Pick (most accurate entry that passed every gate): <b>{html.escape(sel.pick)}</b></p>'
+        if sel and sel.pick
+        else '<p id="pick">No entry passed every gate: no pick.</p>'
+    )
     return f"""<h2>Accuracy against latency</h2>
 {pick}
 <figure id="accuracy-latency">{accuracy_latency_svg(summary)}</figure>"""

@@ -54,7 +54,9 @@ def run(
         if raw:
             ids = session.encode(prompt)
         else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
             ids = session.chat_prompt_ids(messages)
         first: list[float] = []
         t0 = time.perf_counter()
@@ -73,9 +75,15 @@ def run(
     n = len(gen.token_ids)
     decode_s = t1 - (first[0] if first else t1)
     return RunResult(
-        bundle=str(bundle), format=manifest["format"], prompt=prompt, text=gen.text,
-        prompt_tokens=len(ids), generated_tokens=n, stopped_by=gen.stopped_by,
-        ttft_ms=round(ttft, 1), decode_tok_s=round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+        bundle=str(bundle),
+        format=manifest["format"],
+        prompt=prompt,
+        text=gen.text,
+        prompt_tokens=len(ids),
+        generated_tokens=n,
+        stopped_by=gen.stopped_by,
+        ttft_ms=round(ttft, 1),
+        decode_tok_s=round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
         token_ids=tuple(gen.token_ids),
     )
 

@@ -36,15 +36,15 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
 @dataclass(frozen=True)
 class Flips:
     n: int
-    lost: int      # right for the reference, wrong for the bundle
-    gained: int    # wrong for the reference, right for the bundle
+    lost: int  # right for the reference, wrong for the bundle
+    gained: int  # wrong for the reference, right for the bundle
 
     @property
     def rate(self) -> float:
@@ -129,7 +129,7 @@ def continuation_logprob(logits, ids: Sequence[int], n_context: int) -> float:
     [len(ids), vocab] (row i predicts token i + 1). Rows are log-softmaxed in float64."""
     import numpy as np
 
-    rows = np.asarray(logits[n_context - 1:len(ids) - 1], dtype=np.float64)
+    rows = np.asarray(logits[n_context - 1 : len(ids) - 1], dtype=np.float64)
     rows = rows - rows.max(axis=-1, keepdims=True)
     logp = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
     targets = np.asarray(ids[n_context:])

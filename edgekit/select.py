@@ -28,8 +28,8 @@ from .tasks import load_tasks
 @dataclass(frozen=True)
 class Constraints:
     min_accuracy: float | None = None
-    max_accuracy_drop: float | None = None   # reference accuracy - bundle accuracy
-    max_p95_ms: float | None = None          # p95 end-to-end latency per request
+    max_accuracy_drop: float | None = None  # reference accuracy - bundle accuracy
+    max_p95_ms: float | None = None  # p95 end-to-end latency per request
     max_rss_mb: float | None = None
     max_size_mb: float | None = None
 
@@ -47,8 +47,8 @@ class Candidate:
     name: str
     format: str
     accuracy: float
-    accuracy_drop: float | None      # None: no reference row
-    p95_ms: float | None             # None: no generation items
+    accuracy_drop: float | None  # None: no reference row
+    p95_ms: float | None  # None: no generation items
     peak_rss_mb: float
     size_mb: float
 
@@ -59,8 +59,8 @@ class Verdict:
     feasible: bool
     on_front: bool
     picked: bool
-    broken: tuple[str, ...]          # constraints missed, each with its figure
-    reason: str                      # why it was picked or why it lost
+    broken: tuple[str, ...]  # constraints missed, each with its figure
+    reason: str  # why it was picked or why it lost
     candidate: Candidate
 
 
@@ -81,9 +81,17 @@ def candidates_from(records: Iterable[Any]) -> list[Candidate]:
     for r in records:
         d = r.summary() if hasattr(r, "summary") else r
         drop = None if d.get("accuracy_delta") is None else round(-d["accuracy_delta"], 4)
-        out.append(Candidate(name=d["name"], format=d["format"], accuracy=d["accuracy"], accuracy_drop=drop,
-                             p95_ms=d.get("e2e_ms_p95"), peak_rss_mb=d["peak_rss_mb"],
-                             size_mb=round((d.get("size_bytes") or 0) / 2**20, 2)))
+        out.append(
+            Candidate(
+                name=d["name"],
+                format=d["format"],
+                accuracy=d["accuracy"],
+                accuracy_drop=drop,
+                p95_ms=d.get("e2e_ms_p95"),
+                peak_rss_mb=d["peak_rss_mb"],
+                size_mb=round((d.get("size_bytes") or 0) / 2**20, 2),
+            )
+        )
     if not out:
         raise BadInput("no eval results to select from", "Pass bundles (or --from an `edgekit eval --json` file)")
     names = [c.name for c in out]
@@ -105,8 +113,10 @@ def load_eval_json(path: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise BadInput(f"--from {p} does not exist", "Pass the output of `edgekit eval --json`") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInput(f"--from {p} is not an `edgekit eval --json` document ({type(e).__name__}: {e})",
-                       "Pass the output of `edgekit eval --json`") from None
+        raise BadInput(
+            f"--from {p} is not an `edgekit eval --json` document ({type(e).__name__}: {e})",
+            "Pass the output of `edgekit eval --json`",
+        ) from None
     return bundles
 
 
@@ -136,8 +146,12 @@ def broken(c: Candidate, k: Constraints) -> list[tuple[str, float]]:
         if c.accuracy_drop is None:
             out.append(("accuracy drop unknown (evaluated without a reference)", 1.0))
         elif c.accuracy_drop > k.max_accuracy_drop:
-            out.append((f"accuracy drop {c.accuracy_drop:.3f} > max {k.max_accuracy_drop:g}",
-                        c.accuracy_drop - k.max_accuracy_drop))
+            out.append(
+                (
+                    f"accuracy drop {c.accuracy_drop:.3f} > max {k.max_accuracy_drop:g}",
+                    c.accuracy_drop - k.max_accuracy_drop,
+                )
+            )
     if k.max_p95_ms is not None:
         if c.p95_ms is None:
             out.append(("p95 latency unknown (no generation items)", 1.0))
@@ -174,18 +188,35 @@ def select(cands: Sequence[Candidate], constraints: Constraints, *, raise_if_non
         elif c.accuracy < pick.accuracy:
             reason = f"less accurate than {Path(pick.name).name} ({c.accuracy:.3f} < {pick.accuracy:.3f})"
         else:
-            reason = (f"as accurate as {Path(pick.name).name}; loses the tie on peak RSS, then size "
-                      f"({c.peak_rss_mb:.0f} vs {pick.peak_rss_mb:.0f} MiB, {c.size_mb:.1f} vs {pick.size_mb:.1f} MiB)")
-        verdicts.append(Verdict(name=c.name, feasible=not misses[c.name], on_front=c in front,
-                                picked=pick is not None and c is pick,
-                                broken=tuple(t for t, _ in misses[c.name]), reason=reason, candidate=c))
-    selection = Selection(pick=pick.name if pick else None, front=tuple(c.name for c in front),
-                          verdicts=tuple(verdicts), constraints=constraints)
+            reason = (
+                f"as accurate as {Path(pick.name).name}; loses the tie on peak RSS, then size "
+                f"({c.peak_rss_mb:.0f} vs {pick.peak_rss_mb:.0f} MiB, {c.size_mb:.1f} vs {pick.size_mb:.1f} MiB)"
+            )
+        verdicts.append(
+            Verdict(
+                name=c.name,
+                feasible=not misses[c.name],
+                on_front=c in front,
+                picked=pick is not None and c is pick,
+                broken=tuple(t for t, _ in misses[c.name]),
+                reason=reason,
+                candidate=c,
+            )
+        )
+    selection = Selection(
+        pick=pick.name if pick else None,
+        front=tuple(c.name for c in front),
+        verdicts=tuple(verdicts),
+        constraints=constraints,
+    )
     if pick is None and raise_if_none:
         nearest = min(cands, key=lambda c: (sum(x for _, x in misses[c.name]), _rank(c)))
-        raise NoFeasibleBundle(f"no bundle meets the constraints; nearest miss: {Path(nearest.name).name} "
-                               f"({'; '.join(t for t, _ in misses[nearest.name])})",
-                               "Relax a constraint or export a bigger or faster bundle", selection)
+        raise NoFeasibleBundle(
+            f"no bundle meets the constraints; nearest miss: {Path(nearest.name).name} "
+            f"({'; '.join(t for t, _ in misses[nearest.name])})",
+            "Relax a constraint or export a bigger or faster bundle",
+            selection,
+        )
     return selection
 
 
@@ -219,8 +250,13 @@ def select_bundles(
     (an `edgekit eval --json` document), from the bundles' manifests (stored=True, for the task
     file given), or else from a fresh evaluate_bundles(bundles, tasks=...). Returns a Selection;
     no feasible bundle raises GateFailed (exit 3) naming the nearest miss."""
-    constraints = Constraints(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_p95_ms=max_p95_ms,
-                              max_rss_mb=max_rss_mb, max_size_mb=max_size_mb)
+    constraints = Constraints(
+        min_accuracy=min_accuracy,
+        max_accuracy_drop=max_accuracy_drop,
+        max_p95_ms=max_p95_ms,
+        max_rss_mb=max_rss_mb,
+        max_size_mb=max_size_mb,
+    )
     constraints.check()
     if records is None:
         if from_json is not None:
@@ -233,11 +269,15 @@ def select_bundles(
             for b in bundles or discover_bundles():
                 rec = stored_record(b, key)
                 if rec is None:
-                    raise BadInput(f"{b} has no stored eval for {key}",
-                                   "Run edgekit eval on it first, or drop --stored to evaluate now")
+                    raise BadInput(
+                        f"{b} has no stored eval for {key}",
+                        "Run edgekit eval on it first, or drop --stored to evaluate now",
+                    )
                 records.append(rec)
         else:
-            records = list(evaluate_bundles(bundles, tasks=tasks, limit=limit, progress=progress, **eval_kwargs).bundles)
+            records = list(
+                evaluate_bundles(bundles, tasks=tasks, limit=limit, progress=progress, **eval_kwargs).bundles
+            )
     return select(candidates_from(records), constraints)
 
 
@@ -251,7 +291,14 @@ def print_selection(sel: Selection) -> None:
         table.add_column(col, justify="left" if col in ("bundle", "verdict") else "right")
     for v in sel.verdicts:
         c = v.candidate
-        table.add_row(Path(c.name).name, f"{c.accuracy:.3f}", "-" if c.accuracy_drop is None else f"{c.accuracy_drop:+.3f}",
-                      "-" if c.p95_ms is None else f"{c.p95_ms:.0f}", f"{c.peak_rss_mb:.0f}", f"{c.size_mb:.1f}",
-                      "yes" if v.on_front else "", ("PICK: " if v.picked else "") + v.reason)
+        table.add_row(
+            Path(c.name).name,
+            f"{c.accuracy:.3f}",
+            "-" if c.accuracy_drop is None else f"{c.accuracy_drop:+.3f}",
+            "-" if c.p95_ms is None else f"{c.p95_ms:.0f}",
+            f"{c.peak_rss_mb:.0f}",
+            f"{c.size_mb:.1f}",
+            "yes" if v.on_front else "",
+            ("PICK: " if v.picked else "") + v.reason,
+        )
     console.print(table)

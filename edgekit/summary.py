@@ -26,8 +26,7 @@ SUMMARY_SCHEMA = "edgekit.build-summary"
 SUMMARY_VERSION = 1
 
 # Higher is worse: a crash outranks a broken file, which outranks bad input, then a gate.
-_SEVERITY = {ExitCode.OK: 0, ExitCode.GATE_FAILED: 1, ExitCode.BAD_INPUT: 2, ExitCode.INTEGRITY: 3,
-             ExitCode.ERROR: 4}
+_SEVERITY = {ExitCode.OK: 0, ExitCode.GATE_FAILED: 1, ExitCode.BAD_INPUT: 2, ExitCode.INTEGRITY: 3, ExitCode.ERROR: 4}
 
 
 def worst(codes: Iterable[int]) -> int:
@@ -42,22 +41,22 @@ class BuildEntry:
     id: str
     model: str
     format: str
-    status: str = "ok"                        # "ok" | "gate_failed" | "error"
+    status: str = "ok"  # "ok" | "gate_failed" | "error"
     exit_code: int = ExitCode.OK
-    message: str = ""                         # failed gates or the error, one line
-    reused: bool = False                      # inputs unchanged: the previous output was kept
-    bundle: str | None = None                 # directory name under the output directory
+    message: str = ""  # failed gates or the error, one line
+    reused: bool = False  # inputs unchanged: the previous output was kept
+    bundle: str | None = None  # directory name under the output directory
     tarball: str | None = None
     tarball_sha256: str | None = None
     size_bytes: int | None = None
-    input_key: str | None = None              # sha256 of every input; equal key = reusable
-    parity: dict[str, Any] | None = None      # ParityReport.summary()
-    bench: tuple[dict[str, Any], ...] = ()    # one bench summary per profile
-    eval: dict[str, Any] | None = None        # evaluate.build_summary()
+    input_key: str | None = None  # sha256 of every input; equal key = reusable
+    parity: dict[str, Any] | None = None  # ParityReport.summary()
+    bench: tuple[dict[str, Any], ...] = ()  # one bench summary per profile
+    eval: dict[str, Any] | None = None  # evaluate.build_summary()
     gates: tuple[Gate, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
-    baseline: str | None = None               # the baseline's created_at, "not comparable", or None
-    built_timings: dict[str, float] | None = None   # a reused entry: the timings of the run that built it
+    baseline: str | None = None  # the baseline's created_at, "not comparable", or None
+    built_timings: dict[str, float] | None = None  # a reused entry: the timings of the run that built it
     reproducible_files: tuple[str, ...] = ()
 
     @property
@@ -70,9 +69,13 @@ class BuildEntry:
         failed = [g for g in gates if not g.passed]
         if self.status == "error":
             return dataclasses.replace(self, gates=gates)
-        return dataclasses.replace(self, gates=gates, status="gate_failed" if failed else "ok",
-                                   exit_code=ExitCode.GATE_FAILED if failed else ExitCode.OK,
-                                   message=gate_message(failed))
+        return dataclasses.replace(
+            self,
+            gates=gates,
+            status="gate_failed" if failed else "ok",
+            exit_code=ExitCode.GATE_FAILED if failed else ExitCode.OK,
+            message=gate_message(failed),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -104,10 +107,10 @@ class BuildSummary:
     host: dict[str, Any]
     matrix_size: int
     entries: tuple[BuildEntry, ...]
-    shard: str | None = None                    # "K/N" when one slice was built
-    baseline: dict[str, Any] | None = None      # the compared build: created_at, config_sha256
+    shard: str | None = None  # "K/N" when one slice was built
+    baseline: dict[str, Any] | None = None  # the compared build: created_at, config_sha256
     merged_from: tuple[str, ...] | None = None  # --merge: the shard directories
-    incomplete: str | None = None               # --merge: "k of n matrix entries"
+    incomplete: str | None = None  # --merge: "k of n matrix entries"
     schema: str = SUMMARY_SCHEMA
     schema_version: int = SUMMARY_VERSION
 
@@ -117,9 +120,15 @@ class BuildSummary:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "schema": self.schema, "schema_version": self.schema_version, "edgekit_version": self.edgekit_version,
-            "created_at": self.created_at, "config": self.config, "config_sha256": self.config_sha256,
-            "shard": self.shard, "matrix_size": self.matrix_size, "host": self.host,
+            "schema": self.schema,
+            "schema_version": self.schema_version,
+            "edgekit_version": self.edgekit_version,
+            "created_at": self.created_at,
+            "config": self.config,
+            "config_sha256": self.config_sha256,
+            "shard": self.shard,
+            "matrix_size": self.matrix_size,
+            "host": self.host,
             "entries": [e.to_dict() for e in sorted(self.entries, key=lambda e: e.id)],
             "worst_exit_code": int(self.worst_exit_code),
         }
@@ -134,13 +143,21 @@ class BuildSummary:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BuildSummary:
-        return cls(config=d["config"], config_sha256=d["config_sha256"], edgekit_version=d["edgekit_version"],
-                   created_at=d["created_at"], host=d.get("host") or {}, matrix_size=d["matrix_size"],
-                   entries=tuple(BuildEntry.from_dict(e) for e in d["entries"]), shard=d.get("shard"),
-                   baseline=d.get("baseline"),
-                   merged_from=tuple(d["merged_from"]) if d.get("merged_from") is not None else None,
-                   incomplete=d.get("incomplete"), schema=d.get("schema", SUMMARY_SCHEMA),
-                   schema_version=d.get("schema_version", SUMMARY_VERSION))
+        return cls(
+            config=d["config"],
+            config_sha256=d["config_sha256"],
+            edgekit_version=d["edgekit_version"],
+            created_at=d["created_at"],
+            host=d.get("host") or {},
+            matrix_size=d["matrix_size"],
+            entries=tuple(BuildEntry.from_dict(e) for e in d["entries"]),
+            shard=d.get("shard"),
+            baseline=d.get("baseline"),
+            merged_from=tuple(d["merged_from"]) if d.get("merged_from") is not None else None,
+            incomplete=d.get("incomplete"),
+            schema=d.get("schema", SUMMARY_SCHEMA),
+            schema_version=d.get("schema_version", SUMMARY_VERSION),
+        )
 
 
 def gate_message(failed: Iterable[Gate]) -> str:
@@ -173,21 +190,43 @@ def read_summary(directory: Path, what: str) -> BuildSummary:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     h = summary.get("host") or {}
-    lines = [f"# edgekit build: {len(summary['entries'])} bundles", "",
-             f"edgekit {summary['edgekit_version']}, {summary['created_at']}, config `{Path(summary['config']).name}` "
-             f"(sha256 {summary['config_sha256'][:12]}), host {h.get('cpu', '?')}, {h.get('logical_cores', '?')} cores.",
-             "", "| bundle | status | size MiB | kld_mean | top-1 | PPL ratio | profile | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# edgekit build: {len(summary['entries'])} bundles",
+        "",
+        f"edgekit {summary['edgekit_version']}, {summary['created_at']}, config `{Path(summary['config']).name}` "
+        f"(sha256 {summary['config_sha256'][:12]}), host {h.get('cpu', '?')}, {h.get('logical_cores', '?')} cores.",
+        "",
+        "| bundle | status | size MiB | kld_mean | top-1 | PPL ratio | profile | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in summary["entries"]:
         p = e.get("parity") or {}
         size = f"{e['size_bytes'] / 2**20:.1f}" if e.get("size_bytes") else "-"
         status = e["status"] + (" (reused)" if e.get("reused") else "")
-        cells = [e["id"], status, size, _fmt(p.get("kld_mean"), 4), _fmt(p.get("top1_agreement"), 3), _fmt(p.get("ppl_ratio"), 3)]
+        cells = [
+            e["id"],
+            status,
+            size,
+            _fmt(p.get("kld_mean"), 4),
+            _fmt(p.get("top1_agreement"), 3),
+            _fmt(p.get("ppl_ratio"), 3),
+        ]
         bench = e.get("bench") or [{}]
         for r in bench:
-            lines.append("| " + " | ".join(cells + [r.get("profile", "-"), _fmt(r.get("prefill_tok_s"), 1),
-                                                     _fmt(r.get("decode_tok_s"), 1), _fmt(r.get("ttft_ms"), 0),
-                                                     _fmt(r.get("peak_rss_mb"), 0)]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    cells
+                    + [
+                        r.get("profile", "-"),
+                        _fmt(r.get("prefill_tok_s"), 1),
+                        _fmt(r.get("decode_tok_s"), 1),
+                        _fmt(r.get("ttft_ms"), 0),
+                        _fmt(r.get("peak_rss_mb"), 0),
+                    ]
+                )
+                + " |"
+            )
     lines += _eval_markdown(summary)
     failed = [(e["id"], Gate.from_dict(g)) for e in summary["entries"] for g in e.get("gates", []) if not g["passed"]]
     errors = [e for e in summary["entries"] if e["status"] == "error"]
@@ -204,16 +243,22 @@ def _eval_markdown(summary: dict[str, Any]) -> list[str]:
     rows = [e for e in summary["entries"] if e.get("eval")]
     if not rows:
         return []
-    lines = ["", f"Eval on `{rows[0]['eval']['tasks']}` ({rows[0]['eval']['n_items']} items; latency: generation items, "
-             "after one warm-up):", "",
-             "| bundle | accuracy [95% CI] | reference | Δ | flip rate | McNemar p | ECE | p50 / p95 e2e ms | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Eval on `{rows[0]['eval']['tasks']}` ({rows[0]['eval']['n_items']} items; latency: generation items, "
+        "after one warm-up):",
+        "",
+        "| bundle | accuracy [95% CI] | reference | Δ | flip rate | McNemar p | ECE | p50 / p95 e2e ms | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in rows:
         v = e["eval"]
-        lines.append(f"| {e['id']} | {v['accuracy']:.3f} [{v['accuracy_low']:.3f}, {v['accuracy_high']:.3f}] | "
-                     f"{_fmt(v['reference_accuracy'], 3)} | {_fmt(v['accuracy_delta'], 3)} | {_fmt(v['flip_rate'], 3)} | "
-                     f"{_fmt(v['mcnemar_p'], 3)} | {_fmt(v['ece'], 3)} | {_fmt(v['e2e_ms_p50'], 0)} / "
-                     f"{_fmt(v['e2e_ms_p95'], 0)} | {_fmt(v['peak_rss_mb'], 0)} |")
+        lines.append(
+            f"| {e['id']} | {v['accuracy']:.3f} [{v['accuracy_low']:.3f}, {v['accuracy_high']:.3f}] | "
+            f"{_fmt(v['reference_accuracy'], 3)} | {_fmt(v['accuracy_delta'], 3)} | {_fmt(v['flip_rate'], 3)} | "
+            f"{_fmt(v['mcnemar_p'], 3)} | {_fmt(v['ece'], 3)} | {_fmt(v['e2e_ms_p50'], 0)} / "
+            f"{_fmt(v['e2e_ms_p95'], 0)} | {_fmt(v['peak_rss_mb'], 0)} |"
+        )
     return lines
 
 

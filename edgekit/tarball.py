@@ -92,14 +92,18 @@ def check_members(tar_path: Path) -> tuple[str, list[tarfile.TarInfo]]:
         raise
     except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
         first = str(e).splitlines()[0].rstrip(":") if str(e) else ""  # tarfile lists every method tried
-        raise IntegrityError(f"{tar_path} is truncated or not a valid tar.gz ({type(e).__name__}: {first})",
-                             "Re-download or re-pack the bundle") from None
+        raise IntegrityError(
+            f"{tar_path} is truncated or not a valid tar.gz ({type(e).__name__}: {first})",
+            "Re-download or re-pack the bundle",
+        ) from None
     if not members:
         raise IntegrityError(f"{tar_path} is empty", "Re-pack the bundle")
     tops = {PurePosixPath(m.name).parts[0] for m in members}
     if len(tops) != 1:
-        raise IntegrityError(f"{tar_path} has {len(tops)} top-level entries ({', '.join(sorted(tops)[:3])})",
-                             "A bundle tarball holds exactly one directory")
+        raise IntegrityError(
+            f"{tar_path} has {len(tops)} top-level entries ({', '.join(sorted(tops)[:3])})",
+            "A bundle tarball holds exactly one directory",
+        )
     top = tops.pop()
     if any(m.name == top and not m.isdir() for m in members):
         raise IntegrityError(f"{tar_path}: top-level entry '{top}' is not a directory", "Re-pack the bundle")
@@ -114,9 +118,13 @@ def _check_member(m: tarfile.TarInfo, tar_path: Path) -> None:
     if ".." in parts or "\\" in name or "\x00" in name:
         raise IntegrityError(f"{tar_path}: member '{name}' escapes the destination", "Do not extract this archive")
     if m.issym() or m.islnk():
-        raise IntegrityError(f"{tar_path}: member '{name}' is a link (to '{m.linkname}')", "Bundles hold regular files only")
+        raise IntegrityError(
+            f"{tar_path}: member '{name}' is a link (to '{m.linkname}')", "Bundles hold regular files only"
+        )
     if not (m.isfile() or m.isdir()):
-        raise IntegrityError(f"{tar_path}: member '{name}' is a device, FIFO or special file", "Do not extract this archive")
+        raise IntegrityError(
+            f"{tar_path}: member '{name}' is a device, FIFO or special file", "Do not extract this archive"
+        )
 
 
 def extract_safely(tar_path: Path, dest: Path) -> Path:

@@ -97,7 +97,7 @@ def _format_from_file(path: Path) -> FormatSpec:
     check_keys(fmt, {"name", "description", "runtime", "model_files"}, f"{path} [format]")
     for key in ("name", "description", "runtime"):
         if not isinstance(fmt.get(key), str):
-            raise BadInput(f"{path} [format]: '{key}' must be a string", f"Set {key} = \"...\"")
+            raise BadInput(f"{path} [format]: '{key}' must be a string", f'Set {key} = "..."')
     files = fmt.get("model_files", [])
     if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
         raise BadInput(f"{path} [format]: 'model_files' must be a list of strings", "Fix model_files")
@@ -127,7 +127,7 @@ def _tune_candidates(items: Any, path: Path) -> tuple[dict[str, Any], ...]:
             raise BadInput(f"{where}: must be a table", "Write it as [[tune]] with name and set")
         check_keys(item, {"name", "set"}, where)
         if not isinstance(item.get("name"), str) or not isinstance(item.get("set", {}), dict):
-            raise BadInput(f"{where}: needs name = \"...\" and set = {{ key = value }}", "Fix the candidate")
+            raise BadInput(f'{where}: needs name = "..." and set = {{ key = value }}', "Fix the candidate")
         out.append({"name": item["name"], "set": dict(item.get("set", {}))})
     return tuple(out)
 
@@ -203,8 +203,10 @@ def _files(directories: tuple[str, ...]) -> tuple[dict[str, Path], list[Path]]:
         if not root.is_dir():
             if i == 0:
                 raise BadInput(f"targets directory not found: {root}", "Reinstall edgekit")
-            raise BadInput(f"targets directory not found: {root} ({USER_DIR_ENV} or --targets-dir)",
-                           "Point it at a directory of *.toml target files, or unset it")
+            raise BadInput(
+                f"targets directory not found: {root} ({USER_DIR_ENV} or --targets-dir)",
+                "Point it at a directory of *.toml target files, or unset it",
+            )
         found.update({p.name: p for p in sorted(root.glob("*.toml")) if p.name != PROFILES_FILE})
         if (root / PROFILES_FILE).is_file():
             profile_files.append(root / PROFILES_FILE)
@@ -218,7 +220,9 @@ def _load(directories: tuple[str, ...]) -> Targets:
     for name, path in sorted(files.items()):
         spec = _format_from_file(path)
         if spec.name != path.stem:
-            raise BadInput(f"{path}: format name '{spec.name}' does not match the file name", f"Rename to {spec.name}.toml")
+            raise BadInput(
+                f"{path}: format name '{spec.name}' does not match the file name", f"Rename to {spec.name}.toml"
+            )
         formats[spec.name] = spec
     profiles: dict[str, Profile] = {}
     for ppath in profile_files:

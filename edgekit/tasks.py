@@ -100,18 +100,25 @@ class Task:
         return head + [{"role": m.role, "content": m.content} for m in self.messages]
 
     def to_job(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "prompt": self.prompt, "messages": self.chat(),
-                "match": self.match, "choices": list(self.choices), "max_tokens": self.max_tokens}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "prompt": self.prompt,
+            "messages": self.chat(),
+            "match": self.match,
+            "choices": list(self.choices),
+            "max_tokens": self.max_tokens,
+        }
 
 
 @dataclass(frozen=True)
 class TaskSet:
     path: str
     name: str
-    sha256: str        # of the file's bytes: the reuse key of a build and the manifest's key
+    sha256: str  # of the file's bytes: the reuse key of a build and the manifest's key
     normalization: Normalization
     tasks: tuple[Task, ...] = field(repr=False)
-    limit: int | None = None   # only the first `limit` items of the file (when fewer than all)
+    limit: int | None = None  # only the first `limit` items of the file (when fewer than all)
 
     @property
     def key(self) -> str:
@@ -125,8 +132,9 @@ def shipped_path() -> Path:
     return Path(str(resources.files("edgekit").joinpath(f"data/tasks/{SHIPPED}.jsonl")))
 
 
-def load_tasks(path: str | Path | None = None, *, limit: int | None = None,
-               normalization: dict[str, bool] | None = None) -> TaskSet:
+def load_tasks(
+    path: str | Path | None = None, *, limit: int | None = None, normalization: dict[str, bool] | None = None
+) -> TaskSet:
     """Read and check a task file (default: the shipped set). The first `limit` items are kept
     (file order). `normalization` overrides the file's options key by key."""
     if limit is not None and limit < 1:
@@ -153,33 +161,45 @@ def load_tasks(path: str | Path | None = None, *, limit: int | None = None,
             raise BadInput(f"{where}: not a JSON object", "Write one JSON object per line")
         if "options" in row:
             if tasks or set(row) != {"options"}:
-                raise BadInput(f"{where}: an options row must come before the first item and hold only 'options'",
-                               "Move it to the top of the file")
+                raise BadInput(
+                    f"{where}: an options row must come before the first item and hold only 'options'",
+                    "Move it to the top of the file",
+                )
             norm, default_tokens = _options(row["options"], where)
             continue
         task = _task(row, where, n, default_tokens)
         if task.id in seen:
-            raise BadInput(f"{where}: field 'id': duplicate id '{task.id}' (first on line {seen[task.id]})",
-                           "Give every item its own id")
+            raise BadInput(
+                f"{where}: field 'id': duplicate id '{task.id}' (first on line {seen[task.id]})",
+                "Give every item its own id",
+            )
         seen[task.id] = n
         tasks.append(task)
     if not tasks:
-        raise BadInput(f"{p}: no items", "Add at least one JSON object per line with id, prompt or messages, expected, match")
+        raise BadInput(
+            f"{p}: no items", "Add at least one JSON object per line with id, prompt or messages, expected, match"
+        )
     if normalization:
         norm = replace(norm, **{k: v for k, v in normalization.items() if v is not None})
     name = SHIPPED if path is None else p.stem
     limited = limit if limit is not None and limit < len(tasks) else None
-    return TaskSet(path=str(p), name=name, sha256=hashlib.sha256(raw).hexdigest(), normalization=norm,
-                   tasks=tuple(tasks[:limited] if limited else tasks), limit=limited)
+    return TaskSet(
+        path=str(p),
+        name=name,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        normalization=norm,
+        tasks=tuple(tasks[:limited] if limited else tasks),
+        limit=limited,
+    )
 
 
 def _options(opts: Any, where: str) -> tuple[Normalization, int]:
     if not isinstance(opts, dict):
-        raise BadInput(f"{where}: field 'options' must be an object", "Write {\"options\": {\"normalize\": {...}}}")
+        raise BadInput(f"{where}: field 'options' must be an object", 'Write {"options": {"normalize": {...}}}')
     _unknown(opts, _OPTION_KEYS, where, "options.")
     norm = opts.get("normalize", {})
     if not isinstance(norm, dict):
-        raise BadInput(f"{where}: field 'options.normalize' must be an object", "Write {\"case\": true, ...}")
+        raise BadInput(f"{where}: field 'options.normalize' must be an object", 'Write {"case": true, ...}')
     _unknown(norm, _NORMALIZE_KEYS, where, "options.normalize.")
     for k, v in norm.items():
         if not isinstance(v, bool):
@@ -198,7 +218,7 @@ def _text(row: dict[str, Any], key: str, where: str, required: bool = False) -> 
     value = row.get(key)
     if value is None:
         if required:
-            raise BadInput(f"{where}: field '{key}' is missing", f"Add \"{key}\"")
+            raise BadInput(f"{where}: field '{key}' is missing", f'Add "{key}"')
         return None
     if not isinstance(value, str) or not value.strip():
         raise BadInput(f"{where}: field '{key}' must be a non-empty string, got {value!r}", f"Fix {key}")
@@ -207,30 +227,35 @@ def _text(row: dict[str, Any], key: str, where: str, required: bool = False) -> 
 
 def _max_tokens(value: Any, where: str, key: str = "max_tokens") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS_LIMIT:
-        raise BadInput(f"{where}: field '{key}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {value!r}",
-                       f"Fix {key}")
+        raise BadInput(
+            f"{where}: field '{key}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {value!r}", f"Fix {key}"
+        )
     return value
 
 
 def _strings(row: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     value = row.get(key)
     if value is None:
-        raise BadInput(f"{where}: field '{key}' is missing", f"Add \"{key}\"")
+        raise BadInput(f"{where}: field '{key}' is missing", f'Add "{key}"')
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(x, str) and x.strip() for x in items):
-        raise BadInput(f"{where}: field '{key}' must be a non-empty string or a list of them, got {value!r}", f"Fix {key}")
+        raise BadInput(
+            f"{where}: field '{key}' must be a non-empty string or a list of them, got {value!r}", f"Fix {key}"
+        )
     return tuple(items)
 
 
 def _messages(value: Any, where: str) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
-        raise BadInput(f"{where}: field 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects",
-                       "Fix messages")
+        raise BadInput(
+            f'{where}: field \'messages\' must be a non-empty list of {{"role", "content"}} objects', "Fix messages"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise BadInput(f"{where}: field 'messages[{i}]' must be an object with exactly 'role' and 'content'",
-                           "Fix messages")
+            raise BadInput(
+                f"{where}: field 'messages[{i}]' must be an object with exactly 'role' and 'content'", "Fix messages"
+            )
         if m["role"] not in ROLES:
             raise BadInput(f"{where}: field 'messages[{i}].role' is {m['role']!r}", f"Use one of: {', '.join(ROLES)}")
         if not isinstance(m["content"], str) or not m["content"].strip():
@@ -247,8 +272,10 @@ def _task(row: dict[str, Any], where: str, line: int, default_tokens: int) -> Ta
     if tid != tid.strip() or len(tid) > 200:
         raise BadInput(f"{where}: field 'id' must have no surrounding spaces and at most 200 characters", "Fix id")
     if ("prompt" in row) == ("messages" in row):
-        raise BadInput(f"{where}: item '{tid}' needs exactly one of field 'prompt' (raw text) or 'messages' (chat)",
-                       "Give one of them")
+        raise BadInput(
+            f"{where}: item '{tid}' needs exactly one of field 'prompt' (raw text) or 'messages' (chat)",
+            "Give one of them",
+        )
     prompt = _text(row, "prompt", where)
     messages = _messages(row["messages"], where) if "messages" in row else ()
     system = _text(row, "system", where)
@@ -269,7 +296,9 @@ def _task(row: dict[str, Any], where: str, line: int, default_tokens: int) -> Ta
             raise BadInput(f"{where}: field 'choices' lists a choice twice", "Remove the duplicate")
         missing = [e for e in expected if e not in choices]
         if missing:
-            raise BadInput(f"{where}: field 'expected': {missing[0]!r} is not one of the choices", "Fix expected or choices")
+            raise BadInput(
+                f"{where}: field 'expected': {missing[0]!r} is not one of the choices", "Fix expected or choices"
+            )
     elif "choices" in row:
         raise BadInput(f"{where}: field 'choices' is only for match \"choice\"", "Remove it or set match to choice")
     elif match == "regex":
@@ -282,8 +311,18 @@ def _task(row: dict[str, Any], where: str, line: int, default_tokens: int) -> Ta
     group = row.get("group")
     if group is not None and (not isinstance(group, str) or not group.strip()):
         raise BadInput(f"{where}: field 'group' must be a non-empty string, got {group!r}", "Fix group")
-    return Task(id=tid, line=line, expected=expected, match=match, max_tokens=tokens, prompt=prompt,
-                messages=messages, choices=choices, system=system, group=group)
+    return Task(
+        id=tid,
+        line=line,
+        expected=expected,
+        match=match,
+        max_tokens=tokens,
+        prompt=prompt,
+        messages=messages,
+        choices=choices,
+        system=system,
+        group=group,
+    )
 
 
 def is_correct(task: Task, answer: str, norm: Normalization) -> bool:

@@ -31,15 +31,21 @@ from typing import Any
 
 from .errors import BadInput, EdgekitError, UnsupportedArchitecture
 
-MARKER = "edgekit-tiny.json"   # {family, seed}: lets make_tiny recognise, and replace, its own output
+MARKER = "edgekit-tiny.json"  # {family, seed}: lets make_tiny recognise, and replace, its own output
 
 # Sizes shared by every family: small enough to build and run in seconds, large enough that
 # int4 block quantization (block 32) and GQA (4 query heads on 2 KV heads) still apply.
 # initializer_range 0.2 (not the usual 0.02): random weights that small give near-uniform
 # next-token distributions, where top-1 agreement between runtimes is a coin toss; at 0.2 the
 # distributions are peaked enough (mean top probability ~0.07 of 512) for parity to mean something.
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.2,
+)
 HEAD_DIM = TINY["hidden_size"] // TINY["num_attention_heads"]
 
 # --- chat templates (the real models' templates, lightly trimmed) ---------------------------
@@ -115,12 +121,12 @@ def _longrope(rotary_dim: int = HEAD_DIM, **extra: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Family:
     name: str
-    architecture: str            # config.json "architectures"[0], as the real checkpoints spell it
-    model_type: str              # transformers config key
-    tokenizer: str               # key into _TOKENIZERS
+    architecture: str  # config.json "architectures"[0], as the real checkpoints spell it
+    model_type: str  # transformers config key
+    tokenizer: str  # key into _TOKENIZERS
     chat_template: str
-    config: dict[str, Any] = field(default_factory=dict)   # on top of TINY
-    unbuildable: str | None = None                          # why make_tiny cannot build it
+    config: dict[str, Any] = field(default_factory=dict)  # on top of TINY
+    unbuildable: str | None = None  # why make_tiny cannot build it
 
     @property
     def needs_embedded(self) -> bool:
@@ -128,71 +134,168 @@ class Family:
         return self.tokenizer.startswith("smollm2")
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in [
-    # Phi-3-mini-4k: fused qkv_proj / gate_up_proj, Llama SentencePiece vocabulary plus Phi-3's
-    # chat tokens as added tokens, and an embedding padded past the tokenizer (32011 -> 32064
-    # in the real model; 491 -> 512 here) that exporters must tolerate.
-    Family("phi3", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
-           dict(vocab_size=512, max_position_embeddings=4096, original_max_position_embeddings=4096)),
-    # Phi-3-mini-128k and Phi-3.5-mini: same weights, LongRoPE rope_scaling over the whole
-    # head; exporters pick another code path
-    # (genai builder: Phi3MiniLongRoPEModel; llama.cpp: rope_factors_long/short tensors).
-    Family("phi3-longrope", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
-           dict(vocab_size=512, max_position_embeddings=131072, original_max_position_embeddings=4096,
-                rope_scaling=_longrope())),
-    # Phi-4-mini: partial rotary (rotary on 3/4 of each head: 96 of 128 lanes in the real
-    # model, 48 of 64 here), LongRoPE whose factor lists cover the rotary dims only
-    # (rotary_dim / 2 entries), 131072 over an original 4096, tied embeddings, GQA, and a
-    # byte-level BPE vocabulary. Head size 64 and a rotary cache 24 wide respect ONNX
-    # Runtime's GroupQueryAttention (head size a multiple of 16, cache width a multiple of 8).
-    # The vocabulary is SmolLM2's (llama.cpp must recognise the pre-tokenizer by its hash;
-    # Phi-4-mini's own o200k one cannot be trained here) plus Phi-4's chat tokens.
-    Family("phi4-mini", "Phi3ForCausalLM", "phi3", "smollm2-phi4", PHI3_TEMPLATE,
-           dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                partial_rotary_factor=0.75, tie_word_embeddings=True,
-                max_position_embeddings=131072, original_max_position_embeddings=4096,
-                rope_scaling=_longrope(rotary_dim=48))),
-    # Phi-3-medium (14B): GQA at 4 query heads per KV head (40 / 10 in the real model, 8 / 2
-    # here), where the minis have none; 4k context, plain RoPE.
-    Family("phi3-medium", "Phi3ForCausalLM", "phi3", "phi3", PHI3_TEMPLATE,
-           dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_attention_heads=8,
-                num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=4096)),
-    # Llama 2 / TinyLlama: the baseline SentencePiece Llama, separate q/k/v and gate/up.
-    Family("llama", "LlamaForCausalLM", "llama", "llama", LLAMA2_TEMPLATE,
-           dict(max_position_embeddings=2048)),
-    # Mistral v0.3: Llama layout under another name; [INST] and [/INST] are control tokens.
-    Family("mistral", "MistralForCausalLM", "mistral", "mistral", MISTRAL_TEMPLATE,
-           dict(max_position_embeddings=4096, sliding_window=None)),
-    # Qwen2 / Qwen2.5: q/k/v biases, tied embeddings, byte-level BPE with ChatML.
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", "smollm2", QWEN2_TEMPLATE,
-           dict(max_position_embeddings=4096, tie_word_embeddings=True, use_sliding_window=False)),
-    # Gemma 2: explicit head_dim, logit soft-capping, alternating sliding-window layers,
-    # norms stored as (weight - 1), embeddings scaled by sqrt(hidden), tied embeddings.
-    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "gemma", GEMMA_TEMPLATE,
-           dict(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, max_position_embeddings=8192,
-                sliding_window=512, tie_word_embeddings=True)),
-    # Gemma 3 text-only (like gemma-3-270m): q/k norms, separate local/global rope bases,
-    # sliding window on 5 of every 6 layers. The window (512) exceeds any test prompt, so
-    # runtimes that place the sliding layers differently still agree on short texts.
-    Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", GEMMA_TEMPLATE,
-           dict(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, max_position_embeddings=32768,
-                sliding_window=512, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
-                tie_word_embeddings=True)),
-    # Phi-3.5-MoE: sparse mixture of experts (4 experts, top-2 here), LayerNorm, attention and
-    # lm_head biases, LongRoPE. Spelled "PhiMoEForCausalLM" like the real checkpoint (the
-    # transformers class is PhimoeForCausalLM); the genai builder only exports it for CUDA.
-    Family("phimoe", "PhiMoEForCausalLM", "phimoe", "phi3", PHI3_TEMPLATE,
-           dict(vocab_size=512, max_position_embeddings=131072, original_max_position_embeddings=4096,
-                num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        # Phi-3-mini-4k: fused qkv_proj / gate_up_proj, Llama SentencePiece vocabulary plus Phi-3's
+        # chat tokens as added tokens, and an embedding padded past the tokenizer (32011 -> 32064
+        # in the real model; 491 -> 512 here) that exporters must tolerate.
+        Family(
+            "phi3",
+            "Phi3ForCausalLM",
+            "phi3",
+            "phi3",
+            PHI3_TEMPLATE,
+            dict(vocab_size=512, max_position_embeddings=4096, original_max_position_embeddings=4096),
+        ),
+        # Phi-3-mini-128k and Phi-3.5-mini: same weights, LongRoPE rope_scaling over the whole
+        # head; exporters pick another code path
+        # (genai builder: Phi3MiniLongRoPEModel; llama.cpp: rope_factors_long/short tensors).
+        Family(
+            "phi3-longrope",
+            "Phi3ForCausalLM",
+            "phi3",
+            "phi3",
+            PHI3_TEMPLATE,
+            dict(
+                vocab_size=512,
+                max_position_embeddings=131072,
+                original_max_position_embeddings=4096,
+                rope_scaling=_longrope(),
+            ),
+        ),
+        # Phi-4-mini: partial rotary (rotary on 3/4 of each head: 96 of 128 lanes in the real
+        # model, 48 of 64 here), LongRoPE whose factor lists cover the rotary dims only
+        # (rotary_dim / 2 entries), 131072 over an original 4096, tied embeddings, GQA, and a
+        # byte-level BPE vocabulary. Head size 64 and a rotary cache 24 wide respect ONNX
+        # Runtime's GroupQueryAttention (head size a multiple of 16, cache width a multiple of 8).
+        # The vocabulary is SmolLM2's (llama.cpp must recognise the pre-tokenizer by its hash;
+        # Phi-4-mini's own o200k one cannot be trained here) plus Phi-4's chat tokens.
+        Family(
+            "phi4-mini",
+            "Phi3ForCausalLM",
+            "phi3",
+            "smollm2-phi4",
+            PHI3_TEMPLATE,
+            dict(
+                hidden_size=256,
+                intermediate_size=512,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                partial_rotary_factor=0.75,
+                tie_word_embeddings=True,
+                max_position_embeddings=131072,
+                original_max_position_embeddings=4096,
+                rope_scaling=_longrope(rotary_dim=48),
+            ),
+        ),
+        # Phi-3-medium (14B): GQA at 4 query heads per KV head (40 / 10 in the real model, 8 / 2
+        # here), where the minis have none; 4k context, plain RoPE.
+        Family(
+            "phi3-medium",
+            "Phi3ForCausalLM",
+            "phi3",
+            "phi3",
+            PHI3_TEMPLATE,
+            dict(
+                vocab_size=512,
+                hidden_size=128,
+                intermediate_size=384,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                original_max_position_embeddings=4096,
+            ),
+        ),
+        # Llama 2 / TinyLlama: the baseline SentencePiece Llama, separate q/k/v and gate/up.
+        Family("llama", "LlamaForCausalLM", "llama", "llama", LLAMA2_TEMPLATE, dict(max_position_embeddings=2048)),
+        # Mistral v0.3: Llama layout under another name; [INST] and [/INST] are control tokens.
+        Family(
+            "mistral",
+            "MistralForCausalLM",
+            "mistral",
+            "mistral",
+            MISTRAL_TEMPLATE,
+            dict(max_position_embeddings=4096, sliding_window=None),
+        ),
+        # Qwen2 / Qwen2.5: q/k/v biases, tied embeddings, byte-level BPE with ChatML.
+        Family(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            "qwen2",
+            "smollm2",
+            QWEN2_TEMPLATE,
+            dict(max_position_embeddings=4096, tie_word_embeddings=True, use_sliding_window=False),
+        ),
+        # Gemma 2: explicit head_dim, logit soft-capping, alternating sliding-window layers,
+        # norms stored as (weight - 1), embeddings scaled by sqrt(hidden), tied embeddings.
+        Family(
+            "gemma2",
+            "Gemma2ForCausalLM",
+            "gemma2",
+            "gemma",
+            GEMMA_TEMPLATE,
+            dict(
+                head_dim=HEAD_DIM,
+                query_pre_attn_scalar=HEAD_DIM,
+                max_position_embeddings=8192,
+                sliding_window=512,
+                tie_word_embeddings=True,
+            ),
+        ),
+        # Gemma 3 text-only (like gemma-3-270m): q/k norms, separate local/global rope bases,
+        # sliding window on 5 of every 6 layers. The window (512) exceeds any test prompt, so
+        # runtimes that place the sliding layers differently still agree on short texts.
+        Family(
+            "gemma3",
+            "Gemma3ForCausalLM",
+            "gemma3_text",
+            "gemma",
+            GEMMA_TEMPLATE,
+            dict(
+                head_dim=HEAD_DIM,
+                query_pre_attn_scalar=HEAD_DIM,
+                max_position_embeddings=32768,
+                sliding_window=512,
+                rope_theta=1_000_000.0,
+                rope_local_base_freq=10_000.0,
+                tie_word_embeddings=True,
+            ),
+        ),
+        # Phi-3.5-MoE: sparse mixture of experts (4 experts, top-2 here), LayerNorm, attention and
+        # lm_head biases, LongRoPE. Spelled "PhiMoEForCausalLM" like the real checkpoint (the
+        # transformers class is PhimoeForCausalLM); the genai builder only exports it for CUDA.
+        Family(
+            "phimoe",
+            "PhiMoEForCausalLM",
+            "phimoe",
+            "phi3",
+            PHI3_TEMPLATE,
+            dict(
+                vocab_size=512,
+                max_position_embeddings=131072,
+                original_max_position_embeddings=4096,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                attention_bias=True,
+                lm_head_bias=True,
                 # Phi-3.5-MoE's rope_scaling also carries the attention scales (mscale) and the
                 # original context; transformers' PhimoeConfig requires them.
-                rope_scaling=_longrope(short_mscale=1.2432, long_mscale=1.2432,
-                                       original_max_position_embeddings=4096))),
-    # Phi-3-small: blocksparse attention, tiktoken cl100k vocabulary.
-    Family("phi3small", "Phi3SmallForCausalLM", "phi3small", "phi3", PHI3_TEMPLATE,
-           unbuildable="transformers 4.57 has no Phi3Small model: it exists only as trust_remote_code "
-                       "code on the Hub (model and tiktoken tokenizer), which edgekit must not download"),
-]}
+                rope_scaling=_longrope(short_mscale=1.2432, long_mscale=1.2432, original_max_position_embeddings=4096),
+            ),
+        ),
+        # Phi-3-small: blocksparse attention, tiktoken cl100k vocabulary.
+        Family(
+            "phi3small",
+            "Phi3SmallForCausalLM",
+            "phi3small",
+            "phi3",
+            PHI3_TEMPLATE,
+            unbuildable="transformers 4.57 has no Phi3Small model: it exists only as trust_remote_code "
+            "code on the Hub (model and tiktoken tokenizer), which edgekit must not download",
+        ),
+    ]
+}
 
 
 def get_family(name: str) -> Family:
@@ -238,60 +341,108 @@ def _build(fam: Family, out: Path, seed: int) -> None:
 
 # --- tokenizers ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Tokens:
     """What the model config and generation config must agree on with the tokenizer."""
-    count: int                   # len(tokenizer): the embedding needs at least this many rows
+
+    count: int  # len(tokenizer): the embedding needs at least this many rows
     bos: int | None
     eos: int
     pad: int | None
-    stop: list[int]              # generation eos ids: end of text and end of turn
+    stop: list[int]  # generation eos ids: end of text and end of turn
 
 
 @dataclass(frozen=True)
 class _SpmRecipe:
-    fast_class: str              # transformers class that converts the .model to tokenizer.json
-    vocab_size: int              # SentencePiece vocabulary, before added tokens
-    trainer: dict[str, Any]      # special-piece layout and options of the real tokenizer
+    fast_class: str  # transformers class that converts the .model to tokenizer.json
+    vocab_size: int  # SentencePiece vocabulary, before added tokens
+    trainer: dict[str, Any]  # special-piece layout and options of the real tokenizer
     bos: str
     eos: str
     unk: str
     pad: str | None
     add_bos: bool
-    special: tuple[str, ...] = ()    # special tokens; new ones are appended in this order
-    rstrip: tuple[str, ...] = ()     # special tokens that swallow the whitespace after them
-    stop: tuple[str, ...] = ()       # extra generation stop tokens besides eos
+    special: tuple[str, ...] = ()  # special tokens; new ones are appended in this order
+    rstrip: tuple[str, ...] = ()  # special tokens that swallow the whitespace after them
+    stop: tuple[str, ...] = ()  # extra generation stop tokens besides eos
 
 
 # The Llama SentencePiece layout: <unk>=0 <s>=1 </s>=2, then 256 byte-fallback pieces.
 _LLAMA_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
 
 # Phi-3's chat tokens come after the SentencePiece vocabulary, in the real model's id order.
-_PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
-               "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>",
-               "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+_PHI3_ADDED = (
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+)
 
 _SPM_RECIPES: dict[str, _SpmRecipe] = {
     # Phi-3: Llama vocabulary; eos is <|endoftext|>; no BOS added (as in the current Phi-3
     # tokenizer_config). Chat tokens swallow the newline after them (rstrip), as in the real
     # tokenizer.json; llama.cpp copies that for models whose name contains "phi3" / "phi-3".
-    "phi3": _SpmRecipe("LlamaTokenizerFast", 480, _LLAMA_IDS, bos="<s>", eos="<|endoftext|>",
-                       unk="<unk>", pad="<|endoftext|>", add_bos=False, special=_PHI3_ADDED,
-                       rstrip=_PHI3_ADDED[1:], stop=("<|assistant|>", "<|end|>")),
+    "phi3": _SpmRecipe(
+        "LlamaTokenizerFast",
+        480,
+        _LLAMA_IDS,
+        bos="<s>",
+        eos="<|endoftext|>",
+        unk="<unk>",
+        pad="<|endoftext|>",
+        add_bos=False,
+        special=_PHI3_ADDED,
+        rstrip=_PHI3_ADDED[1:],
+        stop=("<|assistant|>", "<|end|>"),
+    ),
     # Llama 2: BOS added to every encode, no pad token.
-    "llama": _SpmRecipe("LlamaTokenizerFast", 512, _LLAMA_IDS, bos="<s>", eos="</s>", unk="<unk>",
-                        pad=None, add_bos=True),
+    "llama": _SpmRecipe(
+        "LlamaTokenizerFast", 512, _LLAMA_IDS, bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True
+    ),
     # Mistral v0.3: [INST] / [/INST] are control pieces inside the SentencePiece model (ids 3, 4).
-    "mistral": _SpmRecipe("LlamaTokenizerFast", 512, {**_LLAMA_IDS, "control_symbols": ["[INST]", "[/INST]"]},
-                          bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True,
-                          special=("[INST]", "[/INST]")),
+    "mistral": _SpmRecipe(
+        "LlamaTokenizerFast",
+        512,
+        {**_LLAMA_IDS, "control_symbols": ["[INST]", "[/INST]"]},
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        pad=None,
+        add_bos=True,
+        special=("[INST]", "[/INST]"),
+    ),
     # Gemma: <pad>=0 <eos>=1 <bos>=2 <unk>=3, no dummy prefix, turn markers in the vocabulary.
-    "gemma": _SpmRecipe("GemmaTokenizerFast", 512,
-                        dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-                             bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
-                             user_defined_symbols=["<start_of_turn>", "<end_of_turn>"]),
-                        bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", add_bos=True,
-                        special=("<start_of_turn>", "<end_of_turn>"), stop=("<end_of_turn>",)),
+    "gemma": _SpmRecipe(
+        "GemmaTokenizerFast",
+        512,
+        dict(
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            unk_piece="<unk>",
+            add_dummy_prefix=False,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        ),
+        bos="<bos>",
+        eos="<eos>",
+        unk="<unk>",
+        pad="<pad>",
+        add_bos=True,
+        special=("<start_of_turn>", "<end_of_turn>"),
+        stop=("<end_of_turn>",),
+    ),
 }
 
 
@@ -306,13 +457,23 @@ def _spm_tokenizer(fam: Family, out: Path) -> _Tokens:
         model_file = Path(scratch) / "tokenizer.model"
         model_file.write_bytes(_train_sentencepiece(recipe.vocab_size, recipe.trainer))
         cls = getattr(transformers, recipe.fast_class)
-        tok = cls(vocab_file=str(model_file), from_slow=True, add_bos_token=recipe.add_bos, add_eos_token=False,
-                  # legacy: a "▁" before the text and again after every special token, which is
-                  # what llama.cpp and onnxruntime-genai do (non-legacy differs after specials).
-                  # add_prefix_space must be explicit: left unset, the converter adds none at all.
-                  legacy=True, add_prefix_space=True, bos_token=recipe.bos, unk_token=recipe.unk)
-        tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=t in recipe.rstrip)
-                        for t in recipe.special], special_tokens=True)
+        tok = cls(
+            vocab_file=str(model_file),
+            from_slow=True,
+            add_bos_token=recipe.add_bos,
+            add_eos_token=False,
+            # legacy: a "▁" before the text and again after every special token, which is
+            # what llama.cpp and onnxruntime-genai do (non-legacy differs after specials).
+            # add_prefix_space must be explicit: left unset, the converter adds none at all.
+            legacy=True,
+            add_prefix_space=True,
+            bos_token=recipe.bos,
+            unk_token=recipe.unk,
+        )
+        tok.add_tokens(
+            [AddedToken(t, special=True, normalized=False, rstrip=t in recipe.rstrip) for t in recipe.special],
+            special_tokens=True,
+        )
         tok.eos_token = recipe.eos
         tok.pad_token = recipe.pad
         tok.chat_template = fam.chat_template
@@ -334,10 +495,20 @@ def _train_sentencepiece(vocab_size: int, layout: dict[str, Any]) -> bytes:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.strip().splitlines()), model_writer=buf,
-        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
-        character_coverage=1.0, num_threads=1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2, **layout)
+        sentence_iterator=iter(CORPUS.strip().splitlines()),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        num_threads=1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+        **layout,
+    )
     return buf.getvalue()
 
 
@@ -369,8 +540,10 @@ def _smollm2_phi4_tokenizer(fam: Family, out: Path) -> _Tokens:
 
     _smollm2_tokenizer(fam, out)
     tok = AutoTokenizer.from_pretrained(out)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _PHI3_ADDED
-                    if t not in tok.get_vocab()], special_tokens=True)
+    tok.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in _PHI3_ADDED if t not in tok.get_vocab()],
+        special_tokens=True,
+    )
     tok.eos_token = tok.pad_token = "<|endoftext|>"
     tok.chat_template = fam.chat_template
     tok.save_pretrained(out, save_jinja_files=False)
@@ -378,16 +551,27 @@ def _smollm2_phi4_tokenizer(fam: Family, out: Path) -> _Tokens:
 
 
 def _tokens_of(tok, stop: list[str]) -> _Tokens:
-    return _Tokens(count=len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id,
-                   stop=[tok.convert_tokens_to_ids(t) for t in stop])
+    return _Tokens(
+        count=len(tok),
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,
+        stop=[tok.convert_tokens_to_ids(t) for t in stop],
+    )
 
 
-_TOKENIZERS = {"phi3": _spm_tokenizer, "llama": _spm_tokenizer, "mistral": _spm_tokenizer,
-               "gemma": _spm_tokenizer, "smollm2": _smollm2_tokenizer,
-               "smollm2-phi4": _smollm2_phi4_tokenizer}
+_TOKENIZERS = {
+    "phi3": _spm_tokenizer,
+    "llama": _spm_tokenizer,
+    "mistral": _spm_tokenizer,
+    "gemma": _spm_tokenizer,
+    "smollm2": _smollm2_tokenizer,
+    "smollm2-phi4": _smollm2_phi4_tokenizer,
+}
 
 
 # --- model -----------------------------------------------------------------------------------
+
 
 def runtime_shape_problems(settings: dict[str, Any]) -> list[str]:
     """Shapes a tiny model must avoid so that it fails only where the real model would.
@@ -420,19 +604,21 @@ def _write_model(fam: Family, tokens: _Tokens, out: Path, seed: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    settings = {**TINY, **copy.deepcopy(fam.config)}     # deep copy: configs edit rope_scaling
+    settings = {**TINY, **copy.deepcopy(fam.config)}  # deep copy: configs edit rope_scaling
     settings.setdefault("vocab_size", tokens.count)
     if settings["vocab_size"] < tokens.count:
         raise EdgekitError(f"tiny {fam.name}: vocab_size {settings['vocab_size']} < {tokens.count} tokens")
     if problems := runtime_shape_problems(settings):
         raise EdgekitError(f"tiny {fam.name}: {'; '.join(problems)}")
-    config = AutoConfig.for_model(fam.model_type, bos_token_id=tokens.bos, eos_token_id=tokens.eos,
-                                  pad_token_id=tokens.pad, **settings)
-    with torch.random.fork_rng(devices=[]):              # leave the caller's RNG alone
+    config = AutoConfig.for_model(
+        fam.model_type, bos_token_id=tokens.bos, eos_token_id=tokens.eos, pad_token_id=tokens.pad, **settings
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=tokens.bos, eos_token_id=tokens.stop,
-                                               pad_token_id=tokens.pad)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokens.bos, eos_token_id=tokens.stop, pad_token_id=tokens.pad
+    )
     model.save_pretrained(out, safe_serialization=True)
     # save_pretrained writes the transformers class name; write the real checkpoints' spelling.
     _patch_json(out / "config.json", architectures=[fam.architecture])

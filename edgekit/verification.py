@@ -17,14 +17,17 @@ from .reference import DEFAULT_WINDOW, load_eval_text
 from .targets import load_targets
 
 
-def open_bundle(bundle: str | Path, threads: int | None = None, validate_files: bool = True) -> tuple[Session, dict[str, Any]]:
+def open_bundle(
+    bundle: str | Path, threads: int | None = None, validate_files: bool = True
+) -> tuple[Session, dict[str, Any]]:
     """Validate a bundle (hashes, no extra/missing files), then open it in its runtime."""
     manifest = validate(Path(bundle)) if validate_files else read_manifest(Path(bundle))
     return backend(manifest["format"]).open_session(Path(bundle), manifest, threads=threads), manifest
 
 
-def reference_checkpoint(manifest: dict[str, Any], reference: str | None, offline: bool | None,
-                         trust_remote_code: bool) -> Checkpoint:
+def reference_checkpoint(
+    manifest: dict[str, Any], reference: str | None, offline: bool | None, trust_remote_code: bool
+) -> Checkpoint:
     """The checkpoint the bundle was exported from, checked by content hash."""
     src = manifest["source"]
     if reference:
@@ -32,19 +35,28 @@ def reference_checkpoint(manifest: dict[str, Any], reference: str | None, offlin
     elif src.get("path") and Path(src["path"]).is_dir():
         ck = resolve(src["path"], trust_remote_code=trust_remote_code)
     elif src.get("alias") or src.get("hub_id"):
-        ck = resolve(src.get("alias") or src["hub_id"], revision=src.get("revision"), offline=offline,
-                     trust_remote_code=trust_remote_code)
+        ck = resolve(
+            src.get("alias") or src["hub_id"],
+            revision=src.get("revision"),
+            offline=offline,
+            trust_remote_code=trust_remote_code,
+        )
     else:
-        raise BadInput(f"the checkpoint this bundle was exported from is gone ({src.get('path')})",
-                       "Pass --reference PATH to the original checkpoint")
+        raise BadInput(
+            f"the checkpoint this bundle was exported from is gone ({src.get('path')})",
+            "Pass --reference PATH to the original checkpoint",
+        )
     if src.get("content_sha256") and content_hash(ck.path) != src["content_sha256"]:
-        raise BadInput(f"the reference checkpoint {ck.path} is not the one this bundle was exported from (content hash differs)",
-                       "Pass --reference with the original checkpoint")
+        raise BadInput(
+            f"the reference checkpoint {ck.path} is not the one this bundle was exported from (content hash differs)",
+            "Pass --reference with the original checkpoint",
+        )
     return ck
 
 
-def reference_checkpoints(bundles: Iterable[str | Path], reference: str | None, offline: bool | None,
-                          trust_remote_code: bool) -> dict[str, Checkpoint]:
+def reference_checkpoints(
+    bundles: Iterable[str | Path], reference: str | None, offline: bool | None, trust_remote_code: bool
+) -> dict[str, Checkpoint]:
     """checkpoint content sha256 -> the checkpoint each bundle was exported from (one per
     distinct checkpoint, so bundles of several models can be evaluated in one run)."""
     refs: dict[str, Checkpoint] = {}
@@ -91,8 +103,17 @@ def verify(
     try:
         limits = thresholds_for(manifest["format"], thresholds)
         checkpoint = reference_checkpoint(manifest, reference, offline, trust_remote_code)
-        report = verify_session(session, Path(bundle), manifest["format"], checkpoint, text, limits, window, progress,
-                                long_context=long_context)
+        report = verify_session(
+            session,
+            Path(bundle),
+            manifest["format"],
+            checkpoint,
+            text,
+            limits,
+            window,
+            progress,
+            long_context=long_context,
+        )
     finally:
         session.close()
     if write:
@@ -116,10 +137,18 @@ def print_parity(report: ParityReport) -> None:
     for col in ("metric", "value", "gate", "ok"):
         table.add_column(col)
     gates = {c.name: c for c in report.checks}
-    rows = [("kld_mean", report.kld_mean), ("kld_p99", report.kld_p99), ("top1_agreement", report.top1_agreement),
-            ("ppl_ref", report.ppl_ref), ("ppl_bundle", report.ppl_bundle), ("ppl_ratio", report.ppl_ratio),
-            ("delta_p_mean", report.delta_p_mean), ("greedy_match_tokens_mean", report.greedy_match_tokens_mean),
-            ("tokenizer_agreement", report.tokenizer_agreement), ("chat_template_match", report.chat_template_match)]
+    rows = [
+        ("kld_mean", report.kld_mean),
+        ("kld_p99", report.kld_p99),
+        ("top1_agreement", report.top1_agreement),
+        ("ppl_ref", report.ppl_ref),
+        ("ppl_bundle", report.ppl_bundle),
+        ("ppl_ratio", report.ppl_ratio),
+        ("delta_p_mean", report.delta_p_mean),
+        ("greedy_match_tokens_mean", report.greedy_match_tokens_mean),
+        ("tokenizer_agreement", report.tokenizer_agreement),
+        ("chat_template_match", report.chat_template_match),
+    ]
     for name, value in rows:
         c = gates.get(name)
         shown = str(value) if isinstance(value, bool) else f"{value:.4f}"
@@ -127,16 +156,26 @@ def print_parity(report: ParityReport) -> None:
     console = Console(stderr=True)
     console.print(table)
     ref = report.reference
-    console.print(f"{report.positions} positions, reference {ref['dtype']} ({'cached' if ref['cached'] else 'computed'}), "
-                  f"{report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB", highlight=False)
+    console.print(
+        f"{report.positions} positions, reference {ref['dtype']} ({'cached' if ref['cached'] else 'computed'}), "
+        f"{report.wall_s:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB",
+        highlight=False,
+    )
     for failure in report.tokenizer_failures[:5]:
         console.print(f"  tokenizer: {failure}", markup=False, highlight=False)
     lc = report.long_context
     if lc is not None:
-        after = (f"past it KLD {lc.kld_mean_after:.3g}, top-1 {lc.top1_after:.3f}" if lc.kld_mean_after is not None
-                 else "no position past it (the bundle's context ends first)")
-        console.print(f"long context: {lc.positions} positions across token {lc.boundary} (prompt {lc.prompt_tokens}, "
-                      f"then one at a time): {after}; before it KLD {lc.kld_mean_before:.3g}; parity holds to "
-                      f"{lc.parity_context} tokens {'✓' if lc.passed else '✗ FAIL'}", markup=False, highlight=False)
+        after = (
+            f"past it KLD {lc.kld_mean_after:.3g}, top-1 {lc.top1_after:.3f}"
+            if lc.kld_mean_after is not None
+            else "no position past it (the bundle's context ends first)"
+        )
+        console.print(
+            f"long context: {lc.positions} positions across token {lc.boundary} (prompt {lc.prompt_tokens}, "
+            f"then one at a time): {after}; before it KLD {lc.kld_mean_before:.3g}; parity holds to "
+            f"{lc.parity_context} tokens {'✓' if lc.passed else '✗ FAIL'}",
+            markup=False,
+            highlight=False,
+        )
         if lc.limit:
             console.print(f"  {lc.limit}", markup=False, highlight=False)

@@ -49,12 +49,12 @@ def _lying_header(d: Path) -> None:
     p = d / "model.safetensors"
     data = bytearray(p.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     key = next(k for k in header if k != "__metadata__")
     begin, end = header[key]["data_offsets"]
     header[key]["data_offsets"] = [begin, end + 10**9]  # claims a gigabyte the file does not have
     raw = json.dumps(header).encode()
-    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def _no_tokenizer(d: Path) -> None:
@@ -137,61 +137,201 @@ def _readonly(tmp: Path) -> Path:
 # (case id, category, build args from fixtures, exit code, substring of the one-line message)
 CASES = [
     ("missing path", "checkpoint", lambda f: ["export", f.tmp / "missing", "--out", f.out], 2, "no such directory"),
-    ("file instead of a directory", "checkpoint",
-     lambda f: ["export", f.ckpt(lambda d: None) / "config.json", "--out", f.out], 2, "is a file, not a checkpoint directory"),
-    ("directory without config.json", "checkpoint",
-     lambda f: ["export", f.ckpt(lambda d: (d / "config.json").unlink()), "--out", f.out], 2, "has no config.json"),
-    ("malformed config.json", "checkpoint",
-     lambda f: ["export", f.ckpt(lambda d: (d / "config.json").write_text("{not json")), "--out", f.out], 2, "is not valid JSON"),
-    ("unsupported architecture", "checkpoint",
-     lambda f: ["export", f.ckpt(lambda d: _config(d, architectures=["FooForCausalLM"])), "--out", f.out], 2,
-     "Supported: "),
-    ("truncated model.safetensors", "checkpoint",
-     lambda f: ["export", f.ckpt(_truncate), "--out", f.out], 2, "model.safetensors is truncated"),
-    ("safetensors header lying about sizes", "checkpoint",
-     lambda f: ["export", f.ckpt(_lying_header), "--out", f.out], 2, "is truncated: its header needs"),
-    ("missing tokenizer", "checkpoint", lambda f: ["export", f.ckpt(_no_tokenizer), "--out", f.out], 2, "has no tokenizer"),
-    ("tokenizer larger than the vocabulary", "checkpoint",
-     lambda f: ["export", f.ckpt(lambda d: _config(d, vocab_size=100)), "--out", f.out], 2, "vocab"),
-    ("pickle-only weights without --allow-pickle", "hostile",
-     lambda f: ["export", f.ckpt(lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin")), "--out", f.out], 2,
-     "--allow-pickle"),
-    ("config that needs remote code", "hostile",
-     lambda f: ["export", f.ckpt(lambda d: _config(d, auto_map={"AutoModelForCausalLM": "m.M"})), "--out", f.out], 2,
-     "--trust-remote-code"),
-    ("unknown target", "names", lambda f: ["export", f.tiny, "--target", "tflite", "--out", f.out], 2, "unknown target 'tflite'"),
+    (
+        "file instead of a directory",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(lambda d: None) / "config.json", "--out", f.out],
+        2,
+        "is a file, not a checkpoint directory",
+    ),
+    (
+        "directory without config.json",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(lambda d: (d / "config.json").unlink()), "--out", f.out],
+        2,
+        "has no config.json",
+    ),
+    (
+        "malformed config.json",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(lambda d: (d / "config.json").write_text("{not json")), "--out", f.out],
+        2,
+        "is not valid JSON",
+    ),
+    (
+        "unsupported architecture",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(lambda d: _config(d, architectures=["FooForCausalLM"])), "--out", f.out],
+        2,
+        "Supported: ",
+    ),
+    (
+        "truncated model.safetensors",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(_truncate), "--out", f.out],
+        2,
+        "model.safetensors is truncated",
+    ),
+    (
+        "safetensors header lying about sizes",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(_lying_header), "--out", f.out],
+        2,
+        "is truncated: its header needs",
+    ),
+    (
+        "missing tokenizer",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(_no_tokenizer), "--out", f.out],
+        2,
+        "has no tokenizer",
+    ),
+    (
+        "tokenizer larger than the vocabulary",
+        "checkpoint",
+        lambda f: ["export", f.ckpt(lambda d: _config(d, vocab_size=100)), "--out", f.out],
+        2,
+        "vocab",
+    ),
+    (
+        "pickle-only weights without --allow-pickle",
+        "hostile",
+        lambda f: [
+            "export",
+            f.ckpt(lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin")),
+            "--out",
+            f.out,
+        ],
+        2,
+        "--allow-pickle",
+    ),
+    (
+        "config that needs remote code",
+        "hostile",
+        lambda f: ["export", f.ckpt(lambda d: _config(d, auto_map={"AutoModelForCausalLM": "m.M"})), "--out", f.out],
+        2,
+        "--trust-remote-code",
+    ),
+    (
+        "unknown target",
+        "names",
+        lambda f: ["export", f.tiny, "--target", "tflite", "--out", f.out],
+        2,
+        "unknown target 'tflite'",
+    ),
     ("unknown profile", "names", lambda f: ["bench", f.bundle(), "--profile", "watch"], 2, "unknown profile 'watch'"),
     ("unknown alias", "names", lambda f: ["export", "phi9-mega", "--out", f.out], 2, "not a directory, a hub id"),
-    ("uncached hub id with --offline", "names",
-     lambda f: ["export", "some-org/never-cached", "--offline", "--out", f.out], 2, "local"),
-    ("unknown recipe key", "names", lambda f: ["export", f.tiny, "--set", "bits=3", "--out", f.out], 2, "unknown key 'bits'"),
-    ("malformed targets/*.toml", "config",
-     lambda f: f.env_targets(lambda t: (t / "gguf-q4_k_m.toml").write_text("[format\n"), ["targets"]), 2, "malformed TOML"),
-    ("unknown key in targets/*.toml", "config",
-     lambda f: f.env_targets(lambda t: (t / "onnx-int4.toml").write_text((t / "onnx-int4.toml").read_text() + "\n[extras]\n"),
-                             ["targets"]), 2, "unknown key 'extras'"),
-    ("unknown key in a profile", "config",
-     lambda f: f.env_targets(lambda t: (t / "profiles.toml").write_text((t / "profiles.toml").read_text() + "\n[profiles.x]\ncores = 2\n"),
-                             ["targets"]), 2, "unknown key 'cores'"),
-    ("malformed edgekit.toml", "config",
-     lambda f: ["build", "--config", _toml(f.tmp, "[build\n"), "--out", f.out], 2, "malformed TOML"),
-    ("unknown key in edgekit.toml", "config",
-     lambda f: ["build", "--config", _toml(f.tmp, '[[model]]\nsource = "x"\nquantize = 4\n'), "--out", f.out], 2,
-     "edgekit.toml:3: unknown key 'quantize'"),
-    ("--out in a read-only directory", "output",
-     lambda f: ["export", f.tiny, "--out", _readonly(f.tmp) / "b"], 2, "cannot write to"),
+    (
+        "uncached hub id with --offline",
+        "names",
+        lambda f: ["export", "some-org/never-cached", "--offline", "--out", f.out],
+        2,
+        "local",
+    ),
+    (
+        "unknown recipe key",
+        "names",
+        lambda f: ["export", f.tiny, "--set", "bits=3", "--out", f.out],
+        2,
+        "unknown key 'bits'",
+    ),
+    (
+        "malformed targets/*.toml",
+        "config",
+        lambda f: f.env_targets(lambda t: (t / "gguf-q4_k_m.toml").write_text("[format\n"), ["targets"]),
+        2,
+        "malformed TOML",
+    ),
+    (
+        "unknown key in targets/*.toml",
+        "config",
+        lambda f: f.env_targets(
+            lambda t: (t / "onnx-int4.toml").write_text((t / "onnx-int4.toml").read_text() + "\n[extras]\n"),
+            ["targets"],
+        ),
+        2,
+        "unknown key 'extras'",
+    ),
+    (
+        "unknown key in a profile",
+        "config",
+        lambda f: f.env_targets(
+            lambda t: (t / "profiles.toml").write_text(
+                (t / "profiles.toml").read_text() + "\n[profiles.x]\ncores = 2\n"
+            ),
+            ["targets"],
+        ),
+        2,
+        "unknown key 'cores'",
+    ),
+    (
+        "malformed edgekit.toml",
+        "config",
+        lambda f: ["build", "--config", _toml(f.tmp, "[build\n"), "--out", f.out],
+        2,
+        "malformed TOML",
+    ),
+    (
+        "unknown key in edgekit.toml",
+        "config",
+        lambda f: ["build", "--config", _toml(f.tmp, '[[model]]\nsource = "x"\nquantize = 4\n'), "--out", f.out],
+        2,
+        "edgekit.toml:3: unknown key 'quantize'",
+    ),
+    (
+        "--out in a read-only directory",
+        "output",
+        lambda f: ["export", f.tiny, "--out", _readonly(f.tmp) / "b"],
+        2,
+        "cannot write to",
+    ),
     ("--out exists and is not empty", "output", lambda f: ["export", f.tiny, "--out", f.nonempty()], 2, "--force"),
     ("not a bundle", "bundle", lambda f: ["run", f.tmp, "--prompt", "hi"], 2, "not an edgekit bundle"),
-    ("manifest with a wrong schema version", "bundle", lambda f: ["run", f.bundle(_schema), "--prompt", "hi"], 4, "schema_version"),
-    ("corrupted model file in a bundle", "bundle", lambda f: ["run", f.bundle(_corrupt), "--prompt", "hi"], 4,
-     "'model.gguf' does not match its sha256"),
+    (
+        "manifest with a wrong schema version",
+        "bundle",
+        lambda f: ["run", f.bundle(_schema), "--prompt", "hi"],
+        4,
+        "schema_version",
+    ),
+    (
+        "corrupted model file in a bundle",
+        "bundle",
+        lambda f: ["run", f.bundle(_corrupt), "--prompt", "hi"],
+        4,
+        "'model.gguf' does not match its sha256",
+    ),
     ("truncated tarball", "bundle", lambda f: ["validate", _tarball(f.tiny_gguf, f.tmp, cut=True)], 4, "truncated"),
-    ("tarball with a path escaping the destination", "hostile", lambda f: ["validate", _evil_tar(f.tmp)], 4, "escapes the destination"),
+    (
+        "tarball with a path escaping the destination",
+        "hostile",
+        lambda f: ["validate", _evil_tar(f.tmp)],
+        4,
+        "escapes the destination",
+    ),
     ("empty eval text", "verify", lambda f: ["verify", f.bundle(), "--eval-text", _text(f.tmp, "")], 2, "empty"),
-    ("eval text shorter than two tokens", "verify", lambda f: ["verify", f.bundle(), "--eval-text", _text(f.tmp, "a")], 2, "token"),
+    (
+        "eval text shorter than two tokens",
+        "verify",
+        lambda f: ["verify", f.bundle(), "--eval-text", _text(f.tmp, "a")],
+        2,
+        "token",
+    ),
     ("--reps 0", "bench", lambda f: ["bench", f.bundle(), "--reps", "0"], 2, "--reps"),
-    ("prompt longer than the context", "bench", lambda f: ["bench", f.bundle(), "--prompt-tokens", "100000"], 2, "context"),
-    ("--shard out of range", "config", lambda f: ["build", "--shard", "3/2", "--out", f.out], 2, "K must be between 1 and N"),
+    (
+        "prompt longer than the context",
+        "bench",
+        lambda f: ["bench", f.bundle(), "--prompt-tokens", "100000"],
+        2,
+        "context",
+    ),
+    (
+        "--shard out of range",
+        "config",
+        lambda f: ["build", "--shard", "3/2", "--out", f.out],
+        2,
+        "K must be between 1 and N",
+    ),
 ]
 
 
@@ -232,8 +372,9 @@ def test_bad_input(case, tmp_path, tiny_phi3, tiny_gguf):
     before = {str(b): _snapshot(b) for b in f.watched}
     out_existed = f.out.exists()
     try:
-        r = subprocess.run([EDGEKIT, *args], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, **f.env}, cwd=tmp_path)
+        r = subprocess.run(
+            [EDGEKIT, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **f.env}, cwd=tmp_path
+        )
     finally:
         for m in tmp_path.glob("ro"):
             subprocess.run(["umount", str(m)], capture_output=True)
@@ -245,9 +386,14 @@ def test_bad_input(case, tmp_path, tiny_phi3, tiny_gguf):
     changed = [b for b, snap in before.items() if _snapshot(Path(b)) != snap]
     if out_existed:
         assert sorted(p.name for p in f.out.iterdir()) == ["keep.txt"]
-    record("bad input", category, name, f"exit {r.returncode}",
-           passed=r.returncode == code and ok_line and expect in r.stderr and not written and not changed,
-           half_written=len(written) + len(changed))
+    record(
+        "bad input",
+        category,
+        name,
+        f"exit {r.returncode}",
+        passed=r.returncode == code and ok_line and expect in r.stderr and not written and not changed,
+        half_written=len(written) + len(changed),
+    )
     assert r.returncode == code, r.stderr
     assert ok_line, r.stderr
     assert expect in lines[0], lines[0]

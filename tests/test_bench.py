@@ -30,6 +30,7 @@ def invoke(*args):
 
 # --- one timed trial = one generation of gen_tokens tokens -------------------------------------
 
+
 @pytest.mark.slow
 def test_llama_trial_is_one_generation_of_the_requested_length(tiny_gguf):
     from edgekit.formats.gguf_q4km.recipe import MODEL_FILE
@@ -87,11 +88,17 @@ def test_onnx_trial_is_one_generation_of_the_requested_length(tiny_onnx):
             options.append(kw)
             super().set_search_options(**kw)
 
-    session._og = SimpleNamespace(GeneratorParams=Params,
-                                  Generator=lambda model, params: _CountingGenerator(og.Generator(model, params), log))
+    session._og = SimpleNamespace(
+        GeneratorParams=Params, Generator=lambda model, params: _CountingGenerator(og.Generator(model, params), log)
+    )
     prompt = bench_child.prompt_ids(session.encode, 12)
-    trials = bench_child.run_trials(lambda p, n, probe=None: session.timed_generate(p, n, probe, max_length=64),
-                                 prompt, gen_tokens=5, reps=2, warmup=1)
+    trials = bench_child.run_trials(
+        lambda p, n, probe=None: session.timed_generate(p, n, probe, max_length=64),
+        prompt,
+        gen_tokens=5,
+        reps=2,
+        warmup=1,
+    )
     assert [t.n_generated for t in trials] == [5, 5]
     assert log == [{"append": [12], "next": 5}] * 3  # warm-up + 2 reps, one generator each
     assert all(o["min_length"] == o["max_length"] == 64 and o["do_sample"] is False for o in options)
@@ -114,6 +121,7 @@ def test_run_trials_warms_up_then_probes_only_the_last_rep():
 
 # --- the command --------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_bench_json_on_both_formats_writes_manifest_and_jsonl(tiny_gguf, tiny_onnx, tmp_path):
     out = tmp_path / "bench.jsonl"
@@ -132,7 +140,9 @@ def test_bench_json_on_both_formats_writes_manifest_and_jsonl(tiny_gguf, tiny_on
         assert r["model_bytes"] > 0 and r["kv_bytes_per_token"] > 0 and r["bytes_per_token"] > r["model_bytes"]
         # (a tiny model on a loaded machine can round to 0.000: check the figure, not its size)
         assert r["read_bandwidth_gbs"] > 0
-        assert r["bandwidth_utilization"] == round(r["decode_tok_s"] * r["bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9), 3)
+        assert r["bandwidth_utilization"] == round(
+            r["decode_tok_s"] * r["bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9), 3
+        )
         # the KV cache is allocated for the whole context: its share of the peak is reported
         assert r["kv_cache_mb"] == round(r["kv_bytes_per_token"] * r["context"] / 2**20, 1) > 0
         assert r["kv_share_of_peak"] == round(r["kv_cache_mb"] / r["peak_rss_mb"], 3)
@@ -194,8 +204,9 @@ def test_metal_profile_on_linux_records_what_it_substituted(tiny_gguf):
 
 @pytest.mark.slow
 def test_mobile_budget_exceeded_exits_3_after_reporting(tiny_onnx):
-    result = invoke("bench", tiny_onnx, "--profile", "mobile-onnx", *FAST, "--set", "max_peak_rss_mb=1",
-                    "--json", "--no-manifest")
+    result = invoke(
+        "bench", tiny_onnx, "--profile", "mobile-onnx", *FAST, "--set", "max_peak_rss_mb=1", "--json", "--no-manifest"
+    )
     assert result.exit_code == 3, result.output
     [r] = json.loads(result.stdout)
     assert not r["passed"] and "max_peak_rss_mb" in r["budget_failures"][0]
@@ -226,8 +237,10 @@ def test_child_peak_rss_is_its_own_not_the_parents(tiny_onnx):
         (["{onnx}", "--profile", "tablet"], "unknown profile 'tablet'"),
         (["{gguf}", "--profile", "mobile-onnx"], "profile mobile-onnx does not take gguf-q4_k_m"),
         (["{onnx}", "--reps", "0"], "--reps must be at least 1"),
-        (["{onnx}", "--profile", "mobile-onnx", "--prompt-tokens", "2000", "--gen-tokens", "100"],
-         "exceed the context of 2048"),
+        (
+            ["{onnx}", "--profile", "mobile-onnx", "--prompt-tokens", "2000", "--gen-tokens", "100"],
+            "exceed the context of 2048",
+        ),
         (["{gguf}", "--gen-tokens", "1"], "--gen-tokens must be at least 2"),
         (["{onnx}", "--set", "max_rss=1"], "unknown key 'max_rss'"),
         (["{onnx}", "--output", "{tmp}/no/such/dir/x.jsonl"], "does not exist"),
@@ -235,8 +248,13 @@ def test_child_peak_rss_is_its_own_not_the_parents(tiny_onnx):
 )
 def test_bad_input_exits_2_with_one_line_and_runs_nothing(tiny_gguf, tiny_onnx, tmp_path, args, expect):
     (tmp_path / "empty").mkdir()
-    subs = {"{empty}": tmp_path / "empty", "{missing}": tmp_path / "missing", "{onnx}": tiny_onnx,
-            "{gguf}": tiny_gguf, "{tmp}": tmp_path}
+    subs = {
+        "{empty}": tmp_path / "empty",
+        "{missing}": tmp_path / "missing",
+        "{onnx}": tiny_onnx,
+        "{gguf}": tiny_gguf,
+        "{tmp}": tmp_path,
+    }
     args = [str(subs.get(a, a)).replace("{tmp}", str(tmp_path)) for a in args]
     before = {b: (b / "manifest.json").read_bytes() for b in (tiny_gguf, tiny_onnx)}
     result = invoke("bench", *args)
@@ -267,7 +285,14 @@ def test_the_parent_never_imports_a_runtime(tiny_gguf, tiny_onnx):
 def test_a_profile_accuracy_level_the_bundle_lacks_is_recorded(tiny_onnx):
     from edgekit import api
 
-    [r] = api.bench([tiny_onnx], profile="mobile-onnx", prompt_tokens=8, gen_tokens=2, reps=1, write_manifest=False,
-                    overrides={"accuracy_level": 1})
+    [r] = api.bench(
+        [tiny_onnx],
+        profile="mobile-onnx",
+        prompt_tokens=8,
+        gen_tokens=2,
+        reps=1,
+        write_manifest=False,
+        overrides={"accuracy_level": 1},
+    )
     assert r.accuracy_level == 4  # what the graph carries
     assert any(s.startswith("accuracy_level: the profile asks for 1") for s in r.substitutions)

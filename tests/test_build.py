@@ -173,7 +173,9 @@ def test_unchanged_inputs_are_reused_and_a_baseline_regression_fails(built, conf
     onnx = res["entries"][1]
     failed = [g for g in onnx["gates"] if not g["passed"]]
     assert [g["name"] for g in failed] == ["kld_mean"] and failed[0]["kind"] == "regression"
-    assert failed[0]["delta"] == pytest.approx(onnx["parity"]["kld_mean"] - doc["entries"][1]["parity"]["kld_mean"], abs=1e-6)
+    assert failed[0]["delta"] == pytest.approx(
+        onnx["parity"]["kld_mean"] - doc["entries"][1]["parity"]["kld_mean"], abs=1e-6
+    )
     assert res["entries"][0]["status"] == "ok"  # the other entry compared equal
     assert "tiny-onnx-int4" in r.stderr.splitlines()[-1] and "kld_mean" in r.stderr.splitlines()[-1]
     # The same baseline without the doctored figure passes.
@@ -187,8 +189,9 @@ def test_failing_entries_do_not_stop_the_matrix_and_the_worst_code_wins(built, c
     work = tmp_path / "dist"
     shutil.copytree(out, work)
     cfg = tmp_path / "edgekit.toml"
-    text = config.read_text().replace("thresholds.gguf-q4_k_m = { kld_mean_max = 50.0",
-                                      "thresholds.gguf-q4_k_m = { kld_mean_max = 0.0")
+    text = config.read_text().replace(
+        "thresholds.gguf-q4_k_m = { kld_mean_max = 50.0", "thresholds.gguf-q4_k_m = { kld_mean_max = 0.0"
+    )
     cfg.write_text(text + '\n[[model]]\nsource = "./no-such-checkpoint"\nname = "missing"\nformats = ["gguf-q4_k_m"]\n')
     r = cli("build", "--config", cfg, "--out", work, "--json")
     res = {e["id"]: e for e in json.loads(r.stdout)["entries"]}
@@ -264,15 +267,27 @@ def test_report_renders_its_plots_in_headless_chromium(built, tmp_path):
     r = cli("report", out, "--out", tmp_path / "missing-dir" / "r.html")
     assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "missing-dir").exists()
     png = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={png}", "--window-size=1100,2600", html.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={png}",
+            "--window-size=1100,2600",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     img = Image.open(png).convert("RGB")
     assert img.size == (1100, 2600)
     colors = img.getcolors(maxcolors=1 << 20)
 
     def near(hex_color, alpha=1.0, tol=30):
-        rgb = [int(hex_color[i:i + 2], 16) * alpha + 255 * (1 - alpha) for i in (1, 3, 5)]  # over white
+        rgb = [int(hex_color[i : i + 2], 16) * alpha + 255 * (1 - alpha) for i in (1, 3, 5)]  # over white
         return sum(n for n, c in colors if all(abs(a - b) <= tol for a, b in zip(c, rgb)))
 
     from edgekit.report import FORMAT_COLORS, POINT_ALPHA
@@ -307,9 +322,9 @@ def test_the_example_config_in_the_repo_is_valid(tmp_path):
     assert cfg.jobs()[0].budgets(cfg, "laptop-cpu")["max_peak_rss_mb"] == 2048
     # Its commented second model is valid too once uncommented.
     text = (ROOT / "edgekit.toml").read_text()
-    tail = text[text.index("# [[model]]"):]
+    tail = text[text.index("# [[model]]") :]
     uncommented = "\n".join(line[2:].split("  #")[0] if line.startswith("# ") else line for line in tail.splitlines())
-    (tmp_path / "edgekit.toml").write_text(text[:text.index("# A second model")] + uncommented)
+    (tmp_path / "edgekit.toml").write_text(text[: text.index("# A second model")] + uncommented)
     cfg = load_config(tmp_path / "edgekit.toml")
     phi = next(j for j in cfg.jobs() if j.id == "phi3-mini-onnx-int4")
     assert phi.profiles == ("laptop-cpu", "mobile-onnx")

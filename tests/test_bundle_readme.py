@@ -28,8 +28,11 @@ def test_onnx_readme_loop_runs_in_plain_onnxruntime_genai(tiny_onnx):
 
 
 def test_gguf_readme_snippet_runs_in_plain_llama_cpp(tiny_gguf):
-    code = _snippet(tiny_gguf).replace("n_ctx=4096", "n_ctx=256, verbose=False").replace(
-        "create_chat_completion(", "create_chat_completion(max_tokens=8, ")
+    code = (
+        _snippet(tiny_gguf)
+        .replace("n_ctx=4096", "n_ctx=256, verbose=False")
+        .replace("create_chat_completion(", "create_chat_completion(max_tokens=8, ")
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=tiny_gguf, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ollama create" in (tiny_gguf / "README.md").read_text()

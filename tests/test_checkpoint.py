@@ -45,8 +45,16 @@ def test_valid_local_checkpoint(tmp_path):
         (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-3]), "truncated"),
         (lambda d: _write_safetensors(d / "model.safetensors", lie=64), "truncated"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 16), "not a valid safetensors"),
-        (lambda d: (d / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "z": 99}}})), "vocab_size is 10"),
-        (lambda d: (d / "config.json").write_text(json.dumps({"architectures": ["X"], "auto_map": {"AutoModel": "m.X"}})), "--trust-remote-code"),
+        (
+            lambda d: (d / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "z": 99}}})),
+            "vocab_size is 10",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({"architectures": ["X"], "auto_map": {"AutoModel": "m.X"}})
+            ),
+            "--trust-remote-code",
+        ),
     ],
 )
 def test_bad_checkpoints_are_refused_with_a_fix(tmp_path, mutate, expect):

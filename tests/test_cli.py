@@ -86,9 +86,11 @@ def test_help_is_fast_and_imports_no_runtime():
     import subprocess
     import sys
 
-    code = ("import sys; from edgekit.cli import cli\n"
-            "try:\n    cli(['--help'])\nexcept SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'llama_cpp', 'onnxruntime_genai') if m in sys.modules]\n"
-            "print(heavy, file=sys.stderr); sys.exit(len(heavy))")
+    code = (
+        "import sys; from edgekit.cli import cli\n"
+        "try:\n    cli(['--help'])\nexcept SystemExit: pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'llama_cpp', 'onnxruntime_genai') if m in sys.modules]\n"
+        "print(heavy, file=sys.stderr); sys.exit(len(heavy))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -73,7 +73,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
     def broken(spec, out, progress):
         (out / "model.safetensors").write_bytes(b"half")
-        raise KeyboardInterrupt   # as if the user pressed Ctrl-C mid-build
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-build
 
     monkeypatch.setattr(embedded, "_build", broken)
     with pytest.raises(KeyboardInterrupt):
@@ -126,14 +126,12 @@ def test_smollm2_tokenizer_is_repaired(smollm2):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2)
-    assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id) == \
-        ("<|im_start|>", 1, "<|im_end|>", 2)
+    assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id) == ("<|im_start|>", 1, "<|im_end|>", 2)
     ids = tok.encode("Hello 123")
-    assert ids[0] != tok.bos_token_id                      # no BOS added
+    assert ids[0] != tok.bos_token_id  # no BOS added
     assert tok.convert_ids_to_tokens(ids)[-3:] == ["1", "2", "3"]  # digits split one by one
-    assert tok.decode(ids) == "Hello 123"                  # byte-level decoder: no literal Ġ
-    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                   tokenize=False)
+    assert tok.decode(ids) == "Hello 123"  # byte-level decoder: no literal Ġ
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
@@ -148,4 +146,4 @@ def test_smollm2_knows_paris(smollm2):
     assert model.dtype == torch.float32
     inputs = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :])

@@ -21,11 +21,30 @@ pytestmark = pytest.mark.slow  # eval runs the bundles in their runtimes
 
 EDGEKIT = [str(Path(sys.executable).parent / "edgekit")]
 TINY_TASKS = [
-    {"id": "raw", "prompt": "The capital of France is", "expected": "Paris", "match": "contains", "max_tokens": 6, "group": "g"},
-    {"id": "chat", "messages": [{"role": "user", "content": "Capital of France?"}], "expected": "Paris",
-     "match": "contains", "max_tokens": 6, "group": "g"},
-    {"id": "mc", "prompt": "The capital of France is", "match": "choice", "choices": ["Paris", "Rome", "Oslo"],
-     "expected": "Paris", "group": "g"},
+    {
+        "id": "raw",
+        "prompt": "The capital of France is",
+        "expected": "Paris",
+        "match": "contains",
+        "max_tokens": 6,
+        "group": "g",
+    },
+    {
+        "id": "chat",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "expected": "Paris",
+        "match": "contains",
+        "max_tokens": 6,
+        "group": "g",
+    },
+    {
+        "id": "mc",
+        "prompt": "The capital of France is",
+        "match": "choice",
+        "choices": ["Paris", "Rome", "Oslo"],
+        "expected": "Paris",
+        "group": "g",
+    },
 ]
 
 
@@ -55,8 +74,11 @@ def _copy(bundle: Path, dest: Path) -> Path:
 def test_eval_cli_on_a_tiny_bundle_writes_manifest_output_and_one_json_document(tiny_gguf, tiny_tasks, tmp_path):
     b = _copy(tiny_gguf, tmp_path / "b")
     out = tmp_path / "items.jsonl"
-    r = subprocess.run([*EDGEKIT, "eval", str(b), "--tasks", str(tiny_tasks), "--output", str(out), "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "eval", str(b), "--tasks", str(tiny_tasks), "--output", str(out), "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)  # exactly one document
     assert "only 3 items" in r.stderr  # the fewer-than-30 warning, on stderr
@@ -78,8 +100,9 @@ def test_eval_cli_on_a_tiny_bundle_writes_manifest_output_and_one_json_document(
     stored = read_manifest(b)["eval"]
     assert list(stored) == [rec["tasks"]] and stored[rec["tasks"]]["accuracy"] == rec["accuracy"]
     validate(b)  # the manifest update keeps the bundle intact
-    r = subprocess.run([*EDGEKIT, "select", str(b), "--stored", "--tasks", str(tiny_tasks), "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "select", str(b), "--stored", "--tasks", str(tiny_tasks), "--json"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["selection"]["pick"] == str(b)
 
@@ -101,8 +124,22 @@ def test_eval_bad_inputs_are_one_line_exit_2(tiny_gguf, tiny_tasks, tmp_path):
 
 def test_eval_pick_exits_3_when_no_bundle_is_feasible(tiny_gguf, tiny_tasks, tmp_path):
     b = _copy(tiny_gguf, tmp_path / "b")
-    r = subprocess.run([*EDGEKIT, "eval", str(b), "--tasks", str(tiny_tasks), "--no-reference", "--pick",
-                        "--max-rss-mb", "1", "--no-manifest"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *EDGEKIT,
+            "eval",
+            str(b),
+            "--tasks",
+            str(tiny_tasks),
+            "--no-reference",
+            "--pick",
+            "--max-rss-mb",
+            "1",
+            "--no-manifest",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 3, r.stderr
     assert "nearest miss: b (peak RSS" in r.stderr.splitlines()[-1]
     assert "eval" not in read_manifest(b)  # --no-manifest
@@ -110,8 +147,22 @@ def test_eval_pick_exits_3_when_no_bundle_is_feasible(tiny_gguf, tiny_tasks, tmp
 
 def test_select_runs_eval_when_given_bundles(tiny_gguf, tiny_onnx, tiny_tasks, tmp_path):
     a, b = _copy(tiny_gguf, tmp_path / "a"), _copy(tiny_onnx, tmp_path / "b")
-    r = subprocess.run([*EDGEKIT, "select", str(a), str(b), "--tasks", str(tiny_tasks), "--no-reference",
-                        "--max-rss-mb", "100000", "--json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *EDGEKIT,
+            "select",
+            str(a),
+            str(b),
+            "--tasks",
+            str(tiny_tasks),
+            "--no-reference",
+            "--max-rss-mb",
+            "100000",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     sel = json.loads(r.stdout)["selection"]
     assert sel["pick"] in (str(a), str(b)) and sel["front"]
@@ -120,8 +171,11 @@ def test_select_runs_eval_when_given_bundles(tiny_gguf, tiny_onnx, tiny_tasks, t
     other = next(v for n, v in verdicts.items() if n != sel["pick"])
     assert other["reason"] and not other["picked"]
     # the constraint that needs a reference cannot be met without one: exit 3, nearest miss named
-    r = subprocess.run([*EDGEKIT, "select", str(a), "--tasks", str(tiny_tasks), "--no-reference",
-                        "--max-accuracy-drop", "0.5"], capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "select", str(a), "--tasks", str(tiny_tasks), "--no-reference", "--max-accuracy-drop", "0.5"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 3 and "accuracy drop unknown" in r.stderr.splitlines()[-1]
 
 
@@ -144,8 +198,14 @@ def smol_eval(smol_onnx, smol_tasks, tmp_path_factory):
     else:
         pytest.fail("no lm_head scale initializer")
     (damaged / "model.onnx.data").unlink()
-    onnx.save_model(model, str(damaged / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(damaged / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     write_manifest(damaged, read_manifest(damaged))  # re-hash: the damage must reach eval, not validate
 
     # A template written for another message schema ({"text": ...}): every message renders empty.
@@ -184,7 +244,7 @@ def test_reference_answers_equal_transformers_generate(smol_eval, smollm2_dir, s
         assert list(item.prompt_ids) == list(ids), task.id
         with torch.inference_mode():
             out = model.generate(torch.tensor([ids]), max_new_tokens=task.max_tokens, do_sample=False)
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         assert item.answer == tok.decode(new, skip_special_tokens=True), task.id
         checked += 1
     assert checked == 12
@@ -213,7 +273,12 @@ def test_chat_template_drift_costs_chat_items_only(smol_eval):
     right = sum(g.correct for g, _ in chat)
     assert right >= 4 and sum(d.correct for _, d in chat) <= right // 2
     for g, d in raw:  # same weights, same tokenizer: raw prompts answer exactly as before
-        assert (g.prompt_ids, g.answer, g.correct, g.choice_probs) == (d.prompt_ids, d.answer, d.correct, d.choice_probs)
+        assert (g.prompt_ids, g.answer, g.correct, g.choice_probs) == (
+            d.prompt_ids,
+            d.answer,
+            d.correct,
+            d.choice_probs,
+        )
     for g, d in chat:
         assert g.prompt_ids != d.prompt_ids  # the drift is in what the template renders
 
@@ -260,7 +325,10 @@ def test_build_with_eval_gates_fails_the_entry_and_reuses_by_task_hash(tiny_phi3
     assert not e2["reused"]  # the gates are part of the inputs
     r = subprocess.run([*EDGEKIT, "build", "--config", cfg, "--out", out, "--json"], capture_output=True, text=True)
     assert json.loads(r.stdout)["entries"][0]["reused"]
-    assert 'id="pick">' in (out / "report.html").read_text() and "<b>tiny-gguf-q4_k_m</b>" in (out / "report.html").read_text()
+    assert (
+        'id="pick">' in (out / "report.html").read_text()
+        and "<b>tiny-gguf-q4_k_m</b>" in (out / "report.html").read_text()
+    )
     _write(tmp_path / "tasks.jsonl", TINY_TASKS[:2])  # same path, other content: rebuilt
     r = subprocess.run([*EDGEKIT, "build", "--config", cfg, "--out", out, "--json"], capture_output=True, text=True)
     [e3] = json.loads(r.stdout)["entries"]

@@ -54,6 +54,7 @@ def _raw_genai_greedy(bundle: Path, prompt: str, n: int) -> str:
 
 # --- tiny Phi-3: the phi3 code path in seconds ---------------------------------------------
 
+
 @pytest.mark.slow
 def test_tiny_gguf_bundle(tiny_gguf):
     manifest = validate(tiny_gguf)
@@ -145,6 +146,7 @@ def test_recipe_override_is_typed(tiny_phi3, tmp_path):
 
 
 # --- SmolLM2-135M: real weights ------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_gguf_says_paris_in_raw_llama_cpp(smol_gguf):

@@ -29,8 +29,15 @@ def _default_sigint() -> None:
 
 def _start(args, **kw):
     # Its own session, so a signal reaches the converter children too, as a CI cancel would.
-    return subprocess.Popen([EDGEKIT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_default_sigint, **kw)
+    return subprocess.Popen(
+        [EDGEKIT, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
+        **kw,
+    )
 
 
 def _temps(parent: Path) -> list[Path]:
@@ -49,9 +56,16 @@ def _wait_for_temp(proc, parent: Path, timeout=120.0) -> bool:
 
 
 # (signal, seconds after the staging directory appeared): early (converter starting), middle, late.
-POINTS = [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.0), (signal.SIGKILL, 0.0),
-          (signal.SIGINT, 1.5), (signal.SIGTERM, 1.5), (signal.SIGKILL, 1.5),
-          (signal.SIGKILL, 3.0), (signal.SIGTERM, 3.0)]
+POINTS = [
+    (signal.SIGINT, 0.0),
+    (signal.SIGTERM, 0.0),
+    (signal.SIGKILL, 0.0),
+    (signal.SIGINT, 1.5),
+    (signal.SIGTERM, 1.5),
+    (signal.SIGKILL, 1.5),
+    (signal.SIGKILL, 3.0),
+    (signal.SIGTERM, 3.0),
+]
 
 
 @pytest.mark.parametrize("sig, delay", POINTS, ids=[f"{s.name}-{d}s" for s, d in POINTS])
@@ -72,28 +86,41 @@ def test_signal_during_export_leaves_nothing_and_a_rerun_succeeds(tiny_phi3, tmp
         assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted; nothing was written"], err
         assert not left, left  # cleaned up on the way out
     # The next run sweeps what a SIGKILL left behind and completes.
-    r = subprocess.run([EDGEKIT, "export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest, "-q"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [EDGEKIT, "export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest, "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     validate(dest)
     assert not _temps(dest.parent)
-    record("fault", f"export {sig.name}", f"{sig.name} {delay}s after staging began", f"exit {proc.returncode}, rerun ok",
-           passed=True, half_written=0)
+    record(
+        "fault",
+        f"export {sig.name}",
+        f"{sig.name} {delay}s after staging began",
+        f"exit {proc.returncode}, rerun ok",
+        passed=True,
+        half_written=0,
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_during_build_leaves_no_partial_outputs(tiny_phi3, tmp_path, sig):
     cfg = tmp_path / "edgekit.toml"
-    cfg.write_text(f'[build]\nformats = ["gguf-q4_k_m"]\nprofiles = []\n[[model]]\nsource = "{tiny_phi3}"\nname = "t"\n'
-                   '[model.thresholds.gguf-q4_k_m]\nkld_mean_max = 50.0\ntop1_agreement_min = 0.0\n'
-                   'ppl_ratio_max = 50.0\ntokenizer_agreement_min = 0.5\n')
+    cfg.write_text(
+        f'[build]\nformats = ["gguf-q4_k_m"]\nprofiles = []\n[[model]]\nsource = "{tiny_phi3}"\nname = "t"\n'
+        "[model.thresholds.gguf-q4_k_m]\nkld_mean_max = 50.0\ntop1_agreement_min = 0.0\n"
+        "ppl_ratio_max = 50.0\ntokenizer_agreement_min = 0.5\n"
+    )
     out = tmp_path / "dist"
     proc = _start(["build", "--config", cfg, "--out", out, "-q"])
     assert _wait_for_temp(proc, out), proc.communicate()[1]
     time.sleep(0.5)
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
-    assert not (out / "t-gguf-q4_k_m").exists() and not list(out.glob("*.tar.gz")) and not (out / "summary.json").exists()
+    assert (
+        not (out / "t-gguf-q4_k_m").exists() and not list(out.glob("*.tar.gz")) and not (out / "summary.json").exists()
+    )
     if sig != signal.SIGKILL:
         assert proc.returncode == 130 and "interrupted" in err and not _temps(out), err
     r = subprocess.run([EDGEKIT, "build", "--config", cfg, "--out", out, "-q"], capture_output=True, text=True)
@@ -102,8 +129,13 @@ def test_signal_during_build_leaves_no_partial_outputs(tiny_phi3, tmp_path, sig)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["entries"][0]["status"] == "ok"
     assert subprocess.run([EDGEKIT, "validate", out / "t-gguf-q4_k_m.tar.gz"], capture_output=True).returncode == 0
-    record("fault", f"build {sig.name}", f"{sig.name} 0.5 s into a build's export", f"exit {proc.returncode}, no outputs, rerun ok",
-           passed=True)
+    record(
+        "fault",
+        f"build {sig.name}",
+        f"{sig.name} 0.5 s into a build's export",
+        f"exit {proc.returncode}, no outputs, rerun ok",
+        passed=True,
+    )
 
 
 @pytest.fixture
@@ -122,8 +154,11 @@ def small_disk(tmp_path):
 def test_disk_full_names_the_cause_and_publishes_nothing(tiny_phi3, small_disk, target):
     dest = small_disk / "b"
     # --force: the preflight would refuse this destination up front (tested below).
-    r = subprocess.run([EDGEKIT, "export", tiny_phi3, "--target", target, "--no-verify", "--out", dest, "--force", "-q"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [EDGEKIT, "export", tiny_phi3, "--target", target, "--no-verify", "--out", dest, "--force", "-q"],
+        capture_output=True,
+        text=True,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1, r.stderr
     assert len(lines) == 1 and "disk full while exporting to" in lines[0] and str(dest) in lines[0], r.stderr
@@ -134,18 +169,32 @@ def test_disk_full_names_the_cause_and_publishes_nothing(tiny_phi3, small_disk, 
 def test_preflight_refuses_a_host_too_small_and_force_overrides(tiny_phi3, tmp_path):
     dest = tmp_path / "b"
     env = {**os.environ, "EDGEKIT_PREFLIGHT_RAM_MB": "64"}
-    r = subprocess.run([EDGEKIT, "export", tiny_phi3, "--target", "onnx-int4", "--no-verify", "--out", dest],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [EDGEKIT, "export", tiny_phi3, "--target", "onnx-int4", "--no-verify", "--out", dest],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "GiB of RAM; this host has 0.1 GiB available" in r.stderr and "--force" in r.stderr
     assert not dest.exists()
     env = {**os.environ, "EDGEKIT_PREFLIGHT_DISK_MB": "1"}
-    r = subprocess.run([EDGEKIT, "export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [EDGEKIT, "export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "MiB of free disk at the destination; it has 1 MiB" in r.stderr and not dest.exists()
-    r = subprocess.run([EDGEKIT, "export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest, "--force", "-q"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [EDGEKIT, "export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest, "--force", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
-    record("fault", "preflight", "RAM and disk short, then --force", "exit 2 with figures; --force exports", passed=True)
+    record(
+        "fault", "preflight", "RAM and disk short, then --force", "exit 2 with figures; --force exports", passed=True
+    )
 
 
 def test_preflight_estimate_covers_the_measured_smollm2_exports(smollm2_dir):
@@ -162,12 +211,16 @@ def test_concurrent_exports_into_one_destination(tiny_phi3, tmp_path):
     from edgekit.bundle import validate
 
     dest = tmp_path / "b"
-    procs = [_start(["export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest, "-q"]) for _ in range(2)]
+    procs = [
+        _start(["export", tiny_phi3, "--target", "gguf-q4_k_m", "--no-verify", "--out", dest, "-q"]) for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
-    assert ("another edgekit process" in loser and str(dest.parent) in loser) or "exists and is not empty" in loser, loser
+    assert ("another edgekit process" in loser and str(dest.parent) in loser) or "exists and is not empty" in loser, (
+        loser
+    )
     validate(dest)
     assert not _temps(tmp_path)
     record("fault", "concurrency", "two exports into one --out", "one exit 0, one exit 2; bundle valid", passed=True)
@@ -178,12 +231,16 @@ def test_concurrent_builds_into_one_output_directory(tmp_path):
 
     out = tmp_path / "dist"
     with output_lock(out):
-        r = subprocess.run([EDGEKIT, "build", "--config", "/nonexistent.toml", "--out", out], capture_output=True, text=True)
+        r = subprocess.run(
+            [EDGEKIT, "build", "--config", "/nonexistent.toml", "--out", out], capture_output=True, text=True
+        )
         assert r.returncode == 2  # config errors come first; now a real config:
         cfg = tmp_path / "edgekit.toml"
         cfg.write_text('[[model]]\nsource = "smollm2-135m"\n')
         r = subprocess.run([EDGEKIT, "build", "--config", cfg, "--out", out], capture_output=True, text=True)
-        assert r.returncode == 2 and f"another edgekit process (pid {os.getpid()}) is writing to {out}" in r.stderr, r.stderr
+        assert r.returncode == 2 and f"another edgekit process (pid {os.getpid()}) is writing to {out}" in r.stderr, (
+            r.stderr
+        )
         with pytest.raises(Busy):
             with output_lock(out):
                 pass

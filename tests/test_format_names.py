@@ -33,11 +33,14 @@ def test_no_module_outside_formats_names_a_format():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if NAMES.search(line) and not any(text in line for text, _ in allowed):
                 leaks.append(f"edgekit/{rel}:{number}: {line.strip()}")
-    assert not leaks, "format names outside edgekit/formats/ (move the branch into the backend protocol):\n" + "\n".join(leaks)
+    assert not leaks, (
+        "format names outside edgekit/formats/ (move the branch into the backend protocol):\n" + "\n".join(leaks)
+    )
 
 
-PROTOCOL = sorted(name for name in dir(FormatBackend) if not name.startswith("_")) + \
-    sorted(FormatBackend.__annotations__)
+PROTOCOL = sorted(name for name in dir(FormatBackend) if not name.startswith("_")) + sorted(
+    FormatBackend.__annotations__
+)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

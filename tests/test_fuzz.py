@@ -23,13 +23,46 @@ ROOT = Path(__file__).resolve().parent.parent
 # derandomize: the same examples every run, so CI is stable and docs/reliability.md does not churn.
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
-KEYS = st.sampled_from(["format", "recipe", "thresholds", "tune", "profiles", "name", "description", "runtime",
-                        "model_files", "block_size", "threads", "formats", "context", "build", "model", "source",
-                        "budgets", "regression", "reps", "laptop-cpu", "onnx-int4", "gguf-q4_k_m", "set", "x"])
-SCALARS = st.one_of(st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
-                    st.text(max_size=12), st.sampled_from(["physical", "onnx-int4", "gguf-q4_k_m", "laptop-cpu", "."]))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)),
-                      max_leaves=12)
+KEYS = st.sampled_from(
+    [
+        "format",
+        "recipe",
+        "thresholds",
+        "tune",
+        "profiles",
+        "name",
+        "description",
+        "runtime",
+        "model_files",
+        "block_size",
+        "threads",
+        "formats",
+        "context",
+        "build",
+        "model",
+        "source",
+        "budgets",
+        "regression",
+        "reps",
+        "laptop-cpu",
+        "onnx-int4",
+        "gguf-q4_k_m",
+        "set",
+        "x",
+    ]
+)
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.sampled_from(["physical", "onnx-int4", "gguf-q4_k_m", "laptop-cpu", "."]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def toml_value(v) -> str:
@@ -77,7 +110,7 @@ def mutated(draw, text: str):
             lines.insert(i, lines[i])
         elif op == "char" and lines[i]:
             j = draw(st.integers(0, len(lines[i]) - 1))
-            lines[i] = lines[i][:j] + draw(st.sampled_from(list("[]=\"'#.{}x0 \t"))) + lines[i][j + 1:]
+            lines[i] = lines[i][:j] + draw(st.sampled_from(list("[]=\"'#.{}x0 \t"))) + lines[i][j + 1 :]
         elif "=" in lines[i]:
             lines[i] = lines[i].split("=")[0] + "= " + toml_value(draw(VALUES))
     return "\n".join(lines) + "\n"
@@ -167,7 +200,8 @@ def test_manifest_parser(tiny_gguf, tmp_path_factory):
         if draw(st.booleans()) and isinstance(m.get("files"), list) and m["files"]:
             entry = dict(m["files"][0]) if isinstance(m["files"][0], dict) else {}
             entry[draw(st.sampled_from(["path", "size", "sha256"]))] = draw(
-                st.one_of(VALUES, st.sampled_from(["../escape", "/etc/passwd", "model.gguf", -1])))
+                st.one_of(VALUES, st.sampled_from(["../escape", "/etc/passwd", "model.gguf", -1]))
+            )
             m["files"][0] = entry
         return m
 
@@ -192,10 +226,13 @@ def test_tarball_validation(tiny_gguf, tmp_path_factory):
     good = tmp_path_factory.mktemp("good") / "b.tar.gz"
     pack(tiny_gguf, good)
     good_bytes = good.read_bytes()
-    names = st.one_of(st.sampled_from(["b", "b/x", "b/../x", "/abs", "../up", "b/./y", "c/z", "b//w", "", "b/\\x"]),
-                      st.text(min_size=1, max_size=20))
-    kinds = st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,
-                             tarfile.FIFOTYPE])
+    names = st.one_of(
+        st.sampled_from(["b", "b/x", "b/../x", "/abs", "../up", "b/./y", "c/z", "b//w", "", "b/\\x"]),
+        st.text(min_size=1, max_size=20),
+    )
+    kinds = st.sampled_from(
+        [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE]
+    )
 
     @st.composite
     def archives(draw):

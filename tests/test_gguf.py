@@ -31,13 +31,20 @@ CONVERSATIONS = [
         {"role": "user", "content": "And one more, in digits: 1234? café"},
     ],
 ]
-TEXTS = ["Hello world!", " leading space", "The capital of France is Paris.", "café naïve émigré",
-         "a\n\nb  c\td", "12345 def f(x):\n    return x * 2"]
+TEXTS = [
+    "Hello world!",
+    " leading space",
+    "The capital of France is Paris.",
+    "café naïve émigré",
+    "a\n\nb  c\td",
+    "12345 def f(x):\n    return x * 2",
+]
 K_TYPES = {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_K"}
 FALLBACK_TYPES = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16"}
 
 
 # --- fixtures ----------------------------------------------------------------------------------
+
 
 def _export(ckpt_dir: Path, out: Path):
     from edgekit.checkpoint import resolve
@@ -93,13 +100,17 @@ def hf_tokenizer(tiny_export):
 
 # --- converter fetch -------------------------------------------------------------------------
 
+
 def test_supported_architectures_are_registered_in_the_converter():
     from edgekit.llamacpp_tools import converter_dir
 
     source = (converter_dir() / "conversion" / "__init__.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
-    registry = next(ast.literal_eval(node.value) for node in ast.walk(tree)
-                    if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP")
+    registry = next(
+        ast.literal_eval(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP"
+    )
     assert gguf_fmt.SUPPORTED_ARCHITECTURES <= set(registry)
 
 
@@ -135,16 +146,24 @@ def test_extracts_only_the_converter(tmp_path):
     root.parent.mkdir()
     _extract_atomically(sdist, root, "1.2.3", "test")
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert files == ["SOURCE.json", "conversion/__init__.py", "convert_hf_to_gguf.py",
-                     "gguf-py/gguf/__init__.py", "gguf-py/pyproject.toml"]
+    assert files == [
+        "SOURCE.json",
+        "conversion/__init__.py",
+        "convert_hf_to_gguf.py",
+        "gguf-py/gguf/__init__.py",
+        "gguf-py/pyproject.toml",
+    ]
     assert json.loads((root / "SOURCE.json").read_text())["gguf_py"] == "9.9.9"
     assert list(root.parent.iterdir()) == [root]  # no temp dir left behind
 
 
-@pytest.mark.parametrize("bad", [
-    {"vendor/llama.cpp/conversion/../../../evil.py": b"x"},
-    {"/vendor/llama.cpp/conversion/abs.py": b"x"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"vendor/llama.cpp/conversion/../../../evil.py": b"x"},
+        {"/vendor/llama.cpp/conversion/abs.py": b"x"},
+    ],
+)
 def test_rejects_unsafe_members(tmp_path, bad):
     from edgekit.llamacpp_tools import _extract_atomically
 
@@ -182,6 +201,7 @@ def test_env_sdist_must_exist(tmp_path, monkeypatch):
 
 # --- recipe --------------------------------------------------------------------------------
 
+
 def test_recipe_from_targets_file():
     from edgekit.targets import load_targets
 
@@ -191,19 +211,23 @@ def test_recipe_from_targets_file():
     assert recipe.ftype == 15
 
 
-@pytest.mark.parametrize("table, match", [
-    ({"quant_type": "Q4_K_XL"}, "no quantization type"),
-    ({"intermediate": "q8_0"}, "intermediate"),
-    ({"quant_threads": -1}, "quant_threads"),
-    ({"block_size": 32}, "unknown key"),
-    ({"quant_threads": "4"}, "must be int"),
-])
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ({"quant_type": "Q4_K_XL"}, "no quantization type"),
+        ({"intermediate": "q8_0"}, "intermediate"),
+        ({"quant_threads": -1}, "quant_threads"),
+        ({"block_size": 32}, "unknown key"),
+        ({"quant_threads": "4"}, "must be int"),
+    ],
+)
 def test_bad_recipes(table, match):
     with pytest.raises(BadInput, match=match):
         gguf_fmt.parse_recipe(table, "gguf-q4_k_m.toml [recipe]")
 
 
 # --- the llama.cpp name quirk ------------------------------------------------------------------
+
 
 def _tokenizer_dir(tmp_path: Path, name: str, rstrip: bool) -> Path:
     d = tmp_path / name
@@ -213,19 +237,23 @@ def _tokenizer_dir(tmp_path: Path, name: str, rstrip: bool) -> Path:
     return d
 
 
-@pytest.mark.parametrize("dirname, hub_id, rstrip, arch, expected", [
-    ("tiny-phi3", None, False, "Phi3ForCausalLM", "tiny-phi 3"),
-    ("x", "microsoft/Phi-3-mini-4k-instruct", True, "Phi3ForCausalLM", "Phi-3-mini-4k-instruct"),
-    ("x", "microsoft/Phi-3-mini-4k-instruct", False, "Phi3ForCausalLM", "Phi 3-mini-4k-instruct"),
-    ("my-model", None, True, "Phi3ForCausalLM", "my-model (phi3)"),
-    ("my-llama", None, True, "LlamaForCausalLM", "my-llama"),
-])
+@pytest.mark.parametrize(
+    "dirname, hub_id, rstrip, arch, expected",
+    [
+        ("tiny-phi3", None, False, "Phi3ForCausalLM", "tiny-phi 3"),
+        ("x", "microsoft/Phi-3-mini-4k-instruct", True, "Phi3ForCausalLM", "Phi-3-mini-4k-instruct"),
+        ("x", "microsoft/Phi-3-mini-4k-instruct", False, "Phi3ForCausalLM", "Phi 3-mini-4k-instruct"),
+        ("my-model", None, True, "Phi3ForCausalLM", "my-model (phi3)"),
+        ("my-llama", None, True, "LlamaForCausalLM", "my-llama"),
+    ],
+)
 def test_gguf_model_name_tells_llama_cpp_what_the_tokenizer_does(tmp_path, dirname, hub_id, rstrip, arch, expected):
     ckpt = SimpleNamespace(path=_tokenizer_dir(tmp_path, dirname, rstrip), hub_id=hub_id, architecture=arch)
     assert gguf_model_name(ckpt) == expected
 
 
 # --- export --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_tiny_export_files_and_notes(tiny_export, tiny_phi3):
@@ -272,8 +300,7 @@ def _types(bundle: Path) -> dict[str, tuple[str, list[int]]]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(bundle / "model.gguf"))
-    return {t.name: (t.tensor_type.name.lower().replace("_k", "_K"), [int(x) for x in t.shape])
-            for t in reader.tensors}
+    return {t.name: (t.tensor_type.name.lower().replace("_k", "_K"), [int(x) for x in t.shape]) for t in reader.tensors}
 
 
 def _check_types(bundle: Path) -> int:
@@ -335,6 +362,7 @@ def test_converter_failure_names_the_cause(tiny_phi3, tmp_path):
 
 # --- session -------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chat_prompt_ids_match_transformers(session, hf_tokenizer, messages):
@@ -346,7 +374,9 @@ def test_chat_prompt_ids_match_transformers(session, hf_tokenizer, messages):
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_transformers(session, hf_tokenizer, text):
     assert session.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
-    assert session.decode(session.encode(text)) == hf_tokenizer.decode(hf_tokenizer.encode(text, add_special_tokens=False))
+    assert session.decode(session.encode(text)) == hf_tokenizer.decode(
+        hf_tokenizer.encode(text, add_special_tokens=False)
+    )
 
 
 @pytest.mark.slow
@@ -420,6 +450,7 @@ def test_open_session_needs_a_model(tmp_path):
 
 
 # --- every claimed architecture, from a tiny checkpoint ------------------------------------------
+
 
 def _families_by_architecture() -> dict[str, str]:
     from edgekit.tiny import FAMILIES

@@ -24,16 +24,52 @@ def installed(tmp_path_factory) -> Path:
     the editable install's hook there is not run, so `import edgekit` must find the wheel."""
     tmp = tmp_path_factory.mktemp("install")
     wheels = tmp / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     [wheel] = wheels.glob("edgekit-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "edgekit-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
-                    "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return venv
 
 
@@ -44,8 +80,13 @@ def _run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_installed_wheel_lists_the_shipped_targets(installed, tmp_path):
-    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import edgekit; print(edgekit.__file__)"],
-                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", "import edgekit; print(edgekit.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert str(installed) in where and str(ROOT) not in where
     out = _run(installed, "targets", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -56,8 +97,18 @@ def test_installed_wheel_lists_the_shipped_targets(installed, tmp_path):
 
 @pytest.mark.slow
 def test_installed_wheel_exports_a_tiny_model(installed, tiny_phi3, tmp_path):
-    out = _run(installed, "export", str(tiny_phi3), "--target", "gguf-q4_k_m", "--no-verify", "-q",
-               "--out", str(tmp_path / "bundle"), cwd=tmp_path)
+    out = _run(
+        installed,
+        "export",
+        str(tiny_phi3),
+        "--target",
+        "gguf-q4_k_m",
+        "--no-verify",
+        "-q",
+        "--out",
+        str(tmp_path / "bundle"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     check = _run(installed, "validate", str(tmp_path / "bundle"), cwd=tmp_path)
     assert check.returncode == 0, check.stderr
@@ -73,7 +124,10 @@ def test_user_targets_dir_lies_on_top(tmp_path, monkeypatch):
     t = load_targets()
     assert {"laptop-cpu", "mobile-onnx", "my-phone"} <= set(t.profiles)
     assert t.formats["gguf-q4_k_m"].recipe["imatrix"] == "none"
-    assert t.formats["onnx-int4"].recipe == load_targets(Path(t.formats["onnx-int4"].source).parent).formats["onnx-int4"].recipe
+    assert (
+        t.formats["onnx-int4"].recipe
+        == load_targets(Path(t.formats["onnx-int4"].source).parent).formats["onnx-int4"].recipe
+    )
 
 
 def test_targets_dir_option_and_a_missing_one(tmp_path):

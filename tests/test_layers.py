@@ -26,16 +26,49 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("utilities", ("errors", "paths", "progress", "fileio", "childjob", "gates", "signals", "overrides", "lock")),
     # what edgekit reads and writes: target files, checkpoints, bundles, tarballs, host facts,
     # measurements, metrics and scoring maths, task files, aliases, the cached test models
-    ("data", ("targets", "checkpoint", "catalog", "bundle", "tarball", "host", "measure", "metrics",
-              "scoring", "tasks", "longcontext", "embedded", "modelfile")),
+    (
+        "data",
+        (
+            "targets",
+            "checkpoint",
+            "catalog",
+            "bundle",
+            "tarball",
+            "host",
+            "measure",
+            "metrics",
+            "scoring",
+            "tasks",
+            "longcontext",
+            "embedded",
+            "modelfile",
+        ),
+    ),
     # format backends and what they share: the transformers reference, the importance matrix,
     # llama.cpp's tools, the tiny random checkpoints (built with the format builders' help)
     ("formats", ("formats", "reference", "imatrix", "llamacpp_tools", "tiny")),
     # one service per stage, each owning its gate: export (+ its preflight and bundle README, which
     # ask the backends for their costs and templates), verify (parity), run, bench (plan, child,
     # records) + budgets, eval (and its child and records), select
-    ("services", ("exporting", "preflight", "bundle_readme", "verification", "parity", "runbundle", "bench",
-                  "bench_plan", "bench_child", "budgets", "evaluate", "eval_child", "evalrecord", "select")),
+    (
+        "services",
+        (
+            "exporting",
+            "preflight",
+            "bundle_readme",
+            "verification",
+            "parity",
+            "runbundle",
+            "bench",
+            "bench_plan",
+            "bench_child",
+            "budgets",
+            "evaluate",
+            "eval_child",
+            "evalrecord",
+            "select",
+        ),
+    ),
     # the whole flow for one model x format, written once
     ("pipeline", ("pipeline",)),
     # many flows: the build matrix, its child, its config, the summary both build and report use
@@ -84,19 +117,19 @@ def imports(mod: str, path: Path) -> list[tuple[str, str, int]]:
                 base = package[: len(package) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             elif (node.module or "").startswith("edgekit."):
-                target = node.module[len("edgekit."):]
+                target = node.module[len("edgekit.") :]
             else:
                 continue
             for alias in node.names:
                 sub = f"{target}.{alias.name}" if target else alias.name
-                if sub in known:         # from . import childjob: the module itself
+                if sub in known:  # from . import childjob: the module itself
                     out.append((sub, "", node.lineno))
                 else:
                     out.append((target, alias.name, node.lineno))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("edgekit."):
-                    out.append((alias.name[len("edgekit."):], "", node.lineno))
+                    out.append((alias.name[len("edgekit.") :], "", node.lineno))
     return out
 
 
@@ -104,8 +137,13 @@ def private_attributes(path: Path, aliases: dict[str, str]) -> list[tuple[str, s
     """module._name uses through an imported module's local name."""
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             out.append((aliases[node.value.id], node.attr, node.lineno))
     return out
 
@@ -130,12 +168,14 @@ def violations() -> list[str]:
     for mod, path in modules().items():
         own = layer_of(mod)
         if own is None:
-            bad.append(f"edgekit/{path.relative_to(PKG)}: module {mod} is in no layer; add it to LAYERS "
-                       "in tests/test_layers.py and to docs/architecture.md")
+            bad.append(
+                f"edgekit/{path.relative_to(PKG)}: module {mod} is in no layer; add it to LAYERS "
+                "in tests/test_layers.py and to docs/architecture.md"
+            )
             continue
         for target, name, line in imports(mod, path):
             where = f"edgekit/{path.relative_to(PKG)}:{line}"
-            if target == "":               # from . import __version__: the package's version constant
+            if target == "":  # from . import __version__: the package's version constant
                 if name != "__version__":
                     bad.append(f"{where}: imports {name} from the package root; import it from its module")
                 continue
@@ -146,8 +186,13 @@ def violations() -> list[str]:
             theirs = layer_of(target)
             if theirs is not None and RANK[theirs] > RANK[own]:
                 bad.append(f"{where}: {mod} ({own}) imports edgekit.{target} ({theirs}), a higher layer")
-            if (name.startswith("_") and not name.startswith("__") and target != mod
-                    and not target.startswith(mod + ".") and (mod.split(".")[0], f"{target}.{name}") not in KNOWN):
+            if (
+                name.startswith("_")
+                and not name.startswith("__")
+                and target != mod
+                and not target.startswith(mod + ".")
+                and (mod.split(".")[0], f"{target}.{name}") not in KNOWN
+            ):
                 bad.append(f"{where}: {mod} uses the private name {target}.{name}; make it public or move it")
         for target, attr, line in private_attributes(path, module_aliases(path, mod)):
             if target != mod and (mod, f"{target}.{attr}") not in KNOWN:
@@ -167,7 +212,7 @@ def test_the_import_graph_has_no_cycle():
         deps = set()
         for target, _, _ in imports(mod, path):
             while target and target not in known:
-                target = target.rpartition(".")[0]   # a name inside a module: its module
+                target = target.rpartition(".")[0]  # a name inside a module: its module
             if target and target != mod:
                 deps.add(target)
         graph[mod] = deps
@@ -181,7 +226,7 @@ def test_the_import_graph_has_no_cycle():
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                cycle = stack[stack.index(d):] + [d]
+                cycle = stack[stack.index(d) :] + [d]
                 if not all(c.split(".")[0] == cycle[0].split(".")[0] for c in cycle):
                     pytest.fail("import cycle: " + " -> ".join(cycle))
             elif d not in state:

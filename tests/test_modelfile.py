@@ -19,7 +19,7 @@ def render_go(template: str, messages: list[dict[str, str]]) -> str:
     parts: list[tuple[str, str]] = []
     pos = 0
     for m in _TOKEN.finditer(template):
-        text = template[pos:m.start()]
+        text = template[pos : m.start()]
         if m.group(1):
             text = text.rstrip(" \t\n")
         if parts and parts[-1][0] == "trim_next":
@@ -87,7 +87,7 @@ def _hf(tok, messages):
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tok.bos_token or ""
     if "bos_token" in tok.chat_template and bos and text.startswith(bos):
-        return text[len(bos):]  # a template that writes BOS: llama.cpp's tokenizer adds it instead
+        return text[len(bos) :]  # a template that writes BOS: llama.cpp's tokenizer adds it instead
     return text
 
 

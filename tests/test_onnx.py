@@ -25,16 +25,25 @@ from edgekit.targets import load_targets
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Answer briefly."},
-     {"role": "user", "content": "Hello there"},
-     {"role": "assistant", "content": "Hi! How can I help?"},
-     {"role": "user", "content": "Write def add(a, b): return a + b"}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "Write def add(a, b): return a + b"},
+    ],
 ]
-TEXTS = ["The capital of France is", "  two leading spaces", "line one\nline two\n\ttab",
-         "digits 2024 and 3.14159", "Bonjour, où est la gare?", "<|user|>\nhi<|end|>\n<|assistant|>\n"]
+TEXTS = [
+    "The capital of France is",
+    "  two leading spaces",
+    "line one\nline two\n\ttab",
+    "digits 2024 and 3.14159",
+    "Bonjour, où est la gare?",
+    "<|user|>\nhi<|end|>\n<|assistant|>\n",
+]
 
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 class RecordingProgress:
     def __init__(self):
@@ -107,6 +116,7 @@ def sha(path: Path) -> str:
 
 # --- fixtures: one export per path, shared by the tests below ------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_longrope(tmp_path_factory) -> Path:
     from edgekit.tiny import make_tiny
@@ -133,33 +143,47 @@ def session(built):
 
 # --- recipe --------------------------------------------------------------------------------
 
+
 def test_recipe_from_targets_toml():
     r = recipe()
     assert (r.engine, r.block_size, r.accuracy_level, r.algorithm) == ("auto", 32, 4, "k_quant_mixed")
     assert r.is_symmetric and not r.float_lm_head and r.embeddings == "auto"
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("block_size", 48, "block_size = 48"),
-    ("block_size", True, "block_size = True"),
-    ("accuracy_level", 5, "accuracy_level"),
-    ("algorithm", "gptq", "algorithm = 'gptq'"),
-    ("engine", "olive", "engine"),
-    ("is_symmetric", "yes", "is_symmetric"),
-    ("exclude_lm_head", True, "unknown key 'exclude_lm_head'"),
-    ("embeddings", "int4", "needs algorithm"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("block_size", 48, "block_size = 48"),
+        ("block_size", True, "block_size = True"),
+        ("accuracy_level", 5, "accuracy_level"),
+        ("algorithm", "gptq", "algorithm = 'gptq'"),
+        ("engine", "olive", "engine"),
+        ("is_symmetric", "yes", "is_symmetric"),
+        ("exclude_lm_head", True, "unknown key 'exclude_lm_head'"),
+        ("embeddings", "int4", "needs algorithm"),
+    ],
+)
 def test_recipe_rejects(key, value, message):
     with pytest.raises(BadInput, match=message):
         recipe(**{key: value})
 
 
 def test_extra_options_mapping():
-    r = recipe(block_size=64, accuracy_level=0, algorithm="rtn_last", is_symmetric=False,
-               float_lm_head=True, embeddings="float")
+    r = recipe(
+        block_size=64,
+        accuracy_level=0,
+        algorithm="rtn_last",
+        is_symmetric=False,
+        float_lm_head=True,
+        embeddings="float",
+    )
     assert builder_extra_options(r, trust_remote_code=False) == {
-        "block_size": "64", "accuracy_level": "0", "algo_config": "rtn_last", "is_symmetric": "false",
-        "hf_token": "false", "hf_remote": "false",
+        "block_size": "64",
+        "accuracy_level": "0",
+        "algo_config": "rtn_last",
+        "is_symmetric": "false",
+        "hf_token": "false",
+        "hf_remote": "false",
         "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather",
     }
     opts = builder_extra_options(recipe(embeddings="int4", algorithm="default"), trust_remote_code=True)
@@ -172,14 +196,17 @@ class FakeCheckpoint:
         self.config = config or {}
 
 
-@pytest.mark.parametrize("arch, engine, expected", [
-    ("Phi3ForCausalLM", "auto", "builder"),
-    ("Phi3ForCausalLM", "optimum", "optimum"),
-    ("GPTNeoXForCausalLM", "auto", "optimum"),      # builder has no GPT-NeoX
-    ("PhiMoEForCausalLM", "auto", UnsupportedArchitecture),   # builder forces CUDA
-    ("GPTNeoXForCausalLM", "builder", UnsupportedArchitecture),
-    ("BloomForCausalLM", "auto", UnsupportedArchitecture),
-])
+@pytest.mark.parametrize(
+    "arch, engine, expected",
+    [
+        ("Phi3ForCausalLM", "auto", "builder"),
+        ("Phi3ForCausalLM", "optimum", "optimum"),
+        ("GPTNeoXForCausalLM", "auto", "optimum"),  # builder has no GPT-NeoX
+        ("PhiMoEForCausalLM", "auto", UnsupportedArchitecture),  # builder forces CUDA
+        ("GPTNeoXForCausalLM", "builder", UnsupportedArchitecture),
+        ("BloomForCausalLM", "auto", UnsupportedArchitecture),
+    ],
+)
 def test_engine_choice(arch, engine, expected):
     if isinstance(expected, str):
         assert choose_engine(FakeCheckpoint(arch), recipe(engine=engine)) == expected
@@ -190,8 +217,13 @@ def test_engine_choice(arch, engine, expected):
 
 def test_a_width_equal_to_the_vocabulary_routes_to_optimum():
     # The builder takes any Linear with vocab_size outputs for the lm_head (has_lm_head).
-    clash = {"vocab_size": 512, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "intermediate_size": 384}          # qkv_proj: (4 + 2 x 2) x 64 = 512
+    clash = {
+        "vocab_size": 512,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 384,
+    }  # qkv_proj: (4 + 2 x 2) x 64 = 512
     assert builder_lm_head_lookalikes(clash) == ["qkv_proj"]
     assert choose_engine(FakeCheckpoint("Phi3ForCausalLM", clash), recipe()) == "optimum"
     assert choose_engine(FakeCheckpoint("Phi3ForCausalLM", {**clash, "vocab_size": 32064}), recipe()) == "builder"
@@ -201,8 +233,11 @@ def test_a_width_equal_to_the_vocabulary_routes_to_optimum():
 
 def test_longrope_context_cap(tmp_path):
     genai = tmp_path / "genai_config.json"
-    longrope = {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
-                "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}}
+    longrope = {
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]},
+    }
 
     def write():
         genai.write_text(json.dumps({"model": {"context_length": 131072}, "search": {"max_length": 131072}}))
@@ -221,19 +256,34 @@ def test_longrope_context_cap(tmp_path):
 
 
 def test_catalog_families_are_in_the_table():
-    for arch in ("Phi3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3SmallForCausalLM"):
+    for arch in (
+        "Phi3ForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3SmallForCausalLM",
+    ):
         assert arch in onnx_int4.SUPPORTED_ARCHITECTURES
     assert "PhiMoEForCausalLM" in BUILDER_EXCLUDED
 
 
 # --- export: genai builder -----------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_builder_bundle_files(built):
     bundle, notes = built
-    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+    for name in (
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         assert (bundle / name).is_file(), name
     template = json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"]
     assert template == (bundle / "chat_template.jinja").read_text()
@@ -256,10 +306,11 @@ def test_rebuild_is_byte_identical_and_quiet(built, tiny_phi3, tmp_path, capfd):
     progress = RecordingProgress()
     again, notes = export(tiny_phi3, tmp_path / "again", progress)
     captured = capfd.readouterr()
-    assert captured.out == ""                 # --json owns stdout
+    assert captured.out == ""  # --json owns stdout
     assert "Reading layer" not in captured.err  # the builder's chatter stays in its log
-    assert {"loading checkpoint", "converting layers", "quantizing to int4",
-            "writing model.onnx"} <= set(progress.steps)
+    assert {"loading checkpoint", "converting layers", "quantizing to int4", "writing model.onnx"} <= set(
+        progress.steps
+    )
     assert "model.onnx" in notes.reproducible_files and "model.onnx.data" in notes.reproducible_files
     for name in notes.reproducible_files:
         assert sha(again / name) == sha(built[0] / name), name
@@ -292,6 +343,7 @@ def test_builder_failure_is_tool_failed_with_its_last_words(tiny_phi3, tmp_path)
 
 # --- export: optimum fallback ----------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_fallback_bundle_runs_in_plain_genai(fallback, built, tiny_phi3):
     bundle, notes = fallback
@@ -308,7 +360,7 @@ def test_fallback_bundle_runs_in_plain_genai(fallback, built, tiny_phi3):
 @pytest.mark.slow
 def test_fallback_keeps_recipe_meaning(fallback, built):
     a, b = fallback[1].quantization["weights"], built[1].quantization["weights"]
-    assert a["matmul_int8"] == b["matmul_int8"]   # lm_head + the same mixed layers in int8
+    assert a["matmul_int8"] == b["matmul_int8"]  # lm_head + the same mixed layers in int8
     assert a["matmul_float"] == [] and a["embedding"] == "float"
 
 
@@ -324,21 +376,33 @@ def test_auto_falls_back_for_an_architecture_the_builder_lacks(tiny_phi3, tmp_pa
     ck.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         shutil.copy(tiny_phi3 / name, ck / name)
-    config = GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=2048,
-                           bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    config = GPTNeoXConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     GPTNeoXForCausalLM(config).save_pretrained(ck)
 
     bundle, notes = export(ck, tmp_path / "out")
     assert notes.path_taken == "optimum+MatMulNBits"
-    assert notes.quantization["weights"]["matmul_int8"] == 1   # embed_out, found as the logits MatMul
+    assert notes.quantization["weights"]["matmul_int8"] == 1  # embed_out, found as the logits MatMul
     ids = [5, 100, 200, 300, 17, 44]
     assert len(raw_genai_greedy(bundle, ids, 6)) == 6
     # onnxruntime-genai feeds the graph exactly what a hand-driven onnxruntime session does.
     session = ort.InferenceSession(str(bundle / "model.onnx"))
-    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    feeds = {
+        "input_ids": np.array([ids], np.int64),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids), dtype=np.int64)[None],
+    }
     for i in session.get_inputs():
         if i.name.startswith("past_key_values"):
             feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
@@ -347,6 +411,7 @@ def test_auto_falls_back_for_an_architecture_the_builder_lacks(tiny_phi3, tmp_pa
 
 
 # --- session ---------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_encode_matches_transformers(session, tiny_phi3):
@@ -416,6 +481,7 @@ def test_generate_rejects_more_than_the_context(session):
 
 
 # --- SmolLM2-135M: real weights ------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_builder_bundle(smollm2_dir, tmp_path):

@@ -31,7 +31,7 @@ def _hog_killed(limit_mb: str, monkeypatch) -> tuple[ChildWatch, int]:
 
 
 def test_sigkill_near_the_limit_is_out_of_memory(monkeypatch):
-    watch, rc = _hog_killed("240", monkeypatch)      # 200 MiB of 240: near
+    watch, rc = _hog_killed("240", monkeypatch)  # 200 MiB of 240: near
     message = watch.out_of_memory(rc, "the converter")
     assert message and message.startswith("out of memory: the converter reached 0.2 GiB of 0.2 GiB")
     assert "\n" not in message
@@ -40,7 +40,7 @@ def test_sigkill_near_the_limit_is_out_of_memory(monkeypatch):
 def test_sigkill_far_from_the_limit_is_not(monkeypatch):
     watch, rc = _hog_killed("100000", monkeypatch)
     assert watch.out_of_memory(rc, "the converter") is None
-    assert watch.out_of_memory(1, "the converter") is None   # an ordinary failure
+    assert watch.out_of_memory(1, "the converter") is None  # an ordinary failure
 
 
 @pytest.mark.slow
@@ -49,9 +49,23 @@ def test_export_names_an_oom_kill_and_publishes_nothing(tiny_phi3, tmp_path):
     line naming memory, no bundle."""
     out = tmp_path / "bundle"
     env = {**os.environ, "EDGEKIT_MEMORY_LIMIT_MB": "64"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "edgekit"), "export", str(tiny_phi3), "--target",
-                             "gguf-q4_k_m", "--no-verify", "-q", "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "edgekit"),
+            "export",
+            str(tiny_phi3),
+            "--target",
+            "gguf-q4_k_m",
+            "--no-verify",
+            "-q",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def kill_converter():
         deadline = time.time() + 120
@@ -95,13 +109,16 @@ def test_spawn_streams_lines_and_reads_the_result(tmp_path):
     from edgekit.childjob import spawn
 
     lines: list[str] = []
-    done = spawn(["-c", CHILD], {"hog": False, "n": 41}, tmp_path, "the test child", on_line=lines.append,
-                 watch=ChildWatch)
+    done = spawn(
+        ["-c", CHILD], {"hog": False, "n": 41}, tmp_path, "the test child", on_line=lines.append, watch=ChildWatch
+    )
     assert done.returncode == 0 and done.result == {"got": 42} and done.out_of_memory is None
-    assert lines[:2] == ["first line", "redrawn"]      # a bare \r ends a line, as a terminal shows it
+    assert lines[:2] == ["first line", "redrawn"]  # a bare \r ends a line, as a terminal shows it
     assert done.log.read_bytes().startswith(b"first line\rredrawn")
     # uncaptured (a child drawing its own progress on our terminal): the result still comes back
-    shown = spawn(["-c", CHILD], {"hog": False, "n": 1}, tmp_path, "the test child", on_line=lines.append, capture=False)
+    shown = spawn(
+        ["-c", CHILD], {"hog": False, "n": 1}, tmp_path, "the test child", on_line=lines.append, capture=False
+    )
     assert shown.result == {"got": 2} and len(lines) == 2 and shown.log.read_bytes() == b""
 
 

@@ -61,9 +61,23 @@ def test_report_written_into_bundle_and_manifest(fp32_onnx, tmp_path):
     result = _verify_cli(b)
     assert result.exit_code in (0, 3), result.output
     doc = json.loads(result.stdout)["reports"][0]
-    assert {"kld_mean", "kld_p99", "top1_agreement", "ppl_ref", "ppl_bundle", "ppl_ratio", "delta_p_mean",
-            "delta_p_p1", "delta_p_p99", "greedy_match_tokens_mean", "greedy_match_tokens_min",
-            "tokenizer_agreement", "chat_template_match", "passed", "checks"} <= set(doc)
+    assert {
+        "kld_mean",
+        "kld_p99",
+        "top1_agreement",
+        "ppl_ref",
+        "ppl_bundle",
+        "ppl_ratio",
+        "delta_p_mean",
+        "delta_p_p1",
+        "delta_p_p99",
+        "greedy_match_tokens_mean",
+        "greedy_match_tokens_min",
+        "tokenizer_agreement",
+        "chat_template_match",
+        "passed",
+        "checks",
+    } <= set(doc)
     parity = json.loads((b / "parity.json").read_text())
     assert parity["kld_mean"] == doc["kld_mean"]
     manifest = read_manifest(b)
@@ -89,8 +103,14 @@ def test_damaged_lm_head_fails_with_exit_3(fp32_onnx, tmp_path):
     else:
         pytest.fail("no lm_head initializer found")
     (b / "model.onnx.data").unlink()
-    onnx.save_model(model, str(b / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(b / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     _resign(b)
     result = _verify_cli(b)
     assert result.exit_code == 3, result.output

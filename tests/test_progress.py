@@ -13,7 +13,7 @@ def test_plain_lines_when_not_a_terminal(capsys):
         for _ in range(4):
             time.sleep(0.06)
             step.advance()
-    with progress.step("loading checkpoint"):     # reports nothing itself: the heartbeat does
+    with progress.step("loading checkpoint"):  # reports nothing itself: the heartbeat does
         time.sleep(0.35)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "quantizing tensors ..."

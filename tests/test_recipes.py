@@ -26,6 +26,7 @@ def onnx_recipe(**overrides) -> OnnxRecipe:
 
 # --- onnx-int4 recipe keys ---------------------------------------------------------------------
 
+
 def test_new_onnx_keys_parse_and_validate():
     r = onnx_recipe(weight_search="edgekit", int8_matmuls=["v_proj", "down_proj"])
     assert r.weight_search == "edgekit" and r.int8_matmuls == ("v_proj", "down_proj")
@@ -48,7 +49,10 @@ def test_defaults_are_the_measured_winners():
     """benchmarks/recipes.py chose these on SmolLM2-135M (see benchmarks/results/recipes.md)."""
     r = onnx_recipe()
     assert (r.weight_search, r.int8_matmuls, r.int8_block_size) == (
-        "imatrix", ("k_proj", "v_proj", "o_proj", "down_proj"), 64)
+        "imatrix",
+        ("k_proj", "v_proj", "o_proj", "down_proj"),
+        64,
+    )
     spec = load_targets().format("gguf-q4_k_m")
     assert gguf_fmt.parse_recipe(spec.recipe, spec.source).imatrix == "calibration"
 
@@ -83,7 +87,7 @@ def test_plan_splits_a_fused_qkv_by_width():
     node = "/model/layers.3/attn/qkv_proj/MatMul"
     assert plan(node, 960, 4, ["v_proj"], qkv) == [("qk", 0, 768, 4), ("v", 768, 960, 8)]
     assert plan(node, 960, 4, ["k_proj", "v_proj"], qkv) == [("q", 0, 576, 4), ("kv", 576, 960, 8)]
-    assert plan(node, 960, 8, ["v_proj"], qkv) == [("", 0, 960, 8)]      # already int8: whole
+    assert plan(node, 960, 8, ["v_proj"], qkv) == [("", 0, 960, 8)]  # already int8: whole
     assert plan(node, 960, 4, ["qkv_proj"], qkv) == [("", 0, 960, 8)]
     assert plan(node, 960, 4, ["v_proj"], [576, 192, 100]) == [("", 0, 960, 4)]  # sizes disagree
     assert plan("/model/layers.0/self_attn/v_proj/MatMul", 192, 4, ["v_proj"], qkv) == [("", 0, 192, 8)]
@@ -93,24 +97,41 @@ def test_plan_splits_a_fused_qkv_by_width():
 
 # --- the quantizer against the MatMulNBits kernel ---------------------------------------------
 
+
 def _kernel_weight(b, s, z, k, n, bits, block):
     """What onnxruntime's MatMulNBits computes with these initializers, as a [N, K] matrix."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=block, accuracy_level=4)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "S", "Z"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=4,
+    )
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
-        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T
 
 
-@pytest.mark.parametrize("k, n, bits, block", [(128, 24, 4, 32), (96, 16, 4, 32), (80, 8, 4, 32),
-                                               (96, 16, 8, 32), (100, 6, 4, 16), (576, 8, 4, 64)])
+@pytest.mark.parametrize(
+    "k, n, bits, block",
+    [(128, 24, 4, 32), (96, 16, 4, 32), (80, 8, 4, 32), (96, 16, 8, 32), (100, 6, 4, 16), (576, 8, 4, 64)],
+)
 def test_packing_matches_the_kernel(k, n, bits, block):
     """Odd block counts and a K that is not a multiple of the block (padded) included:
     onnxruntime's own rtn/k_quant cannot pack an odd block count (576 / 64 = 9)."""
@@ -133,18 +154,21 @@ def test_search_beats_rtn_and_k_quant_and_keeps_constant_blocks_exact():
 
     q, s, z = quantize_blocks(w, 4, 32)
     mine = mse(q, s[..., None], z[..., None])
-    rtn = mse(*quant_tensor(w, 4, 32, "asym", "uint"))            # min-max asymmetric RTN
-    kq = mse(*quant_tensor_k_quant_cpu(w, 4, 32))                 # the builder's k_quant
+    rtn = mse(*quant_tensor(w, 4, 32, "asym", "uint"))  # min-max asymmetric RTN
+    kq = mse(*quant_tensor_k_quant_cpu(w, 4, 32))  # the builder's k_quant
     assert mine < 0.95 * rtn and mine < 0.95 * kq
 
     const = np.full((2, 64), -0.37, dtype=np.float32)
     const[1] = 0.0
     for bits in (4, 8):
         q, s, z = quantize_blocks(const, bits, 32)
-        np.testing.assert_allclose((q.astype(np.float32) - z[..., None]) * s[..., None], const.reshape(2, 2, 32), atol=1e-7)
+        np.testing.assert_allclose(
+            (q.astype(np.float32) - z[..., None]) * s[..., None], const.reshape(2, 2, 32), atol=1e-7
+        )
 
 
 # --- imatrix ---------------------------------------------------------------------------------
+
 
 def test_calibration_text_is_not_the_eval_text():
     from edgekit.imatrix import calibration_text
@@ -192,7 +216,10 @@ def test_imatrix_maps_to_onnx_nodes(tiny_imatrix):
         assert onnx_node_importance(im, node, hidden) is qkv
     gate_up = im.values["model.layers.1.mlp.gate_up_proj"]
     assert onnx_node_importance(im, "/model/layers.1/mlp/up_proj/MatMul_Q4", hidden) is gate_up
-    assert onnx_node_importance(im, "/model/layers.1/mlp/down_proj/MatMul", inter) is im.values["model.layers.1.mlp.down_proj"]
+    assert (
+        onnx_node_importance(im, "/model/layers.1/mlp/down_proj/MatMul", inter)
+        is im.values["model.layers.1.mlp.down_proj"]
+    )
     assert onnx_node_importance(im, "/model/layers.1/mlp/down_proj/MatMul", inter + 1) is None  # K must agree
     assert onnx_node_importance(im, "/lm_head/MatMul_Q8", hidden) is im.values["lm_head"]
 
@@ -205,8 +232,14 @@ def test_imatrix_maps_to_gguf_tensor_names(tiny_imatrix):
     hidden, inter = ck.config["hidden_size"], ck.config["intermediate_size"]
     rows = {}
     for i in range(ck.config["num_hidden_layers"]):
-        rows.update({f"blk.{i}.attn_qkv.weight": hidden, f"blk.{i}.attn_output.weight": hidden,
-                     f"blk.{i}.ffn_up.weight": hidden, f"blk.{i}.ffn_down.weight": inter})
+        rows.update(
+            {
+                f"blk.{i}.attn_qkv.weight": hidden,
+                f"blk.{i}.attn_output.weight": hidden,
+                f"blk.{i}.ffn_up.weight": hidden,
+                f"blk.{i}.ffn_down.weight": inter,
+            }
+        )
     rows["output.weight"] = hidden
     rows["blk.1.ffn_down.weight"] = inter + 32  # a row length that disagrees is left out
     entries, unmatched = gguf_entries(im, "phi3", ck.config["num_hidden_layers"], rows)
@@ -219,6 +252,7 @@ def test_imatrix_maps_to_gguf_tensor_names(tiny_imatrix):
 
 
 # --- gguf-q4_k_m imatrix key -------------------------------------------------------------------
+
 
 def test_gguf_imatrix_key():
     assert gguf_fmt.parse_recipe({"imatrix": "calibration"}, "t").imatrix == "calibration"
@@ -235,7 +269,9 @@ def test_gguf_export_hands_the_imatrix_to_llama_model_quantize(tiny_phi3, tmp_pa
     (tmp_path / "plain").mkdir()
     (tmp_path / "tuned").mkdir()
     plain = gguf_fmt.export(ck, tmp_path / "plain", gguf_fmt.parse_recipe({"imatrix": "none"}, "t"), NullProgress())
-    tuned = gguf_fmt.export(ck, tmp_path / "tuned", gguf_fmt.parse_recipe({"imatrix": "calibration"}, "t"), NullProgress())
+    tuned = gguf_fmt.export(
+        ck, tmp_path / "tuned", gguf_fmt.parse_recipe({"imatrix": "calibration"}, "t"), NullProgress()
+    )
     assert "imatrix" not in plain.quantization
     info = tuned.quantization["imatrix"]
     # every linear but none twice: 2 layers x (qkv, o, gate_up, down) + the untied lm_head
@@ -249,6 +285,7 @@ def test_gguf_export_hands_the_imatrix_to_llama_model_quantize(tiny_phi3, tmp_pa
 
 
 # --- onnx-int4 re-quantization end to end (tiny Phi-3) -----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def requantized(tiny_phi3, tmp_path_factory):
@@ -270,8 +307,13 @@ def test_requantized_bundle(requantized, tiny_phi3):
     assert report["requantized"] == 5 * layers + 1 and report["kept"] == [] and report["imatrix_missing"] == []
     assert report["split"] == layers  # q,k int4 | v int8 in every fused qkv_proj
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    assert bits["/model/layers.0/attn/qkv_proj/MatMul_qk_Q4"] == 4 and bits["/model/layers.0/attn/qkv_proj/MatMul_v_Q8"] == 8
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"
+    }
+    assert (
+        bits["/model/layers.0/attn/qkv_proj/MatMul_qk_Q4"] == 4
+        and bits["/model/layers.0/attn/qkv_proj/MatMul_v_Q8"] == 8
+    )
     assert bits["/model/layers.0/mlp/down_proj/MatMul_Q8"] == 8 and bits["/model/layers.0/mlp/up_proj/MatMul_Q4"] == 4
     assert notes.quantization["weights"]["matmul_int8"] == 2 * layers  # v and down; lm_head int4 (k_quant)
     assert any("split by width" in n for n in notes.notes)
@@ -299,8 +341,12 @@ def test_requantized_bundle_is_closer_to_the_reference(requantized, tiny_phi3, t
     ref = ref.detach().numpy()
     plain = tmp_path / "plain"
     plain.mkdir()
-    onnx_int4.export(resolve(str(tiny_phi3)), plain, onnx_recipe(
-        weight_search="builder", int8_matmuls=[], int8_block_size=0, algorithm="k_quant"), NullProgress())
+    onnx_int4.export(
+        resolve(str(tiny_phi3)),
+        plain,
+        onnx_recipe(weight_search="builder", int8_matmuls=[], int8_block_size=0, algorithm="k_quant"),
+        NullProgress(),
+    )
     klds = {}
     for name, bundle in (("builder", plain), ("edgekit", requantized[0])):
         session = onnx_int4.open_session(bundle, {}, threads=1)
@@ -318,8 +364,9 @@ def test_fallback_path_requantizes_the_same_way(tiny_phi3, tmp_path, requantized
 
     out = tmp_path / "fallback"
     out.mkdir()
-    recipe = onnx_recipe(engine="optimum", weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"],
-                         algorithm="k_quant")
+    recipe = onnx_recipe(
+        engine="optimum", weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"], algorithm="k_quant"
+    )
     notes = onnx_int4.export(resolve(str(tiny_phi3)), out, recipe, NullProgress())
     report = notes.quantization["edgekit_requantization"]
     built = requantized[1].quantization

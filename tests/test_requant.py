@@ -44,7 +44,7 @@ def test_pack_then_dequantize_is_exact(n, k, block, bits):
     exactly (q - z) * s, trimmed to K."""
     rng = np.random.default_rng(n * k + bits)
     nb = -(-k // block)
-    maxq = 2 ** bits - 1
+    maxq = 2**bits - 1
     q = rng.integers(0, maxq + 1, (n, nb, block), dtype=np.uint8)
     zp = rng.integers(0, maxq + 1, (n, nb), dtype=np.uint8)
     scale = rng.uniform(1e-3, 2.0, (n, nb)).astype(np.float32)
@@ -75,11 +75,11 @@ def test_codes_fit_the_width_and_the_error_is_bounded(n, k, block, bits):
     within one step, and keeps a candidate only when its weighted error is smaller."""
     w = _weights(n + k + bits, n, k)
     q, scale, zp = quantize_blocks(w, bits, block)
-    maxq = 2 ** bits - 1
+    maxq = 2**bits - 1
     assert q.max() <= maxq and zp.max() <= maxq and (scale > 0).all()
     x = _blocks(w, block)
     err = _dequantized(q, scale, zp) - x
-    wts = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)   # the search's weights without an imatrix
+    wts = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)  # the search's weights without an imatrix
     weighted_rms = np.sqrt((wts * err**2).sum(-1) / wts.sum(-1))
     step = (x.max(-1) - x.min(-1)) / maxq
     assert (weighted_rms <= step * (1 + 1e-4) + 1e-12).all()
@@ -151,7 +151,9 @@ def test_int8_is_more_accurate_than_int4(n, k, block):
 
 
 def test_the_module_imports_no_onnx_or_torch():
-    code = ("import sys, edgekit.formats.onnx_int4.requant; "
-            "print(sorted(m for m in ('onnx', 'onnxruntime', 'torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, edgekit.formats.onnx_int4.requant; "
+        "print(sorted(m for m in ('onnx', 'onnxruntime', 'torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -65,9 +65,13 @@ def test_paraphrase_drop_first_variant_minus_others():
 
 
 def test_format_sensitivity_over_groups_with_two_formats():
-    items = [("a", "raw/contains", True), ("a", "chat/contains", False),
-             ("b", "raw/contains", True), ("b", "chat/contains", True),
-             ("c", "chat/contains", False)]  # group c has one format: not counted
+    items = [
+        ("a", "raw/contains", True),
+        ("a", "chat/contains", False),
+        ("b", "raw/contains", True),
+        ("b", "chat/contains", True),
+        ("c", "chat/contains", False),
+    ]  # group c has one format: not counted
     # raw: 2/2, chat: 1/2 -> 0.5
     assert scoring.format_sensitivity(items) == pytest.approx(0.5)
     assert scoring.format_sensitivity([("a", "raw/exact", True), ("a", "raw/exact", False)]) is None

@@ -17,15 +17,22 @@ EDGEKIT = [str(Path(sys.executable).parent / "edgekit")]
 
 
 def rec(name, acc, p95, rss, size_mb, delta=None, fmt="gguf-q4_k_m"):
-    return {"name": name, "format": fmt, "accuracy": acc, "accuracy_delta": delta, "e2e_ms_p95": p95,
-            "peak_rss_mb": rss, "size_bytes": int(size_mb * 2**20)}
+    return {
+        "name": name,
+        "format": fmt,
+        "accuracy": acc,
+        "accuracy_delta": delta,
+        "e2e_ms_p95": p95,
+        "peak_rss_mb": rss,
+        "size_bytes": int(size_mb * 2**20),
+    }
 
 
 RECORDS = [
-    rec("dist/a", 0.80, 900, 3000, 2000, delta=-0.01),   # accurate, slow, big
-    rec("dist/b", 0.74, 400, 1500, 1000, delta=-0.07),   # fast and small
-    rec("dist/c", 0.72, 450, 1600, 1100, delta=-0.09),   # worse than b on every axis
-    rec("dist/d", 0.80, 900, 2500, 2000, delta=-0.01),   # a's accuracy, lower RSS: wins the tie
+    rec("dist/a", 0.80, 900, 3000, 2000, delta=-0.01),  # accurate, slow, big
+    rec("dist/b", 0.74, 400, 1500, 1000, delta=-0.07),  # fast and small
+    rec("dist/c", 0.72, 450, 1600, 1100, delta=-0.09),  # worse than b on every axis
+    rec("dist/d", 0.80, 900, 2500, 2000, delta=-0.01),  # a's accuracy, lower RSS: wins the tie
 ]
 
 
@@ -96,12 +103,15 @@ def test_bad_constraints_and_inputs():
 def test_select_from_eval_json_through_the_console_script(tmp_path):
     doc = tmp_path / "eval.json"
     doc.write_text(json.dumps({"tasks": "t@1", "bundles": RECORDS}))
-    r = subprocess.run([*EDGEKIT, "select", "--from", str(doc), "--max-p95-ms", "500", "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "select", "--from", str(doc), "--max-p95-ms", "500", "--json"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)["selection"]
     assert out["pick"] == "dist/b" and set(out["front"]) == {"dist/b", "dist/d"}
-    r = subprocess.run([*EDGEKIT, "select", "--from", str(doc), "--min-accuracy", "0.95"], capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "select", "--from", str(doc), "--min-accuracy", "0.95"], capture_output=True, text=True
+    )
     assert r.returncode == 3 and r.stderr.strip().splitlines()[-1].startswith("error: no bundle meets the constraints")
     assert "dominated by" in r.stderr  # the table still says why each lost
     (tmp_path / "bad.json").write_text("{}")

@@ -28,10 +28,14 @@ def _copy(tmp_path):
     "file, text, expect",
     [
         ("onnx-int4.toml", "[format\nname=", "malformed TOML"),
-        ("onnx-int4.toml", '[format]\nname="onnx-int4"\ndescription="d"\nruntime="r"\ncolour="red"\n', "unknown key 'colour'"),
+        (
+            "onnx-int4.toml",
+            '[format]\nname="onnx-int4"\ndescription="d"\nruntime="r"\ncolour="red"\n',
+            "unknown key 'colour'",
+        ),
         ("profiles.toml", '[profiles.x]\nformats=["nope"]\n', "unknown format 'nope'"),
-        ("profiles.toml", '[profiles.x]\nthreads=true\n', "'threads' has the wrong type"),
-        ("profiles.toml", '[profiles.x]\nwarp=9\n', "unknown key 'warp'"),
+        ("profiles.toml", "[profiles.x]\nthreads=true\n", "'threads' has the wrong type"),
+        ("profiles.toml", "[profiles.x]\nwarp=9\n", "unknown key 'warp'"),
     ],
 )
 def test_bad_target_files(tmp_path, file, text, expect):

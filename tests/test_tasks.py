@@ -53,23 +53,43 @@ BAD = [
     ("missing id", [{k: v for k, v in GOOD.items() if k != "id"}], "t.jsonl:1: field 'id' is missing"),
     ("duplicate id", [GOOD, "", {**GOOD}], "t.jsonl:3: field 'id': duplicate id 'a' (first on line 1)"),
     ("unknown key", [{**GOOD, "answer": "x"}], "t.jsonl:1: unknown field 'answer'"),
-    ("both prompt and messages", [{**GOOD, "messages": [{"role": "user", "content": "hi"}]}], "exactly one of field 'prompt'"),
+    (
+        "both prompt and messages",
+        [{**GOOD, "messages": [{"role": "user", "content": "hi"}]}],
+        "exactly one of field 'prompt'",
+    ),
     ("neither", [{k: v for k, v in GOOD.items() if k != "prompt"}], "exactly one of field 'prompt'"),
     ("bad match", [{**GOOD, "match": "fuzzy"}], "field 'match' must be one of"),
     ("bad regex", [{**GOOD, "match": "regex", "expected": "(unclosed"}], "field 'expected': bad regex"),
     ("choice without choices", [{**GOOD, "match": "choice"}], "field 'choices' is missing"),
-    ("expected not a choice", [{**GOOD, "match": "choice", "choices": ["Lyon", "Rome"]}],
-     "field 'expected': 'Paris' is not one of the choices"),
+    (
+        "expected not a choice",
+        [{**GOOD, "match": "choice", "choices": ["Lyon", "Rome"]}],
+        "field 'expected': 'Paris' is not one of the choices",
+    ),
     ("one choice", [{**GOOD, "match": "choice", "choices": ["Paris"]}], "field 'choices' needs at least two"),
     ("choices on contains", [{**GOOD, "choices": ["Paris", "Rome"]}], "field 'choices' is only for match"),
     ("empty expected", [{**GOOD, "expected": []}], "field 'expected' must be a non-empty string or a list"),
     ("max_tokens zero", [{**GOOD, "max_tokens": 0}], "field 'max_tokens' must be an integer"),
     ("max_tokens bool", [{**GOOD, "max_tokens": True}], "field 'max_tokens' must be an integer"),
     ("system on raw", [{**GOOD, "system": "be brief"}], "field 'system' applies to chat items only"),
-    ("bad role", [{"id": "a", "messages": [{"role": "bot", "content": "x"}], "expected": "x", "match": "exact"}],
-     "field 'messages[0].role'"),
-    ("last message not user", [{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                                "expected": "x", "match": "exact"}], "the last message must be the user's"),
+    (
+        "bad role",
+        [{"id": "a", "messages": [{"role": "bot", "content": "x"}], "expected": "x", "match": "exact"}],
+        "field 'messages[0].role'",
+    ),
+    (
+        "last message not user",
+        [
+            {
+                "id": "a",
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                "expected": "x",
+                "match": "exact",
+            }
+        ],
+        "the last message must be the user's",
+    ),
     ("empty group", [{**GOOD, "group": ""}], "field 'group' must be a non-empty string"),
     ("late options row", [GOOD, {"options": {"max_tokens": 4}}], "t.jsonl:2: an options row must come before"),
     ("unknown option", [{"options": {"normalise": {}}}], "unknown field 'options.normalise'"),
@@ -89,14 +109,18 @@ def test_bad_rows_name_file_line_and_field(tmp_path, case, rows, message):
 def test_bad_task_file_through_the_console_script_exits_2_before_any_model(tmp_path):
     p = _file(tmp_path, GOOD, {**GOOD, "id": "b", "match": "regex", "expected": "[z-a]"})
     # The bundle does not exist either: the task file is checked first, so its line is the error.
-    r = subprocess.run([*EDGEKIT, "eval", str(tmp_path / "no-such-bundle"), "--tasks", str(p)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "eval", str(tmp_path / "no-such-bundle"), "--tasks", str(p)], capture_output=True, text=True
+    )
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"{p}:2: field 'expected': bad regex" in lines[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
-    r = subprocess.run([*EDGEKIT, "select", "--tasks", str(tmp_path / "missing.jsonl"), "--min-accuracy", "0.5"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*EDGEKIT, "select", "--tasks", str(tmp_path / "missing.jsonl"), "--min-accuracy", "0.5"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "is not a file" in r.stderr
 
 
@@ -126,9 +150,20 @@ def test_regex_and_choice_scoring(tmp_path):
     from edgekit.tasks import choice_continuation
 
     assert choice_continuation(ch, "Paris") == " Paris"  # raw prompt without trailing space
-    chat = load_tasks(_file(tmp_path, {"id": "c", "messages": [{"role": "user", "content": "Capital?"}],
-                                       "system": "Be brief.", "expected": "Paris", "match": "choice",
-                                       "choices": ["Paris", "Rome"]}, name="k.jsonl")).tasks[0]
+    chat = load_tasks(
+        _file(
+            tmp_path,
+            {
+                "id": "c",
+                "messages": [{"role": "user", "content": "Capital?"}],
+                "system": "Be brief.",
+                "expected": "Paris",
+                "match": "choice",
+                "choices": ["Paris", "Rome"],
+            },
+            name="k.jsonl",
+        )
+    ).tasks[0]
     assert choice_continuation(chat, "Paris") == "Paris"
     assert chat.chat()[0] == {"role": "system", "content": "Be brief."} and chat.format == "chat/choice"
 

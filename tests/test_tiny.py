@@ -38,8 +38,14 @@ def file_hashes(path):
 
 
 def test_phi3_is_a_complete_checkpoint(phi3):
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer.model", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ):
         assert (phi3 / name).is_file(), name
     config = json.loads((phi3 / "config.json").read_text())
     assert config["architectures"] == ["Phi3ForCausalLM"]
@@ -134,7 +140,7 @@ def _family_params():
         marks = []
         if fam.unbuildable:
             marks.append(pytest.mark.skip(reason=fam.unbuildable))
-        if fam.needs_embedded:   # builds the SmolLM2 checkpoint once (~1 minute) for its tokenizer
+        if fam.needs_embedded:  # builds the SmolLM2 checkpoint once (~1 minute) for its tokenizer
             marks.append(pytest.mark.slow)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
@@ -148,8 +154,9 @@ def test_family_builds_and_runs(name, tiny_root):
     assert config["architectures"] == [fam.architecture]
     tok, model = load(path)
     assert len(tok) <= model.config.vocab_size
-    text = tok.apply_chat_template([{"role": "user", "content": "Hello there"}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits

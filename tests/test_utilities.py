@@ -50,10 +50,17 @@ def test_publish_dir_keeps_the_first_publisher(tmp_path):
     assert not tmp.exists()
 
 
-@pytest.mark.parametrize("figure, op, threshold, passed", [
-    (0.05, "<=", 0.1, True), (0.2, "<=", 0.1, False), (0.9, ">=", 0.8, True),
-    (True, "==", True, True), (False, "==", True, False), (None, "<=", 1.0, False),
-])
+@pytest.mark.parametrize(
+    "figure, op, threshold, passed",
+    [
+        (0.05, "<=", 0.1, True),
+        (0.2, "<=", 0.1, False),
+        (0.9, ">=", 0.8, True),
+        (True, "==", True, True),
+        (False, "==", True, False),
+        (None, "<=", 1.0, False),
+    ],
+)
 def test_gate_check(figure, op, threshold, passed):
     g = Gate.check("parity", "x", figure, op, threshold)
     assert g.passed is passed
@@ -72,5 +79,9 @@ def test_regression_gate_records_baseline_and_delta():
 
 def test_exit_codes_are_the_documented_ones():
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 130]
-    assert (BadInput("x").exit_code, GateFailed("x").exit_code, IntegrityError("x").exit_code,
-            OutOfMemory("x").exit_code) == (ExitCode.BAD_INPUT, ExitCode.GATE_FAILED, ExitCode.INTEGRITY, ExitCode.ERROR)
+    assert (
+        BadInput("x").exit_code,
+        GateFailed("x").exit_code,
+        IntegrityError("x").exit_code,
+        OutOfMemory("x").exit_code,
+    ) == (ExitCode.BAD_INPUT, ExitCode.GATE_FAILED, ExitCode.INTEGRITY, ExitCode.ERROR)

@@ -38,8 +38,10 @@ def targets(as_json: bool) -> None:
     """
     t = load_targets()
     doc = {
-        "formats": {n: {"description": s.description, "runtime": s.runtime, "recipe": s.recipe, "source": s.source}
-                    for n, s in sorted(t.formats.items())},
+        "formats": {
+            n: {"description": s.description, "runtime": s.runtime, "recipe": s.recipe, "source": s.source}
+            for n, s in sorted(t.formats.items())
+        },
         "profiles": {n: {k: v for k, v in vars(p).items() if k != "name"} for n, p in sorted(t.profiles.items())},
     }
     if as_json:
@@ -56,24 +58,63 @@ def targets(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--target", "-t", default=default_format(), show_default=True,
-              help=f"{', '.join(REGISTRY)}, or all.")
-@click.option("--out", "-o", type=click.Path(), help="Bundle directory (with --target all: parent directory). Default: dist/<model>-<target>.")
-@click.option("--force", is_flag=True, help="Replace an existing non-empty --out, and export even if the resource preflight says RAM or disk is short.")
-@click.option("--set", "recipe_set", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key from targets/<target>.toml, e.g. --set block_size=64.")
-@click.option("--tune", is_flag=True,
-              help="Try the [[tune]] candidates of targets/<target>.toml; keep the smallest that passes the gate.")
-@click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
-              help="Check parity against the unquantized reference after exporting (exit 3 on a failed gate).")
+@click.option("--target", "-t", default=default_format(), show_default=True, help=f"{', '.join(REGISTRY)}, or all.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(),
+    help="Bundle directory (with --target all: parent directory). Default: dist/<model>-<target>.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing non-empty --out, and export even if the resource preflight says RAM or disk is short.",
+)
+@click.option(
+    "--set",
+    "recipe_set",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe key from targets/<target>.toml, e.g. --set block_size=64.",
+)
+@click.option(
+    "--tune",
+    is_flag=True,
+    help="Try the [[tune]] candidates of targets/<target>.toml; keep the smallest that passes the gate.",
+)
+@click.option(
+    "--verify/--no-verify",
+    "run_verify",
+    default=True,
+    show_default=True,
+    help="Check parity against the unquantized reference after exporting (exit 3 on a failed gate).",
+)
 @click.option("--eval-text", type=click.Path(), help="Text for the parity check (default: built-in).")
 @long_context_option
 @threshold_options
 @model_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, long_context, max_kld, min_top1,
-           max_ppl_ratio, revision, offline, trust_remote_code, allow_pickle, as_json, quiet):
+def export(
+    model,
+    target,
+    out,
+    force,
+    recipe_set,
+    tune,
+    run_verify,
+    eval_text,
+    long_context,
+    max_kld,
+    min_top1,
+    max_ppl_ratio,
+    revision,
+    offline,
+    trust_remote_code,
+    allow_pickle,
+    as_json,
+    quiet,
+):
     """Export MODEL (checkpoint dir, hub id or alias) to a deployable bundle.
 
     \b
@@ -83,17 +124,31 @@ def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, l
         edgekit export smollm2-135m --target all --no-verify
         edgekit export smollm2-135m --target onnx-int4 --tune
     """
-    results = api.export(model, target, out, verify=run_verify, force=force, revision=revision, offline=offline,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                         recipe=parse_sets(recipe_set), tune=tune, eval_text=eval_text, long_context=long_context,
-                         thresholds=threshold_overrides(max_kld, min_top1, max_ppl_ratio),
-                         progress=progress_for(quiet or as_json))
+    results = api.export(
+        model,
+        target,
+        out,
+        verify=run_verify,
+        force=force,
+        revision=revision,
+        offline=offline,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        recipe=parse_sets(recipe_set),
+        tune=tune,
+        eval_text=eval_text,
+        long_context=long_context,
+        thresholds=threshold_overrides(max_kld, min_top1, max_ppl_ratio),
+        progress=progress_for(quiet or as_json),
+    )
     # a tuned bundle was verified while tuning (its parity.json is inside); as before, only the
     # plain export prints and gates its reports here
     reports = [r.parity for r in results if r.parity is not None and not tune]
     for r in results:
-        err(f"wrote {r.bundle}  ({r.format}, {r.size_bytes / 2**20:.1f} MiB, {r.files} files, "
-            f"{r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MiB, via {r.path_taken})")
+        err(
+            f"wrote {r.bundle}  ({r.format}, {r.size_bytes / 2**20:.1f} MiB, {r.files} files, "
+            f"{r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MiB, via {r.path_taken})"
+        )
         if r.parity is not None and not tune and not as_json:
             print_parity(r.parity)
     if as_json:
@@ -112,7 +167,20 @@ def export(model, target, out, force, recipe_set, tune, run_verify, eval_text, l
 @click.option("--trust-remote-code", is_flag=True, help="Allow the reference checkpoint's own Python code to run.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def verify(bundles, eval_text, reference, window, long_context, max_kld, min_top1, max_ppl_ratio, offline, trust_remote_code, as_json, quiet):
+def verify(
+    bundles,
+    eval_text,
+    reference,
+    window,
+    long_context,
+    max_kld,
+    min_top1,
+    max_ppl_ratio,
+    offline,
+    trust_remote_code,
+    as_json,
+    quiet,
+):
     """Check BUNDLES against the unquantized reference; exit 3 if a threshold fails.
 
     Reports KL divergence, top-1 agreement, perplexity ratio, greedy continuation,
@@ -124,9 +192,20 @@ def verify(bundles, eval_text, reference, window, long_context, max_kld, min_top
         edgekit verify dist/x --eval-text my_domain.txt --json
     """
     progress = progress_for(quiet or as_json)
-    reports = [api.verify(b, eval_text=eval_text, reference=reference, window=window, offline=offline,
-                          trust_remote_code=trust_remote_code, progress=progress, long_context=long_context,
-                          thresholds=threshold_overrides(max_kld, min_top1, max_ppl_ratio)) for b in bundles]
+    reports = [
+        api.verify(
+            b,
+            eval_text=eval_text,
+            reference=reference,
+            window=window,
+            offline=offline,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+            long_context=long_context,
+            thresholds=threshold_overrides(max_kld, min_top1, max_ppl_ratio),
+        )
+        for b in bundles
+    ]
     if as_json:
         emit_json({"reports": [r.to_dict() for r in reports]})
     else:
@@ -152,18 +231,28 @@ def run(bundle, prompt, max_tokens, raw, system, threads, as_json):
     Example:
         edgekit run dist/my-q4 --prompt "What is the capital of France?"
     """
+
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    result = api.run(bundle, prompt, max_tokens=max_tokens, raw=raw, system=system, threads=threads,
-                     on_text=None if as_json else stream)
+    result = api.run(
+        bundle,
+        prompt,
+        max_tokens=max_tokens,
+        raw=raw,
+        system=system,
+        threads=threads,
+        on_text=None if as_json else stream,
+    )
     if as_json:
         emit_json(result.to_dict())
         return
     click.echo()
-    err(f"[{result.format}: {result.prompt_tokens} prompt tokens, {result.generated_tokens} generated, "
-         f"TTFT {result.ttft_ms:.0f} ms, {result.decode_tok_s:.1f} tok/s, stopped by {result.stopped_by}]")
+    err(
+        f"[{result.format}: {result.prompt_tokens} prompt tokens, {result.generated_tokens} generated, "
+        f"TTFT {result.ttft_ms:.0f} ms, {result.decode_tok_s:.1f} tok/s, stopped by {result.stopped_by}]"
+    )
 
 
 @cli.command()
@@ -173,8 +262,13 @@ def run(bundle, prompt, max_tokens, raw, system, threads, as_json):
 @click.option("--warmup", default=1, show_default=True, type=int, help="Untimed warm-up generations.")
 @click.option("--prompt-tokens", type=int, help="Prompt length in tokens (default: the profile's).")
 @click.option("--gen-tokens", type=int, help="Tokens generated per repetition, EOS ignored (default: the profile's).")
-@click.option("--set", "profile_set", multiple=True, metavar="KEY=VALUE",
-              help="Override a profile key, e.g. --set max_peak_rss_mb=512 or --set threads=1.")
+@click.option(
+    "--set",
+    "profile_set",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a profile key, e.g. --set max_peak_rss_mb=512 or --set threads=1.",
+)
 @click.option("--output", "-o", type=click.Path(), help="Append one JSON line per record to this file.")
 @click.option("--no-manifest", is_flag=True, help="Do not write the results into the bundles' manifest.json.")
 @json_option
@@ -193,9 +287,18 @@ def bench(bundles, profile, reps, warmup, prompt_tokens, gen_tokens, profile_set
         edgekit bench dist/phi3-mini-onnx-int4 --profile mobile-onnx --json
         edgekit bench dist/a dist/b --profile laptop-cpu --reps 10 --prompt-tokens 512 --gen-tokens 128
     """
-    records = api.bench(bundles, profile=profile, reps=reps, warmup=warmup, prompt_tokens=prompt_tokens,
-                        gen_tokens=gen_tokens, overrides=parse_sets(profile_set), output=output,
-                        write_manifest=not no_manifest, progress=progress_for(quiet or as_json))
+    records = api.bench(
+        bundles,
+        profile=profile,
+        reps=reps,
+        warmup=warmup,
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        overrides=parse_sets(profile_set),
+        output=output,
+        write_manifest=not no_manifest,
+        progress=progress_for(quiet or as_json),
+    )
     if as_json:
         emit_json([r.to_dict() for r in records])
     elif not quiet:
@@ -221,11 +324,10 @@ def validate(paths, as_json):
     results = []
     for p in paths:
         m = api.validate(p)
-        results.append({"path": p, "format": m["format"], "files": len(m["files"]),
-                        "size_bytes": bundle_size(m), "valid": True})
+        results.append(
+            {"path": p, "format": m["format"], "files": len(m["files"]), "size_bytes": bundle_size(m), "valid": True}
+        )
         if not as_json:
             err(f"ok: {p} ({m['format']}, {len(m['files'])} files, sha256 and sizes match the manifest)")
     if as_json:
         emit_json(results)
-
-

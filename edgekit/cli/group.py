@@ -39,9 +39,17 @@ def json_option(f):
 def model_options(f):
     """Options shared by every command that reads a checkpoint."""
     f = click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")(f)
-    f = click.option("--offline", is_flag=True, default=None, help="Never contact the hub; fail fast if the model is not cached.")(f)
-    f = click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped with the model repo to run (off by default).")(f)
-    f = click.option("--allow-pickle", is_flag=True, help="Allow pickle weights (*.bin, *.pt); they can run code when loaded.")(f)
+    f = click.option(
+        "--offline", is_flag=True, default=None, help="Never contact the hub; fail fast if the model is not cached."
+    )(f)
+    f = click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="Allow Python code shipped with the model repo to run (off by default).",
+    )(f)
+    f = click.option(
+        "--allow-pickle", is_flag=True, help="Allow pickle weights (*.bin, *.pt); they can run code when loaded."
+    )(f)
     return f
 
 
@@ -54,9 +62,12 @@ def threshold_options(f):
 
 def long_context_option(f):
     return click.option(
-        "--long-context/--no-long-context", "long_context", default=None,
+        "--long-context/--no-long-context",
+        "long_context",
+        default=None,
         help="Probe parity past the original context (a prompt below it, then token by token across it). "
-             "Default: on for checkpoints whose RoPE changes there (LongRoPE, Llama 3 scaling, YaRN).")(f)
+        "Default: on for checkpoints whose RoPE changes there (LongRoPE, Llama 3 scaling, YaRN).",
+    )(f)
 
 
 def threshold_overrides(max_kld: float | None, min_top1: float | None, max_ppl_ratio: float | None) -> dict[str, Any]:
@@ -97,22 +108,33 @@ class EdgekitGroup(click.Group):
             if debug:
                 raise
             if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise _Failure(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.ERROR) from None
-            raise _Failure(f"disk full while writing {e.filename or 'the output'} ({e.strerror}); nothing was published. "
-                           "Free space or choose another --out", ExitCode.ERROR) from None
+                raise _Failure(
+                    f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.ERROR
+                ) from None
+            raise _Failure(
+                f"disk full while writing {e.filename or 'the output'} ({e.strerror}); nothing was published. "
+                "Free space or choose another --out",
+                ExitCode.ERROR,
+            ) from None
         except Exception as e:
             if debug:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            raise _Failure(f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)", ExitCode.ERROR) from None
+            raise _Failure(
+                f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)", ExitCode.ERROR
+            ) from None
 
 
 @click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="edgekit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.option("--targets-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Your own target files on top of the shipped ones: a DIR/<name>.toml replaces the shipped file "
-                   "of that name, a new one adds a format (also $EDGEKIT_TARGETS_DIR).")
+@click.option(
+    "--targets-dir",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Your own target files on top of the shipped ones: a DIR/<name>.toml replaces the shipped file "
+    "of that name, a new one adds a format (also $EDGEKIT_TARGETS_DIR).",
+)
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, targets_dir: str | None) -> None:
     """Export, verify and benchmark small language models for on-device runtimes.
@@ -126,8 +148,6 @@ def cli(ctx: click.Context, debug: bool, targets_dir: str | None) -> None:
     if targets_dir:
         # An environment variable, not a parameter: build and bench children read it too.
         os.environ[USER_DIR_ENV] = str(Path(targets_dir).resolve())
-
-
 
 
 def main() -> None:

@@ -19,27 +19,51 @@ from .group import cli, emit_json, err, json_option, progress_for
 
 def eval_options(f):
     """Options shared by eval and select: which items, on which profile, against what."""
-    f = click.option("--tasks", "-t", type=click.Path(), help="JSONL task file (default: the shipped edgekit-basic set).")(f)
+    f = click.option(
+        "--tasks", "-t", type=click.Path(), help="JSONL task file (default: the shipped edgekit-basic set)."
+    )(f)
     f = click.option("--limit", type=int, help="Only the first N items of the task file.")(f)
-    f = click.option("--profile", "-p", help="Device profile from targets/profiles.toml (default: detected from this host).")(f)
-    f = click.option("--no-reference", is_flag=True, help="Skip the unquantized reference row (no deltas, flips or drop).")(f)
-    f = click.option("--reference", "reference_ckpt", help="The unquantized checkpoint (default: the one in each manifest).")(f)
+    f = click.option(
+        "--profile", "-p", help="Device profile from targets/profiles.toml (default: detected from this host)."
+    )(f)
+    f = click.option(
+        "--no-reference", is_flag=True, help="Skip the unquantized reference row (no deltas, flips or drop)."
+    )(f)
+    f = click.option(
+        "--reference", "reference_ckpt", help="The unquantized checkpoint (default: the one in each manifest)."
+    )(f)
     f = click.option("--case-sensitive", is_flag=True, help="exact/contains: do not fold case.")(f)
     f = click.option("--keep-whitespace", is_flag=True, help="exact/contains: do not collapse whitespace.")(f)
-    f = click.option("--keep-punctuation", is_flag=True, help="exact/contains: do not strip leading/trailing punctuation.")(f)
-    f = click.option("--max-paraphrase-drop", type=float, default=0.10, show_default=True,
-                     help="Robustness threshold for paraphrase drop.")(f)
-    f = click.option("--max-format-sensitivity", type=float, default=0.05, show_default=True,
-                     help="Robustness threshold for format sensitivity.")(f)
+    f = click.option(
+        "--keep-punctuation", is_flag=True, help="exact/contains: do not strip leading/trailing punctuation."
+    )(f)
+    f = click.option(
+        "--max-paraphrase-drop",
+        type=float,
+        default=0.10,
+        show_default=True,
+        help="Robustness threshold for paraphrase drop.",
+    )(f)
+    f = click.option(
+        "--max-format-sensitivity",
+        type=float,
+        default=0.05,
+        show_default=True,
+        help="Robustness threshold for format sensitivity.",
+    )(f)
     f = click.option("--offline", is_flag=True, default=None, help="Never contact the hub for the reference.")(f)
-    f = click.option("--trust-remote-code", is_flag=True, help="Allow the reference checkpoint's own Python code to run.")(f)
+    f = click.option(
+        "--trust-remote-code", is_flag=True, help="Allow the reference checkpoint's own Python code to run."
+    )(f)
     return f
 
 
 def _eval_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    norm = {"case": False if kw.pop("case_sensitive") else None,
-            "whitespace": False if kw.pop("keep_whitespace") else None,
-            "punctuation": False if kw.pop("keep_punctuation") else None}
+    norm = {
+        "case": False if kw.pop("case_sensitive") else None,
+        "whitespace": False if kw.pop("keep_whitespace") else None,
+        "punctuation": False if kw.pop("keep_punctuation") else None,
+    }
     no_ref, ckpt = kw.pop("no_reference"), kw.pop("reference_ckpt")
     if no_ref and ckpt:
         raise BadInput("--reference and --no-reference contradict each other", "Drop one of them")
@@ -83,9 +107,16 @@ def eval_(bundles, output, no_manifest, pick, as_json, quiet, **kw):
     """
     limits = {k: kw.pop(k) for k in _CONSTRAINTS}
     if any(v is not None for v in limits.values()) and not pick:
-        raise BadInput("constraints (--min-accuracy, --max-p95-ms, ...) need --pick", "Add --pick, or use edgekit select")
-    report = api.evaluate(bundles, output=output, write_manifest=not no_manifest,
-                          progress=progress_for(quiet or as_json), **_eval_kwargs(kw))
+        raise BadInput(
+            "constraints (--min-accuracy, --max-p95-ms, ...) need --pick", "Add --pick, or use edgekit select"
+        )
+    report = api.evaluate(
+        bundles,
+        output=output,
+        write_manifest=not no_manifest,
+        progress=progress_for(quiet or as_json),
+        **_eval_kwargs(kw),
+    )
     if not quiet and not as_json:
         print_table(report)
     elif not quiet:
@@ -117,7 +148,9 @@ def _select_and_print(run: Callable[[], Selection], doc: dict[str, Any] | None, 
 @cli.command("select")
 @click.argument("bundles", nargs=-1, type=click.Path())
 @select_options
-@click.option("--from", "from_json", type=click.Path(), help="Use an `edgekit eval --json` document instead of evaluating.")
+@click.option(
+    "--from", "from_json", type=click.Path(), help="Use an `edgekit eval --json` document instead of evaluating."
+)
 @click.option("--stored", is_flag=True, help="Use the eval results stored in the bundles' manifests for --tasks.")
 @eval_options
 @json_option
@@ -143,18 +176,40 @@ def select_(bundles, from_json, stored, as_json, quiet, **kw):
     else:
         extra = {k: v for k, v in ekw.items() if k not in ("tasks", "limit")}
         extra["progress"] = progress_for(quiet or as_json)
-    _select_and_print(lambda: api.select(bundles=bundles, from_json=from_json, stored=stored, tasks=ekw["tasks"],
-                                         limit=ekw["limit"], **limits, **extra), None, as_json, quiet)
+    _select_and_print(
+        lambda: api.select(
+            bundles=bundles,
+            from_json=from_json,
+            stored=stored,
+            tasks=ekw["tasks"],
+            limit=ekw["limit"],
+            **limits,
+            **extra,
+        ),
+        None,
+        as_json,
+        quiet,
+    )
 
 
 @cli.command()
 @click.option("--config", "-c", type=click.Path(), help="Build config (default: ./edgekit.toml).")
 @click.option("--out", "-o", type=click.Path(), help="Output directory (default: [build] out, else dist/).")
 @click.option("--force", is_flag=True, help="Rebuild every entry even if its inputs are unchanged.")
-@click.option("--baseline", type=click.Path(), help="A previous build's output directory: fail on regressions beyond the config's margins.")
+@click.option(
+    "--baseline",
+    type=click.Path(),
+    help="A previous build's output directory: fail on regressions beyond the config's margins.",
+)
 @click.option("--shard", metavar="K/N", help="Build only the K-th of N deterministic slices of the matrix.")
-@click.option("--merge", "merge_dirs", multiple=True, type=click.Path(), metavar="DIR",
-              help="Combine shard outputs (repeat --merge DIR) into --out instead of building.")
+@click.option(
+    "--merge",
+    "merge_dirs",
+    multiple=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="Combine shard outputs (repeat --merge DIR) into --out instead of building.",
+)
 @click.option("--offline", is_flag=True, default=None, help="Never contact the hub.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
@@ -182,8 +237,9 @@ def build(config, out, force, baseline, shard, merge_dirs, offline, as_json, qui
         if merge_dirs:
             summary = api.merge(list(merge_dirs), out, baseline=baseline, progress=progress)
         else:
-            summary = api.build(config, out=out, force=force, baseline=baseline, shard=shard, offline=offline,
-                                   progress=progress)
+            summary = api.build(
+                config, out=out, force=force, baseline=baseline, shard=shard, offline=offline, progress=progress
+            )
     except BuildFailed as e:  # outputs are written; show them, then exit with the worst code
         error, summary = e, e.summary
     if as_json:
@@ -207,5 +263,3 @@ def report(directory, out):
     """
     path = write_report(directory, out)
     err(f"wrote {path}")
-
-

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 # target name -> package implementing FormatBackend. The first entry is the default target.
 REGISTRY: dict[str, str] = {
-    "onnx-int4": "edgekit.formats.onnx_int4",      # ONNX int4 MatMulNBits, onnxruntime-genai
-    "gguf-q4_k_m": "edgekit.formats.gguf_q4km",    # GGUF Q4_K_M, llama.cpp
+    "onnx-int4": "edgekit.formats.onnx_int4",  # ONNX int4 MatMulNBits, onnxruntime-genai
+    "gguf-q4_k_m": "edgekit.formats.gguf_q4km",  # GGUF Q4_K_M, llama.cpp
 }
 
 
@@ -35,10 +35,10 @@ REGISTRY: dict[str, str] = {
 class ExportNotes:
     """What a backend tells the bundle writer about the files it produced."""
 
-    quantization: dict[str, Any]           # effective settings, recorded in the manifest
-    tools: dict[str, str]                   # tool name -> version used
-    path_taken: str                         # e.g. "genai-builder", "optimum+MatMulNBits", "convert_hf_to_gguf+llama_model_quantize"
-    notes: tuple[str, ...] = ()             # human remarks (fallbacks taken, tensors kept in higher precision)
+    quantization: dict[str, Any]  # effective settings, recorded in the manifest
+    tools: dict[str, str]  # tool name -> version used
+    path_taken: str  # e.g. "genai-builder", "optimum+MatMulNBits", "convert_hf_to_gguf+llama_model_quantize"
+    notes: tuple[str, ...] = ()  # human remarks (fallbacks taken, tensors kept in higher precision)
     reproducible_files: tuple[str, ...] = ()  # files expected byte-identical on a rebuild
 
 
@@ -55,8 +55,8 @@ class Trial:
     """One timed generation: the prompt's forward pass, the first token, the rest."""
 
     prefill_s: float
-    first_token_s: float   # prefill + selecting the first token: time to first token
-    decode_s: float        # the n_generated - 1 tokens after the first
+    first_token_s: float  # prefill + selecting the first token: time to first token
+    decode_s: float  # the n_generated - 1 tokens after the first
     n_generated: int
 
 
@@ -75,20 +75,20 @@ class ExportCost:
 class BenchSetup:
     """What bench resolves for one bundle on one profile, in the parent, before any runtime loads."""
 
-    context_limit: int | None        # longest context the bundle's own files allow; None: the model config decides
-    kv_element_bytes: int | None     # bytes per K/V cache element; None: unknown (bandwidth counts weights only)
-    gpu_layers: int                  # layers the runtime may offload (the profile's, or 0 where it runs on the CPU)
-    accuracy_level: int | None       # compute type fixed at export, recorded with the figures; None: not applicable
-    substitutions: tuple[str, ...]   # where the bundle cannot do what the profile asks, and what it does instead
+    context_limit: int | None  # longest context the bundle's own files allow; None: the model config decides
+    kv_element_bytes: int | None  # bytes per K/V cache element; None: unknown (bandwidth counts weights only)
+    gpu_layers: int  # layers the runtime may offload (the profile's, or 0 where it runs on the CPU)
+    accuracy_level: int | None  # compute type fixed at export, recorded with the figures; None: not applicable
+    substitutions: tuple[str, ...]  # where the bundle cannot do what the profile asks, and what it does instead
 
 
 @dataclass(frozen=True)
 class BenchRuntime:
     """The runtime imported in the bench child (outside the load timing)."""
 
-    versions: dict[str, str]         # package -> version, recorded with the figures
-    gpu_layers: int                  # what will really be offloaded on this host
-    substitutions: tuple[str, ...]   # what this host changes (no GPU offload, LongRoPE factors at this context)
+    versions: dict[str, str]  # package -> version, recorded with the figures
+    gpu_layers: int  # what will really be offloaded on this host
+    substitutions: tuple[str, ...]  # what this host changes (no GPU offload, LongRoPE factors at this context)
 
 
 class Session(Protocol):
@@ -126,8 +126,13 @@ class Session(Protocol):
 class TimedSession(Session, Protocol):
     """A session bench can time: runtime work only inside the timed regions."""
 
-    def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
-                       probe: Callable[[str], None] | None = None, max_length: int | None = None) -> Trial:
+    def timed_generate(
+        self,
+        prompt_ids: Sequence[int],
+        gen_tokens: int,
+        probe: Callable[[str], None] | None = None,
+        max_length: int | None = None,
+    ) -> Trial:
         """One greedy generation of exactly `gen_tokens` tokens (EOS does not stop it).
         probe("prefill") and probe("decode") run after each phase, outside the timing.
         max_length: the KV cache length a runtime that sizes it per generation allocates
@@ -136,12 +141,12 @@ class TimedSession(Session, Protocol):
 
 class FormatBackend(Protocol):
     SUPPORTED_ARCHITECTURES: frozenset[str]
-    FALLBACK_ARCHITECTURES: frozenset[str]   # exported by a second path when the first refuses
-    LONG_CONTEXT_LIMITS: dict[str, str]      # what the long-context probe names, by where parity stops
-    KNOWN_DIFFERENCES: dict[str, str]        # architecture -> how the runtime's graph differs from transformers
+    FALLBACK_ARCHITECTURES: frozenset[str]  # exported by a second path when the first refuses
+    LONG_CONTEXT_LIMITS: dict[str, str]  # what the long-context probe names, by where parity stops
+    KNOWN_DIFFERENCES: dict[str, str]  # architecture -> how the runtime's graph differs from transformers
     PREFLIGHT_COST: ExportCost
-    README_TEMPLATE: str                     # str.format template of the bundle README (see readme_fields)
-    PLOT_COLOR: str                          # the format's colour in report plots
+    README_TEMPLATE: str  # str.format template of the bundle README (see readme_fields)
+    PLOT_COLOR: str  # the format's colour in report plots
 
     def parse_recipe(self, table: dict[str, Any], where: str) -> Any:
         """Typed, validated recipe from the [recipe] table of targets/<name>.toml (+ overrides).
@@ -167,8 +172,9 @@ class FormatBackend(Protocol):
     def bench_runtime(self, bundle: Path, manifest: dict[str, Any], context: int, gpu_layers: int) -> BenchRuntime:
         """Import the runtime (bench child, before the load timing) and say what this host changes."""
 
-    def bench_session(self, bundle: Path, manifest: dict[str, Any], threads: int, context: int,
-                      gpu_layers: int) -> TimedSession:
+    def bench_session(
+        self, bundle: Path, manifest: dict[str, Any], threads: int, context: int, gpu_layers: int
+    ) -> TimedSession:
         """Open the bundle for timing with `threads` threads, a KV cache for `context` tokens."""
 
 

@@ -17,6 +17,21 @@ from .readme import PLOT_COLOR, README_TEMPLATE, readme_fields
 from .recipe import FALLBACK_ARCHITECTURES, SUPPORTED_ARCHITECTURES, parse_recipe
 from .session import open_session
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "FALLBACK_ARCHITECTURES", "LONG_CONTEXT_LIMITS", "KNOWN_DIFFERENCES",
-           "PREFLIGHT_COST", "README_TEMPLATE", "PLOT_COLOR", "parse_recipe", "export", "open_session", "tool_versions",
-           "readme_fields", "config_problems", "bench_setup", "bench_runtime", "bench_session"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "FALLBACK_ARCHITECTURES",
+    "LONG_CONTEXT_LIMITS",
+    "KNOWN_DIFFERENCES",
+    "PREFLIGHT_COST",
+    "README_TEMPLATE",
+    "PLOT_COLOR",
+    "parse_recipe",
+    "export",
+    "open_session",
+    "tool_versions",
+    "readme_fields",
+    "config_problems",
+    "bench_setup",
+    "bench_runtime",
+    "bench_session",
+]

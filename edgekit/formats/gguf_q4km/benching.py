@@ -19,8 +19,13 @@ KV_ELEMENT_BYTES = 2
 
 def bench_setup(bundle: Path, manifest: dict[str, Any], profile: Profile) -> BenchSetup:
     """The model config alone bounds the context; the profile's gpu_layers apply (Metal)."""
-    return BenchSetup(context_limit=None, kv_element_bytes=KV_ELEMENT_BYTES, gpu_layers=profile.gpu_layers,
-                      accuracy_level=None, substitutions=())
+    return BenchSetup(
+        context_limit=None,
+        kv_element_bytes=KV_ELEMENT_BYTES,
+        gpu_layers=profile.gpu_layers,
+        accuracy_level=None,
+        substitutions=(),
+    )
 
 
 def bench_runtime(bundle: Path, manifest: dict[str, Any], context: int, gpu_layers: int) -> BenchRuntime:
@@ -31,15 +36,19 @@ def bench_runtime(bundle: Path, manifest: dict[str, Any], context: int, gpu_laye
     subs = []
     if gpu_layers and not llama_cpp.llama_supports_gpu_offload():
         layers = "all layers" if gpu_layers < 0 else f"{gpu_layers} layers"
-        subs.append(f"gpu_layers: the profile offloads {layers} to the GPU (Metal on Apple silicon); this llama.cpp "
-                    f"has no GPU offload on {platform.system()} {platform.machine()}, so every layer ran on the CPU")
+        subs.append(
+            f"gpu_layers: the profile offloads {layers} to the GPU (Metal on Apple silicon); this llama.cpp "
+            f"has no GPU offload on {platform.system()} {platform.machine()}, so every layer ran on the CPU"
+        )
         gpu_layers = 0
     if note := longrope_context_note(bundle / MODEL_FILE, context):
         subs.append(note)
-    return BenchRuntime(versions={"llama-cpp-python": llama_cpp.__version__}, gpu_layers=gpu_layers,
-                        substitutions=tuple(subs))
+    return BenchRuntime(
+        versions={"llama-cpp-python": llama_cpp.__version__}, gpu_layers=gpu_layers, substitutions=tuple(subs)
+    )
 
 
-def bench_session(bundle: Path, manifest: dict[str, Any], threads: int, context: int,
-                  gpu_layers: int) -> LlamaCppSession:
+def bench_session(
+    bundle: Path, manifest: dict[str, Any], threads: int, context: int, gpu_layers: int
+) -> LlamaCppSession:
     return LlamaCppSession(bundle / MODEL_FILE, threads=threads, context=context, gpu_layers=gpu_layers)

@@ -81,12 +81,16 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: GgufRecipe, progress: 
     if family is None:
         notes.append("Modelfile has no TEMPLATE: the chat template is not a family edgekit translates for Ollama")
     if imatrix_info is not None:
-        notes.append(f"importance matrix from {imatrix_info['tokens']} calibration tokens weighted "
-                     f"{imatrix_info['tensors']} tensors")
+        notes.append(
+            f"importance matrix from {imatrix_info['tokens']} calibration tokens weighted "
+            f"{imatrix_info['tensors']} tensors"
+        )
     if read_metadata(final, ())["chat_template"] is None:
         if _has_chat_template(Path(checkpoint.path)):
-            raise ToolFailed("the converter wrote no tokenizer.chat_template into the GGUF although the checkpoint has one",
-                             "Report this with the checkpoint's tokenizer_config.json")
+            raise ToolFailed(
+                "the converter wrote no tokenizer.chat_template into the GGUF although the checkpoint has one",
+                "Report this with the checkpoint's tokenizer_config.json",
+            )
         notes.append("the checkpoint has no chat template: prompt this bundle with raw text (--raw)")
     return ExportNotes(
         quantization={
@@ -115,8 +119,17 @@ def _convert(checkpoint: Checkpoint, tools_root: Path, out: Path, outtype: str, 
     gguf_py = str(tools_root / "gguf-py")
     env["PYTHONPATH"] = gguf_py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, str(tools_root / "convert_hf_to_gguf.py"), str(checkpoint.path),
-           "--outtype", outtype, "--outfile", str(out), "--model-name", gguf_model_name(checkpoint)]
+    cmd = [
+        sys.executable,
+        str(tools_root / "convert_hf_to_gguf.py"),
+        str(checkpoint.path),
+        "--outtype",
+        outtype,
+        "--outfile",
+        str(out),
+        "--model-name",
+        gguf_model_name(checkpoint),
+    ]
     expected = _count_checkpoint_tensors(checkpoint)
     tail: deque[str] = deque(maxlen=60)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -151,8 +164,10 @@ def _convert(checkpoint: Checkpoint, tools_root: Path, out: Path, outtype: str, 
     if oom := watch.out_of_memory(rc, "convert_hf_to_gguf.py"):
         raise OutOfMemory(oom + "; nothing was published", "Use a machine with more RAM or close other programs")
     if rc != 0 or not out.is_file():
-        raise ToolFailed(f"convert_hf_to_gguf.py failed on {checkpoint.path}: {_last_error(tail)}",
-                         f"For its full log run: PYTHONPATH={shlex.quote(gguf_py)} {shlex.join(cmd)}")
+        raise ToolFailed(
+            f"convert_hf_to_gguf.py failed on {checkpoint.path}: {_last_error(tail)}",
+            f"For its full log run: PYTHONPATH={shlex.quote(gguf_py)} {shlex.join(cmd)}",
+        )
 
 
 # llama.cpp keys one tokenizer behaviour on general.name: when the name contains "phi3" or
@@ -170,8 +185,11 @@ def gguf_model_name(checkpoint: Checkpoint) -> str:
     rstrip = special_tokens_rstrip(Path(checkpoint.path))
     if rstrip is False and _PHI3_NAME.search(name):
         name = _PHI3_NAME.sub(lambda m: m.group(0)[:3] + " 3", name)  # "tiny-phi3" -> "tiny-phi 3"
-    elif rstrip is True and checkpoint.architecture in ("Phi3ForCausalLM", "PhiMoEForCausalLM") \
-            and not _PHI3_NAME.search(name):
+    elif (
+        rstrip is True
+        and checkpoint.architecture in ("Phi3ForCausalLM", "PhiMoEForCausalLM")
+        and not _PHI3_NAME.search(name)
+    ):
         name = f"{name} (phi3)"
     return name
 

@@ -7,9 +7,11 @@ LONG_CONTEXT_LIMITS: dict[str, str] = {
     # llama.cpp picks LongRoPE's factors once per context: the long ones at every position
     # when n_ctx exceeds the original context. A run that crosses token {boundary} with a
     # context sized for it therefore differs from transformers before the boundary.
-    "before": ("llama.cpp uses LongRoPE's long factors at every position once n_ctx exceeds {boundary}, so "
-               "the tokens of a run before {boundary} differ from transformers; edgekit run and bench open "
-               "the context at {boundary} when prompt + output fit in it"),
+    "before": (
+        "llama.cpp uses LongRoPE's long factors at every position once n_ctx exceeds {boundary}, so "
+        "the tokens of a run before {boundary} differ from transformers; edgekit run and bench open "
+        "the context at {boundary} when prompt + output fit in it"
+    ),
     "after": "llama.cpp leaves transformers' behaviour past token {boundary}: parity holds to {reach} tokens",
 }
 # Architectures whose llama.cpp graph is known to compute something other than transformers,
@@ -21,5 +23,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "PhiMoEForCausalLM": (
         "llama.cpp (llama-cpp-python 0.3.36) runs PhiMoE through its Phi-3 graph: RMSNorm where transformers' "
         "PhiMoE uses LayerNorm, softmax top-2 routing with renormalised weights where it uses SparseMixer, and "
-        "the converter's sqrt(1 + ln(s)/ln(n_orig)) attention factor instead of rope_scaling's short/long_mscale"),
+        "the converter's sqrt(1 + ln(s)/ln(n_orig)) attention factor instead of rope_scaling's short/long_mscale"
+    ),
 }

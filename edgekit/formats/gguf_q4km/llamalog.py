@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from ...errors import ToolFailed
 
+
 class LlamaLog:
     """Routes llama.cpp's log to Python while quantizing: per-tensor lines drive the bar and
     fallback warnings become notes instead of pages of stderr. llama.cpp's logger is one
@@ -64,9 +65,12 @@ def read_metadata(path: Path, keys: Sequence[str]) -> dict[str, str | None]:
         params.vocab_only = True
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise ToolFailed(f"llama.cpp could not read {path}: {log.first_error()}",
-                         "Re-export the bundle; check that llama-cpp-python is the version it was built with")
+        raise ToolFailed(
+            f"llama.cpp could not read {path}: {log.first_error()}",
+            "Re-export the bundle; check that llama-cpp-python is the version it was built with",
+        )
     try:
+
         def value(key: str) -> str | None:
             size = 256
             while True:

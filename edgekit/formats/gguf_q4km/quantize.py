@@ -24,8 +24,10 @@ _K_BLOCK = 256
 _QUANT_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+)")
 _CONVERTING = re.compile(r"converting to (\w+)")
 _IMATRIX_LINE = re.compile(r"have importance matrix data with (\d+) entries")
-_FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*"
-                       r"falling back to\s+(\S+)")
+_FALLBACK = re.compile(
+    r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*"
+    r"falling back to\s+(\S+)"
+)
 
 
 def importance_entries(checkpoint: Checkpoint, intermediate: Path, progress: Progress):
@@ -37,14 +39,17 @@ def importance_entries(checkpoint: Checkpoint, intermediate: Path, progress: Pro
         arch, n_blocks, rows = im.gguf_layout(intermediate)
         entries, unmatched = im.gguf_entries(data, arch, n_blocks, rows)
     if not entries:
-        raise ToolFailed(f"none of the {len(data.values)} imatrix entries maps to a tensor of this {arch!r} GGUF",
-                         "Export with --set imatrix=none")
+        raise ToolFailed(
+            f"none of the {len(data.values)} imatrix entries maps to a tensor of this {arch!r} GGUF",
+            "Export with --set imatrix=none",
+        )
     info = {**data.summary(), "tensors": len(entries), "unmatched_modules": unmatched}
     return entries, info
 
 
-def quantize(src: Path, dst: Path, recipe: GgufRecipe, progress: Progress,
-              importance: dict[str, Any] | None = None) -> tuple[dict[str, str], list[tuple[str, int, str, str]], int]:
+def quantize(
+    src: Path, dst: Path, recipe: GgufRecipe, progress: Progress, importance: dict[str, Any] | None = None
+) -> tuple[dict[str, str], list[tuple[str, int, str, str]], int]:
     """llama_model_quantize in process. Returns each tensor's type in the output, read from
     llama.cpp's log (gguf's GGUFReader takes seconds on a large vocabulary), and the tensors
     that fell back from a K-quant: (name, row length, wanted type, type used). `importance`
@@ -87,8 +92,10 @@ def quantize(src: Path, dst: Path, recipe: GgufRecipe, progress: Progress,
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keepalive
     if rc != 0 or not dst.is_file():
-        raise ToolFailed(f"llama_model_quantize to {recipe.quant_type} failed: {log.first_error() or f'code {rc}'}",
-                         "Check free disk space; the message above is llama.cpp's")
+        raise ToolFailed(
+            f"llama_model_quantize to {recipe.quant_type} failed: {log.first_error() or f'code {rc}'}",
+            "Check free disk space; the message above is llama.cpp's",
+        )
     return types, fallbacks, accepted[0]
 
 
@@ -98,5 +105,7 @@ def fallback_notes(fallbacks: list[tuple[str, int, str, str]]) -> Iterator[str]:
     by_change = Counter((wanted, used) for _, _, wanted, used in fallbacks)
     rows = sorted({ncols for _, ncols, _, _ in fallbacks})
     changes = ", ".join(f"{n} x {wanted} -> {used}" for (wanted, used), n in sorted(by_change.items()))
-    yield (f"{len(fallbacks)} tensors fell back from K-quants because their row length "
-           f"({', '.join(map(str, rows))}) is not a multiple of {_K_BLOCK}: {changes}")
+    yield (
+        f"{len(fallbacks)} tensors fell back from K-quants because their row length "
+        f"({', '.join(map(str, rows))}) is not a multiple of {_K_BLOCK}: {changes}"
+    )

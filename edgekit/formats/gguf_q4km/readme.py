@@ -34,6 +34,5 @@ With edgekit: `edgekit run . --prompt "What is the capital of France?"`
 """
 
 
-
 def readme_fields(manifest: dict[str, Any]) -> dict[str, str]:
     return {"quant": manifest.get("quantization", {}).get("quant_type", "Q4_K_M")}

@@ -16,14 +16,18 @@ from .recipe import DEFAULT_CONTEXT, MODEL_FILE
 if TYPE_CHECKING:
     import numpy as np
 
-def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None,
-                 *, context: int = DEFAULT_CONTEXT) -> "LlamaCppSession":
+
+def open_session(
+    bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None, *, context: int = DEFAULT_CONTEXT
+) -> "LlamaCppSession":
     """Open the bundle's model.gguf with llama-cpp-python. `context` bounds prompt + output
     tokens; the model's training context is not used as the default because it sizes the KV
     cache (a 128k-context model would reserve gigabytes)."""
     model = Path(bundle_dir) / MODEL_FILE
     if not model.is_file():
-        raise BadInput(f"{bundle_dir} has no {MODEL_FILE}", "Pass a gguf-q4_k_m bundle directory made by edgekit export")
+        raise BadInput(
+            f"{bundle_dir} has no {MODEL_FILE}", "Pass a gguf-q4_k_m bundle directory made by edgekit export"
+        )
     trained = _trained_context(model)
     return LlamaCppSession(model, threads=threads, context=min(context, trained) if trained else context)
 
@@ -38,9 +42,11 @@ def longrope_context_note(model: Path, context: int) -> str | None:
     original = value["{arch}.rope.scaling.original_context_length"]
     longrope = value["{arch}.rope.scaling.attn_factor"] is not None
     if longrope and original and original.isdigit() and context > int(original):
-        return (f"context {context} > {original}: llama.cpp applies LongRoPE's long factors at every position "
-                f"(transformers uses the short ones for sequences of up to {original} tokens); speed and memory "
-                "are what they would be either way")
+        return (
+            f"context {context} > {original}: llama.cpp applies LongRoPE's long factors at every position "
+            f"(transformers uses the short ones for sequences of up to {original} tokens); speed and memory "
+            "are what they would be either way"
+        )
     return None
 
 
@@ -92,14 +98,25 @@ class LlamaCppSession:
         # and so prints warnings even with verbose=False; capturing the log keeps stderr clean and gives load errors a reason.
         with LlamaLog() as log:
             try:
-                self._llm: Any = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
-                                            n_threads_batch=n, verbose=False, logits_all=False, **offload)
+                self._llm: Any = llama_cpp.Llama(
+                    model_path=str(model_path),
+                    n_ctx=context,
+                    n_threads=n,
+                    n_threads_batch=n,
+                    verbose=False,
+                    logits_all=False,
+                    **offload,
+                )
             except ValueError as e:
                 if gpu_layers:
-                    raise ToolFailed(f"llama.cpp could not load {model_path} with {gpu_layers} GPU layers: "
-                                     f"{log.first_error() or e}", "Benchmark a CPU profile instead") from None
-                raise ToolFailed(f"llama.cpp could not load {model_path}: {log.first_error() or e}",
-                                 "Re-export the bundle; check that llama-cpp-python is the version it was built with") from None
+                    raise ToolFailed(
+                        f"llama.cpp could not load {model_path} with {gpu_layers} GPU layers: {log.first_error() or e}",
+                        "Benchmark a CPU profile instead",
+                    ) from None
+                raise ToolFailed(
+                    f"llama.cpp could not load {model_path}: {log.first_error() or e}",
+                    "Re-export the bundle; check that llama-cpp-python is the version it was built with",
+                ) from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.context = context
@@ -165,9 +182,12 @@ class LlamaCppSession:
         if template is None:
             raise BadInput("this bundle's GGUF has no chat template", "Prompt it with raw text (--raw)")
         bos, eos = self._lib.llama_vocab_bos(self._vocab), self._lib.llama_vocab_eos(self._vocab)
-        formatter = Jinja2ChatFormatter(template=template, bos_token=self._token_text(bos),
-                                        eos_token=self._token_text(eos),
-                                        add_generation_prompt=add_generation_prompt)
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            bos_token=self._token_text(bos),
+            eos_token=self._token_text(eos),
+            add_generation_prompt=add_generation_prompt,
+        )
         text = formatter(messages=cast(Any, messages)).prompt
         ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if bos >= 0 and self._lib.llama_vocab_get_add_bos(self._vocab) and ids[:1] != [bos]:
@@ -176,8 +196,13 @@ class LlamaCppSession:
 
     # generation --------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], max_tokens: int,
-                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generation:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
         """Greedy decoding: argmax over the logits, no sampler chain, so no penalties or
         temperature can creep in. The end-of-generation token (EOS, <|end|>, <|im_end|>, ...)
         ends the run and is not part of token_ids or text (as in the ONNX session). text is the concatenation of what
@@ -188,8 +213,10 @@ class LlamaCppSession:
         if not prompt:
             raise BadInput("the prompt has no tokens", "Pass a non-empty prompt")
         if len(prompt) + max_tokens > self.context:
-            raise BadInput(f"{len(prompt)} prompt tokens + {max_tokens} new tokens exceed the context of {self.context}",
-                           "Shorten the prompt or lower --max-tokens")
+            raise BadInput(
+                f"{len(prompt)} prompt tokens + {max_tokens} new tokens exceed the context of {self.context}",
+                "Shorten the prompt or lower --max-tokens",
+            )
         llm, lib = self._llm, self._lib
         stream = self.text_stream()
         out: list[int] = []
@@ -232,10 +259,10 @@ class LlamaCppSession:
         n_batch = max(1, int(lib.llama_n_batch(ctx)))
         out = np.empty((len(ids), self._n_vocab), dtype=np.float32)
         for start in range(0, len(ids), n_batch):
-            chunk = ids[start:start + n_batch]
+            chunk = ids[start : start + n_batch]
             self._decode(chunk, start, every_row=True)
             rows = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(len(chunk) * self._n_vocab,))
-            out[start:start + len(chunk)] = rows.reshape(len(chunk), self._n_vocab)
+            out[start : start + len(chunk)] = rows.reshape(len(chunk), self._n_vocab)
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return out
 
@@ -259,8 +286,8 @@ class LlamaCppSession:
         rows = np.empty((len(continuation), self._n_vocab), dtype=np.float32)
         tokens = [int(t) for t in prompt_ids]
         n_batch = max(1, int(lib.llama_n_batch(ctx)))
-        for start in range(0, len(tokens), n_batch):   # the prompt, logits for its last token only
-            chunk = tokens[start:start + n_batch]
+        for start in range(0, len(tokens), n_batch):  # the prompt, logits for its last token only
+            chunk = tokens[start : start + n_batch]
             self._decode(chunk, start, last_row=start + len(chunk) == len(tokens))
         rows[0] = self._last_logits()
         for i, tok in enumerate(continuation[:-1]):
@@ -307,14 +334,18 @@ class LlamaCppSession:
     # benchmarking ------------------------------------------------------------------------
 
     @classmethod
-    def open_offloaded(cls, model_path: Path, threads: int | None, context: int,
-                       gpu_layers: int) -> "LlamaCppSession":
+    def open_offloaded(cls, model_path: Path, threads: int | None, context: int, gpu_layers: int) -> "LlamaCppSession":
         """A session with `gpu_layers` layers on the GPU (-1: all), for device profiles such as
         m-series (Metal). With gpu_layers=0 this is the plain constructor."""
         return cls(model_path, threads=threads, context=context, gpu_layers=gpu_layers)
 
-    def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
-                       probe: Callable[[str], None] | None = None, max_length: int | None = None) -> Trial:
+    def timed_generate(
+        self,
+        prompt_ids: Sequence[int],
+        gen_tokens: int,
+        probe: Callable[[str], None] | None = None,
+        max_length: int | None = None,
+    ) -> Trial:
         """One greedy generation of exactly `gen_tokens` tokens (end-of-generation tokens are
         not special here), timed as llama-bench times llama.cpp: prefill is eval(prompt), decode
         is the single-token evals; token selection (numpy argmax) is outside the timed regions.
@@ -333,8 +364,10 @@ class LlamaCppSession:
         if not prompt or gen_tokens < 1:
             raise BadInput("a timed generation needs a prompt and at least one new token", "Fix the benchmark settings")
         if len(prompt) + gen_tokens > self.context:
-            raise BadInput(f"{len(prompt)} prompt tokens + {gen_tokens} new tokens exceed the context of {self.context}",
-                           "Lower --prompt-tokens or --gen-tokens")
+            raise BadInput(
+                f"{len(prompt)} prompt tokens + {gen_tokens} new tokens exceed the context of {self.context}",
+                "Lower --prompt-tokens or --gen-tokens",
+            )
         llm, lib, n_vocab = self._llm, self._lib, self._n_vocab
         clock = time.perf_counter
 

@@ -56,11 +56,15 @@ LONG_CONTEXT_LIMITS: dict[str, str] = {
     # switches to the long cos/sin cache for new tokens (an If on the sequence length) but
     # keeps the KV cache it filled with the short factors; transformers recomputes it with
     # the long ones at that point. Matches transformers-without-the-reset to KLD 5e-9.
-    "after": ("onnxruntime-genai 0.15.2 keeps the KV cache it computed with LongRoPE's short factors past "
-              "token {boundary} (transformers recomputes it with the long factors): parity holds to {reach} "
-              "tokens; keep the default context_length, which caps the bundle there"),
-    "context": ("the bundle's context is capped at {context} tokens (recipe context_length), where "
-                "onnxruntime-genai 0.15.2 would otherwise leave transformers' LongRoPE behaviour"),
+    "after": (
+        "onnxruntime-genai 0.15.2 keeps the KV cache it computed with LongRoPE's short factors past "
+        "token {boundary} (transformers recomputes it with the long factors): parity holds to {reach} "
+        "tokens; keep the default context_length, which caps the bundle there"
+    ),
+    "context": (
+        "the bundle's context is capped at {context} tokens (recipe context_length), where "
+        "onnxruntime-genai 0.15.2 would otherwise leave transformers' LongRoPE behaviour"
+    ),
 }
 
 # Architectures whose onnxruntime-genai graph is known to compute something other than
@@ -70,17 +74,47 @@ KNOWN_DIFFERENCES: dict[str, str] = {}
 # What the optimum fallback exports (task text-generation-with-past) into a graph whose KV
 # cache is [batch, kv_heads, seq, head_dim] per layer, the layout onnxruntime-genai drives.
 # Bloom and GPTBigCode are left out on purpose: their caches are fused or transposed.
-FALLBACK_ARCHITECTURES: frozenset[str] = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Phi3ForCausalLM", "PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
-    "StableLmForCausalLM", "GPTNeoXForCausalLM", "CohereForCausalLM",
-})
+FALLBACK_ARCHITECTURES: frozenset[str] = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "PhiForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "GraniteForCausalLM",
+        "OlmoForCausalLM",
+        "Olmo2ForCausalLM",
+        "StableLmForCausalLM",
+        "GPTNeoXForCausalLM",
+        "CohereForCausalLM",
+    }
+)
 
 # Model types the onnxruntime-genai 0.15.2 runtime accepts in genai_config.json "type"
 # (strings in libonnxruntime-genai.so). They all load as a plain decoder-only model; the
 # fallback uses the checkpoint's model_type when listed, else "llama" (the same code path).
-GENAI_DECODER_TYPES = frozenset({
-    "chatglm", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gpt2", "granite", "internlm2",
-    "llama", "mistral", "nemotron", "olmo", "phi", "phi3", "qwen2", "qwen3", "smollm3",
-})
+GENAI_DECODER_TYPES = frozenset(
+    {
+        "chatglm",
+        "ernie4_5",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "gpt2",
+        "granite",
+        "internlm2",
+        "llama",
+        "mistral",
+        "nemotron",
+        "olmo",
+        "phi",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "smollm3",
+    }
+)

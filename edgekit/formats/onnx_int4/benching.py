@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 # onnx TensorProto element type -> bytes, for the past_key inputs the graphs declare.
 _ONNX_ELEM_BYTES = {
-    1: 4,   # FLOAT: what the builder writes for the CPU EP
+    1: 4,  # FLOAT: what the builder writes for the CPU EP
     10: 2,  # FLOAT16: GPU exports
     16: 2,  # BFLOAT16
     11: 8,  # DOUBLE
@@ -48,11 +48,18 @@ def bench_setup(bundle: Path, manifest: dict[str, Any], profile: Profile) -> Ben
     accuracy = manifest.get("quantization", {}).get("accuracy_level")
     subs = []
     if profile.accuracy_level is not None and accuracy != profile.accuracy_level:
-        subs.append(f"accuracy_level: the profile asks for {profile.accuracy_level}; the bundle's MatMulNBits "
-                    f"nodes carry {accuracy}, fixed at export, so it ran with {accuracy} (re-export with "
-                    f"--set accuracy_level={profile.accuracy_level})")
-    return BenchSetup(context_limit=context, kv_element_bytes=kv_cache_element_bytes(bundle), gpu_layers=0,
-                      accuracy_level=accuracy, substitutions=tuple(subs))
+        subs.append(
+            f"accuracy_level: the profile asks for {profile.accuracy_level}; the bundle's MatMulNBits "
+            f"nodes carry {accuracy}, fixed at export, so it ran with {accuracy} (re-export with "
+            f"--set accuracy_level={profile.accuracy_level})"
+        )
+    return BenchSetup(
+        context_limit=context,
+        kv_element_bytes=kv_cache_element_bytes(bundle),
+        gpu_layers=0,
+        accuracy_level=accuracy,
+        substitutions=tuple(subs),
+    )
 
 
 def bench_runtime(bundle: Path, manifest: dict[str, Any], context: int, gpu_layers: int) -> BenchRuntime:
@@ -62,10 +69,10 @@ def bench_runtime(bundle: Path, manifest: dict[str, Any], context: int, gpu_laye
         ort = version("onnxruntime")
     except PackageNotFoundError:
         ort = "not installed"
-    return BenchRuntime(versions={"onnxruntime-genai": og.__version__, "onnxruntime": ort},
-                        gpu_layers=gpu_layers, substitutions=())
+    return BenchRuntime(
+        versions={"onnxruntime-genai": og.__version__, "onnxruntime": ort}, gpu_layers=gpu_layers, substitutions=()
+    )
 
 
-def bench_session(bundle: Path, manifest: dict[str, Any], threads: int, context: int,
-                  gpu_layers: int) -> OnnxSession:
+def bench_session(bundle: Path, manifest: dict[str, Any], threads: int, context: int, gpu_layers: int) -> OnnxSession:
     return open_session(bundle, manifest, threads=threads)

@@ -19,8 +19,9 @@ from ...progress import Progress
 # neural-compressor prints without any line break until it finishes.
 _LINE_BREAK = re.compile(rb"\r|\n|(?=Progress: \[)")
 PHASE = "@@edgekit-phase "  # a line the child prints to name the step it is starting
-CHILD_BOOT = ("import sys; from edgekit.formats.onnx_int4.children import child_main; "
-              "sys.exit(child_main(*sys.argv[1:]))")
+CHILD_BOOT = (
+    "import sys; from edgekit.formats.onnx_int4.children import child_main; sys.exit(child_main(*sys.argv[1:]))"
+)
 
 
 def run_child(job: dict[str, Any], work: Path, progress: Progress, output: ChildOutput) -> dict[str, Any]:
@@ -29,14 +30,24 @@ def run_child(job: dict[str, Any], work: Path, progress: Progress, output: Child
     steps = ProgressSteps(progress)
     steps.start("loading checkpoint")
     try:
-        done = spawn(["-c", CHILD_BOOT], job, work, f"the {job['engine']} child",
-                     on_line=lambda line: output.feed(line.strip(), steps), line_break=_LINE_BREAK,
-                     env=OFFLINE_ENV, cwd=work, watch=ChildWatch)
+        done = spawn(
+            ["-c", CHILD_BOOT],
+            job,
+            work,
+            f"the {job['engine']} child",
+            on_line=lambda line: output.feed(line.strip(), steps),
+            line_break=_LINE_BREAK,
+            env=OFFLINE_ENV,
+            cwd=work,
+            watch=ChildWatch,
+        )
     finally:
         steps.close()
     if done.out_of_memory:
-        raise OutOfMemory(done.out_of_memory + "; nothing was published",
-                          "Use a machine with more RAM or close other programs; the gguf-q4_k_m target streams the checkpoint")
+        raise OutOfMemory(
+            done.out_of_memory + "; nothing was published",
+            "Use a machine with more RAM or close other programs; the gguf-q4_k_m target streams the checkpoint",
+        )
     result: dict[str, Any] = done.result if done.result is not None else {"ok": False}
     if done.returncode != 0:
         result["ok"] = False
@@ -50,8 +61,8 @@ class ChildOutput:
 
     READING_LAYER = re.compile(r"^Reading layer (\d+)")
     QUANT_PERCENT = re.compile(r"Progress: \[[# ]*\]\s*([\d.]+)%")  # neural-compressor rtn/k_quant
-    QUANT_NODE = re.compile(r"^start to quantize (?!model)")        # MLAS default quantizer, INFO log
-    SAVING_TENSOR = re.compile(r"^Saving .*\|\s*(\d+)/(\d+)")         # tqdm bar of onnx_ir.save
+    QUANT_NODE = re.compile(r"^start to quantize (?!model)")  # MLAS default quantizer, INFO log
+    SAVING_TENSOR = re.compile(r"^Saving .*\|\s*(\d+)/(\d+)")  # tqdm bar of onnx_ir.save
 
     def __init__(self, num_layers: int | None):
         self.num_layers = num_layers
@@ -60,7 +71,7 @@ class ChildOutput:
         if not line:
             return
         if line.startswith(PHASE):
-            steps.start(line[len(PHASE):])
+            steps.start(line[len(PHASE) :])
         elif m := self.READING_LAYER.match(line):
             steps.start("converting layers", self.num_layers)
             steps.update(int(m.group(1)) + 1)

@@ -16,6 +16,7 @@ from .requant import LAYER_MATMUL
 from .rewrite import requantize
 from .weights import CheckpointWeights, OnnxWeights
 
+
 def child_main(job_path: str, result_path: str) -> int:
     """Entry point of the child interpreter. Writes {"ok", "error", "message"} to result_path."""
     import logging
@@ -58,9 +59,16 @@ def _child_optimum(job: dict[str, Any]) -> dict[str, Any] | None:
 
     fp32, out = Path(job["fp32_dir"]), Path(job["output"])
     print(PHASE + "exporting to ONNX (optimum)")
-    main_export(job["input"], output=fp32, task="text-generation-with-past", device="cpu",
-                trust_remote_code=job["trust_remote_code"], local_files_only=True,
-                do_validation=False, cache_dir=job["cache_dir"])
+    main_export(
+        job["input"],
+        output=fp32,
+        task="text-generation-with-past",
+        device="cpu",
+        trust_remote_code=job["trust_remote_code"],
+        local_files_only=True,
+        do_validation=False,
+        cache_dir=job["cache_dir"],
+    )
     model = onnx.load(str(fp32 / "model.onnx"))
     if job["recipe"].get("precision", "int4") == "int4":
         print(PHASE + "quantizing to int4")
@@ -82,8 +90,7 @@ def _child_optimum(job: dict[str, Any]) -> dict[str, Any] | None:
 def fallback_quantizer_args(recipe: dict[str, Any], model) -> dict[str, Any]:
     """MatMulNBitsQuantizer arguments for an optimum graph, meaning what the recipe means to
     the builder. The int8 groups are found by name in optimum's (torch module path) graph."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (KQuantWeightOnlyQuantConfig,
-                                                                   RTNWeightOnlyQuantConfig)
+    from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, RTNWeightOnlyQuantConfig
 
     method, groups = ALGORITHMS[recipe["algorithm"]]
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -93,9 +100,15 @@ def fallback_quantizer_args(recipe: dict[str, Any], model) -> dict[str, Any]:
     configs = {"rtn": RTNWeightOnlyQuantConfig, "k_quant": KQuantWeightOnlyQuantConfig}
     algo = configs[method](customized_weight_config=int8) if method in configs else None
     op_types = ("MatMul", "Gather") if recipe["embeddings"] == "int4" else ("MatMul",)
-    return dict(bits=4, block_size=recipe["block_size"], is_symmetric=recipe["is_symmetric"],
-                accuracy_level=recipe["accuracy_level"], nodes_to_exclude=exclude,
-                op_types_to_quantize=op_types, algo_config=algo)
+    return dict(
+        bits=4,
+        block_size=recipe["block_size"],
+        is_symmetric=recipe["is_symmetric"],
+        accuracy_level=recipe["accuracy_level"],
+        nodes_to_exclude=exclude,
+        op_types_to_quantize=op_types,
+        algo_config=algo,
+    )
 
 
 def lm_head_matmul(model) -> str | None:

@@ -37,9 +37,11 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
     engine = choose_engine(checkpoint, recipe)
     notes: list[str] = []
     if clash := builder_lm_head_lookalikes(checkpoint.config):
-        notes.append(f"{', '.join(clash)} has as many outputs as the vocabulary ({checkpoint.config.get('vocab_size')}): "
-                     "the genai builder would write it as an lm_head, so "
-                     + ("the optimum path was used" if engine == "optimum" else "expect the parity gate to fail"))
+        notes.append(
+            f"{', '.join(clash)} has as many outputs as the vocabulary ({checkpoint.config.get('vocab_size')}): "
+            "the genai builder would write it as an lm_head, so "
+            + ("the optimum path was used" if engine == "optimum" else "expect the parity gate to fail")
+        )
     requant: dict[str, Any] | None = None
     work = staging.parent / (staging.name + "-onnx-work")  # same disk; stale ones are swept by pid
     work.mkdir()
@@ -51,15 +53,17 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
                 if recipe.engine == "builder" or checkpoint.architecture not in FALLBACK_ARCHITECTURES:
                     raise UnsupportedArchitecture(
                         f"the onnxruntime-genai builder cannot export {checkpoint.architecture}: {e}",
-                        "Try --set engine=optimum, or the gguf-q4_k_m target") from None
+                        "Try --set engine=optimum, or the gguf-q4_k_m target",
+                    ) from None
                 notes.append(f"the genai builder refused this checkpoint ({e}); used the optimum fallback")
                 _clear(staging)
                 engine = "optimum"
         if engine == "optimum":
             requant = _run_optimum(checkpoint, staging, work, recipe, progress)
             write_genai_config(checkpoint, staging)
-            notes.append("exported with optimum + MatMulNBitsQuantizer (fallback path); "
-                         "genai_config.json written by edgekit")
+            notes.append(
+                "exported with optimum + MatMulNBitsQuantizer (fallback path); genai_config.json written by edgekit"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -70,8 +74,10 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
     weights = weight_summary(staging / "model.onnx")
     notes += weight_notes(weights)
     if recipe.precision == "int4" and ALGORITHMS[recipe.algorithm][1] and not weights["matmul_int8"]:
-        notes.append(f"algorithm {recipe.algorithm} raises some MatMuls to int8, but none matched "
-                     "in this graph: every quantized MatMul is int4")
+        notes.append(
+            f"algorithm {recipe.algorithm} raises some MatMuls to int8, but none matched "
+            "in this graph: every quantized MatMul is int4"
+        )
     path_taken = "genai-builder" if engine == "builder" else "optimum+MatMulNBits"
     quantization = {"path": path_taken, "weights": weights, "context_length": context}
     if engine == "builder":
@@ -83,7 +89,10 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
     if engine == "optimum":
         tools.update(package_versions("optimum", "optimum-onnx"))
     return ExportNotes(
-        quantization=quantization, tools=tools, path_taken=path_taken, notes=tuple(notes),
+        quantization=quantization,
+        tools=tools,
+        path_taken=path_taken,
+        notes=tuple(notes),
         reproducible_files=tuple(sorted(p.name for p in staging.iterdir() if p.is_file())),
     )
 
@@ -102,32 +111,42 @@ def builder_lm_head_lookalikes(config: dict[str, Any]) -> list[str]:
     head = cfg.get("head_dim") or cfg["hidden_size"] // heads
     kv = cfg.get("num_key_value_heads") or heads
     inter = cfg.get("intermediate_size") or 0
-    widths = {"q_proj": heads * head, "k_proj/v_proj": kv * head, "qkv_proj": (heads + 2 * kv) * head,
-              "gate_proj/up_proj": inter, "gate_up_proj": 2 * inter, "o_proj/down_proj": cfg["hidden_size"]}
+    widths = {
+        "q_proj": heads * head,
+        "k_proj/v_proj": kv * head,
+        "qkv_proj": (heads + 2 * kv) * head,
+        "gate_proj/up_proj": inter,
+        "gate_up_proj": 2 * inter,
+        "o_proj/down_proj": cfg["hidden_size"],
+    }
     return [name for name, width in widths.items() if width == vocab]
 
 
 def config_problems(config: dict[str, Any]) -> list[str]:
     """Shapes the export tools mishandle, for tiny test checkpoints to avoid (edgekit.tiny)."""
-    return [f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
-            for name in builder_lm_head_lookalikes(config)]
+    return [
+        f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
+        for name in builder_lm_head_lookalikes(config)
+    ]
 
 
 def choose_engine(checkpoint: Checkpoint, recipe: OnnxRecipe) -> str:
     arch = checkpoint.architecture
     clash = builder_lm_head_lookalikes(checkpoint.config)
     if clash and recipe.engine == "auto" and arch in FALLBACK_ARCHITECTURES:
-        return "optimum"   # the builder's graph would be wrong; export() notes why
+        return "optimum"  # the builder's graph would be wrong; export() notes why
     if recipe.engine == "optimum" or (recipe.engine == "auto" and arch not in SUPPORTED_ARCHITECTURES):
         if arch not in FALLBACK_ARCHITECTURES:
             why = BUILDER_EXCLUDED.get(arch, "not in its architecture table")
             raise UnsupportedArchitecture(
                 f"onnx-int4 cannot export {arch} (genai builder: {why}; optimum fallback: not supported)",
-                "Try the gguf-q4_k_m target")
+                "Try the gguf-q4_k_m target",
+            )
         return "optimum"
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitecture(f"the onnxruntime-genai builder does not export {arch}",
-                                      "Use --set engine=auto or engine=optimum")
+        raise UnsupportedArchitecture(
+            f"the onnxruntime-genai builder does not export {arch}", "Use --set engine=auto or engine=optimum"
+        )
     return "builder"
 
 
@@ -145,7 +164,9 @@ def _num_layers(config: dict[str, Any]) -> int | None:
     return cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
 
 
-def _run_builder(checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress) -> dict[str, Any] | None:
+def _run_builder(
+    checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress
+) -> dict[str, Any] | None:
     job = {
         "engine": "builder",
         "input": str(checkpoint.path),
@@ -162,7 +183,9 @@ def _run_builder(checkpoint: Checkpoint, staging: Path, work: Path, recipe: Onnx
     return result.get("requant")
 
 
-def _run_optimum(checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress) -> dict[str, Any] | None:
+def _run_optimum(
+    checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress
+) -> dict[str, Any] | None:
     job = {
         "engine": "optimum",
         "input": str(checkpoint.path),

@@ -15,8 +15,7 @@ from .architectures import GENAI_DECODER_TYPES
 if TYPE_CHECKING:
     from ...checkpoint import Checkpoint
 
-TOKENIZER_EXTRAS = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-                     "vocab.json", "merges.txt")
+TOKENIZER_EXTRAS = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 
 def save_onnx(model, path: Path) -> None:
@@ -26,8 +25,9 @@ def save_onnx(model, path: Path) -> None:
 
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=0)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0
+    )
     os.chmod(data, 0o644)  # onnx writes it 0600, unlike every other bundle file
 
 
@@ -37,8 +37,12 @@ def longrope_switch(config: dict[str, Any]) -> int | None:
     cfg = config.get("text_config") or config
     scaling = cfg.get("rope_scaling") or {}
     original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
-    if "short_factor" in scaling and "long_factor" in scaling and original \
-            and (cfg.get("max_position_embeddings") or 0) > original:
+    if (
+        "short_factor" in scaling
+        and "long_factor" in scaling
+        and original
+        and (cfg.get("max_position_embeddings") or 0) > original
+    ):
         return int(original)
     return None
 
@@ -53,13 +57,17 @@ def set_context_length(config: dict[str, Any], genai_config: Path, wanted: int) 
     if wanted:
         context = wanted
         if switch and wanted > switch:
-            note = (f"context_length {wanted} is past LongRoPE's switch at {switch} tokens, where onnxruntime-genai "
-                    "0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour")
+            note = (
+                f"context_length {wanted} is past LongRoPE's switch at {switch} tokens, where onnxruntime-genai "
+                "0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour"
+            )
     elif switch and switch < model_context:
         context = switch
-        note = (f"context capped at {switch} tokens (of the model's {model_context}): past LongRoPE's switch "
-                "onnxruntime-genai 0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour; "
-                "--set context_length=N lifts the cap")
+        note = (
+            f"context capped at {switch} tokens (of the model's {model_context}): past LongRoPE's switch "
+            "onnxruntime-genai 0.15.2 keeps the short-factor KV cache and leaves transformers' behaviour; "
+            "--set context_length=N lifts the cap"
+        )
     else:
         context = model_context
     if context != model_context:
@@ -118,8 +126,10 @@ def write_genai_config(checkpoint: Checkpoint, staging: Path) -> None:
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     past_keys = sorted(n for n in shapes if re.fullmatch(r"past_key_values\.\d+\.key", n))
     if not past_keys or any(len(shapes[k]) != 4 or not isinstance(shapes[k][1], int) for k in past_keys):
-        raise ToolFailed("the exported graph's KV cache is not [batch, heads, seq, head_dim] per layer",
-                         "onnxruntime-genai cannot drive it; use the gguf-q4_k_m target")
+        raise ToolFailed(
+            "the exported graph's KV cache is not [batch, heads, seq, head_dim] per layer",
+            "onnxruntime-genai cannot drive it; use the gguf-q4_k_m target",
+        )
     cfg = checkpoint.config.get("text_config") or checkpoint.config
     gen_path = checkpoint.path / "generation_config.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
@@ -147,14 +157,25 @@ def write_genai_config(checkpoint: Checkpoint, staging: Path) -> None:
                 "num_key_value_heads": shapes[past_keys[0]][1],
                 "num_hidden_layers": len(past_keys),
                 "inputs": inputs,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
             },
         },
         # optimum's graph concatenates past and new keys, so the cache cannot share a buffer.
-        "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "max_length": context,
+            "min_length": 0,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0,
+        },
     }
     (staging / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
 
@@ -183,8 +204,10 @@ def weight_summary(model_path: Path) -> dict[str, Any]:
 def weight_notes(weights: dict[str, Any]) -> list[str]:
     notes = []
     if weights["matmul_int8"]:
-        notes.append(f"{weights['matmul_int8']} of {weights['matmul_int4'] + weights['matmul_int8']} "
-                     "quantized MatMuls are int8 (recipe)")
+        notes.append(
+            f"{weights['matmul_int8']} of {weights['matmul_int4'] + weights['matmul_int8']} "
+            "quantized MatMuls are int8 (recipe)"
+        )
     if weights["matmul_float"]:
         names = ", ".join(weights["matmul_float"][:3])
         notes.append(f"{len(weights['matmul_float'])} MatMul weights stay float ({names})")

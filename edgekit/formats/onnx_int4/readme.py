@@ -44,6 +44,5 @@ With edgekit: `edgekit run . --prompt "What is the capital of France?"`
 """
 
 
-
 def readme_fields(manifest: dict[str, Any]) -> dict[str, str]:
     return {}

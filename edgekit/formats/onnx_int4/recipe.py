@@ -21,9 +21,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", 
 # exactly these names (builders/quant_config.py, _LEGACY_ALGO_ALIASES); the fallback reads the
 # same table so both paths mean the same thing by a name.
 ALGORITHMS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "default": ("default", ()),          # MLAS round-to-nearest, every MatMul int4
-    "rtn": ("rtn", ()),                  # round-to-nearest (neural-compressor flavour)
-    "k_quant": ("k_quant", ()),          # k-quant search of scales, every MatMul int4
+    "default": ("default", ()),  # MLAS round-to-nearest, every MatMul int4
+    "rtn": ("rtn", ()),  # round-to-nearest (neural-compressor flavour)
+    "k_quant": ("k_quant", ()),  # k-quant search of scales, every MatMul int4
     "rtn_last": ("rtn", ("last_matmul",)),
     "k_quant_last": ("k_quant", ("last_matmul",)),
     # + the layers llama.cpp's Q4_K_M also keeps at higher precision (use_more_bits)
@@ -34,19 +34,21 @@ ALGORITHMS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class OnnxRecipe:
-    engine: str = "auto"           # "auto" | "builder" | "optimum" (fallback path, forced)
-    precision: str = "int4"        # "int4"; "fp32" for a float reference bundle (parity baselines)
-    block_size: int = 32           # input channels per quantization block
-    accuracy_level: int = 4        # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    engine: str = "auto"  # "auto" | "builder" | "optimum" (fallback path, forced)
+    precision: str = "int4"  # "int4"; "fp32" for a float reference bundle (parity baselines)
+    block_size: int = 32  # input channels per quantization block
+    accuracy_level: int = 4  # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     algorithm: str = "k_quant_mixed"  # a key of ALGORITHMS
-    is_symmetric: bool = True      # int4 without zero points
-    float_lm_head: bool = False    # leave /lm_head/MatMul unquantized
-    embeddings: str = "auto"       # "auto": builder default; "float"; "int4" (GatherBlockQuantized)
-    weight_search: str = "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
+    is_symmetric: bool = True  # int4 without zero points
+    float_lm_head: bool = False  # leave /lm_head/MatMul unquantized
+    embeddings: str = "auto"  # "auto": builder default; "float"; "int4" (GatherBlockQuantized)
+    weight_search: str = (
+        "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
+    )
     int8_matmuls: tuple[str, ...] = ()  # projections raised to int8 in every layer, on top of the algorithm's choice
-    int8_block_size: int = 0       # block size of the int8 MatMuls edgekit writes; 0: block_size
-    context_length: int = 0        # longest sequence the bundle accepts; 0: the model's, capped where
-                                   # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
+    int8_block_size: int = 0  # block size of the int8 MatMuls edgekit writes; 0: block_size
+    context_length: int = 0  # longest sequence the bundle accepts; 0: the model's, capped where
+    # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
@@ -56,31 +58,44 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
     if isinstance(table.get("int8_matmuls"), (list, str)):
         # TOML gives a list, `--set int8_matmuls=v_proj,down_proj` a string ("" for none).
         value = table["int8_matmuls"]
-        table["int8_matmuls"] = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+        table["int8_matmuls"] = (
+            tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+        )
     recipe = dataclass_from_table(OnnxRecipe, table, where)
     for name in recipe.int8_matmuls:
         if name not in PROJECTIONS:
-            raise BadInput(f"{where}: int8_matmuls names {name!r}, not a projection",
-                           f"Use some of: {', '.join(PROJECTIONS)}")
+            raise BadInput(
+                f"{where}: int8_matmuls names {name!r}, not a projection", f"Use some of: {', '.join(PROJECTIONS)}"
+            )
     checks = (
-        ("engine", ENGINES), ("precision", PRECISIONS), ("block_size", BLOCK_SIZES), ("accuracy_level", ACCURACY_LEVELS),
-        ("algorithm", tuple(ALGORITHMS)), ("embeddings", EMBEDDINGS), ("weight_search", WEIGHT_SEARCHES),
+        ("engine", ENGINES),
+        ("precision", PRECISIONS),
+        ("block_size", BLOCK_SIZES),
+        ("accuracy_level", ACCURACY_LEVELS),
+        ("algorithm", tuple(ALGORITHMS)),
+        ("embeddings", EMBEDDINGS),
+        ("weight_search", WEIGHT_SEARCHES),
         ("int8_block_size", (0, *BLOCK_SIZES)),
     )
     for key, allowed in checks:
         value = getattr(recipe, key)
         # bool is an int to Python; `block_size = true` must not pass as 1.
         if value not in allowed or isinstance(value, bool):
-            raise BadInput(f"{where}: {key} = {value!r} is not allowed",
-                           f"Use one of: {', '.join(str(a) for a in allowed)}")
+            raise BadInput(
+                f"{where}: {key} = {value!r} is not allowed", f"Use one of: {', '.join(str(a) for a in allowed)}"
+            )
     if recipe.context_length < 0 or isinstance(recipe.context_length, bool):
-        raise BadInput(f"{where}: context_length = {recipe.context_length!r} is not allowed",
-                       "Use 0 (the model's, capped for LongRoPE) or a number of tokens")
+        raise BadInput(
+            f"{where}: context_length = {recipe.context_length!r} is not allowed",
+            "Use 0 (the model's, capped for LongRoPE) or a number of tokens",
+        )
     if recipe.embeddings == "int4" and ALGORITHMS[recipe.algorithm][0] != "default":
         # Measured: the rtn/k_quant quantizers only take MatMul nodes, so the embedding
         # would silently stay float.
-        raise BadInput(f"{where}: embeddings = \"int4\" needs algorithm = \"default\"",
-                       f"The {recipe.algorithm} quantizer leaves the embedding Gather in float")
+        raise BadInput(
+            f'{where}: embeddings = "int4" needs algorithm = "default"',
+            f"The {recipe.algorithm} quantizer leaves the embedding Gather in float",
+        )
     return recipe
 
 
@@ -96,7 +111,7 @@ def builder_extra_options(recipe: OnnxRecipe, trust_remote_code: bool) -> dict[s
         "accuracy_level": str(recipe.accuracy_level),
         "algo_config": recipe.algorithm,
         "is_symmetric": _flag(recipe.is_symmetric),
-        "hf_token": "false",                    # local directory: never look for hub credentials
+        "hf_token": "false",  # local directory: never look for hub credentials
         "hf_remote": _flag(trust_remote_code),  # trust_remote_code for every from_pretrained
     }
     exclude = []

@@ -34,14 +34,14 @@ def quantize_blocks(w, bits: int, block: int, importance=None):
         imp = np.pad(np.asarray(importance, dtype=np.float32), (0, pad)).reshape(nb, block)
         imp = np.maximum(imp, 1e-12 * max(float(imp.max()), 1e-30))  # no column may weigh exactly 0
     x_all = w.reshape(n * nb, block)
-    maxq = float(2 ** bits - 1)
+    maxq = float(2**bits - 1)
     q_out = np.empty((n * nb, block), dtype=np.uint8)
     s_out = np.empty(n * nb, dtype=np.float32)
     z_out = np.empty(n * nb, dtype=np.uint8)
     rows_per_chunk = max(1, 65536 // nb) * nb  # whole rows, so importance tiles line up
     factors = [None] + [maxq - 1 + 0.1 * i for i in range(21)]
     for start in range(0, n * nb, rows_per_chunk):
-        x = x_all[start:start + rows_per_chunk].astype(np.float64)
+        x = x_all[start : start + rows_per_chunk].astype(np.float64)
         sigma2 = (x * x).mean(1, keepdims=True)
         if imp is not None:
             wts = np.tile(imp, (len(x) // nb, 1)) * np.sqrt(sigma2 + x * x)
@@ -132,7 +132,9 @@ def dequantize_matmulnbits(b, scales, zp, bits: int, block: int, n: int, k: int)
     return w.reshape(n, -1)[:, :k]
 
 
-def plan(base: str, n: int, bits: int, int8: Sequence[str], qkv_sizes: Sequence[int] | None) -> list[tuple[str, int, int, int]]:
+def plan(
+    base: str, n: int, bits: int, int8: Sequence[str], qkv_sizes: Sequence[int] | None
+) -> list[tuple[str, int, int, int]]:
     """Runs (label, first row, end row, bits) the node becomes; one run keeps it whole."""
     m = LAYER_MATMUL.match(base)
     proj = m.group(2) if m else None

@@ -34,17 +34,23 @@ _MISMATCH = 0.3  # relative RMS difference above which a checkpoint tensor is no
 
 def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
     """What the child needs to re-quantize, or None when the recipe keeps the builder's codes."""
-    if recipe.precision != "int4" or (recipe.weight_search == "builder" and not recipe.int8_matmuls
-                                      and not recipe.int8_block_size):
+    if recipe.precision != "int4" or (
+        recipe.weight_search == "builder" and not recipe.int8_matmuls and not recipe.int8_block_size
+    ):
         return None
     cfg = checkpoint.config.get("text_config") or checkpoint.config
     heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
     qkv = [heads * head_dim, kv * head_dim, kv * head_dim] if heads and head_dim else None
-    return {"weight_search": recipe.weight_search, "int8": list(recipe.int8_matmuls), "qkv_sizes": qkv,
-            "int8_block_size": recipe.int8_block_size,
-            "checkpoint": str(checkpoint.path), "config": checkpoint.config,
-            "trust_remote_code": checkpoint.trust_remote_code}
+    return {
+        "weight_search": recipe.weight_search,
+        "int8": list(recipe.int8_matmuls),
+        "qkv_sizes": qkv,
+        "int8_block_size": recipe.int8_block_size,
+        "checkpoint": str(checkpoint.path),
+        "config": checkpoint.config,
+        "trust_remote_code": checkpoint.trust_remote_code,
+    }
 
 
 def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +76,9 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
         from ...imatrix import load_or_compute
 
         print(PHASE + "imatrix: calibration text")
-        ck = SimpleNamespace(path=Path(spec["checkpoint"]), config=spec["config"],
-                             trust_remote_code=spec.get("trust_remote_code", False))
+        ck = SimpleNamespace(
+            path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
+        )
         imatrix = load_or_compute(ck)
     print(PHASE + "re-quantizing weights (edgekit)")
 
@@ -80,9 +87,15 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    report: dict[str, Any] = {"weight_search": search, "int8_matmuls": int8, "requantized": 0,
-                              "split": 0, "kept": [], "imatrix": imatrix.summary() if imatrix else None,
-                              "imatrix_missing": []}
+    report: dict[str, Any] = {
+        "weight_search": search,
+        "int8_matmuls": int8,
+        "requantized": 0,
+        "split": 0,
+        "kept": [],
+        "imatrix": imatrix.summary() if imatrix else None,
+        "imatrix_missing": [],
+    }
     new_nodes, add = [], []
     drop: set[str] = set()
     for node in graph.node:
@@ -110,8 +123,15 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
             report["kept"].append(f"{node.name}: no matching float weight")
             new_nodes.append(node)
             continue
-        old = dequantize_matmulnbits(numpy_helper.to_array(inits[b_name]), numpy_helper.to_array(inits[s_name]),
-                                     numpy_helper.to_array(inits[zp_name]) if zp_name else None, bits, block, n, k)
+        old = dequantize_matmulnbits(
+            numpy_helper.to_array(inits[b_name]),
+            numpy_helper.to_array(inits[s_name]),
+            numpy_helper.to_array(inits[zp_name]) if zp_name else None,
+            bits,
+            block,
+            n,
+            k,
+        )
         rel = float(np.sqrt(np.mean((old - w) ** 2) / max(float(np.mean(w * w)), 1e-30)))
         if rel > _MISMATCH:
             report["kept"].append(f"{node.name}: checkpoint tensor does not match the node (rel. diff {rel:.2f})")
@@ -137,14 +157,23 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
             if len(runs) == 1 and rbits == bits and rblock == block:  # same node and names: only the codes change
                 names = (b_name, s_name, zp_name or f"{prefix}_zp")
             ps = ps.astype(helper.tensor_dtype_to_np_dtype(scale_type))
-            add += [numpy_helper.from_array(pb, names[0]), numpy_helper.from_array(ps, names[1]),
-                    numpy_helper.from_array(pz, names[2])]
+            add += [
+                numpy_helper.from_array(pb, names[0]),
+                numpy_helper.from_array(ps, names[1]),
+                numpy_helper.from_array(pz, names[2]),
+            ]
             out = node.output[0] if len(runs) == 1 else f"{node.output[0]}/{label}"
             outputs.append(out)
-            new_nodes.append(helper.make_node(
-                "MatMulNBits", [node.input[0], *names], [out],
-                name=f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}", domain="com.microsoft",
-                **{**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock}))
+            new_nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], *names],
+                    [out],
+                    name=f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}",
+                    domain="com.microsoft",
+                    **{**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock},
+                )
+            )
         if len(runs) > 1:
             new_nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/Concat", axis=-1))
             report["split"] += 1
@@ -160,8 +189,11 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def requant_notes(report: dict[str, Any]) -> list[str]:
-    notes = [f"edgekit re-quantized {report['requantized']} MatMuls (weight_search={report['weight_search']}"
-             + (f", int8: {', '.join(report['int8_matmuls'])}" if report["int8_matmuls"] else "") + ")"]
+    notes = [
+        f"edgekit re-quantized {report['requantized']} MatMuls (weight_search={report['weight_search']}"
+        + (f", int8: {', '.join(report['int8_matmuls'])}" if report["int8_matmuls"] else "")
+        + ")"
+    ]
     if report["split"]:
         notes.append(f"{report['split']} fused qkv MatMuls split by width and concatenated")
     if report["kept"]:

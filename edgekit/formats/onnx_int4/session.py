@@ -13,6 +13,7 @@ from .. import Generation, Trial
 if TYPE_CHECKING:
     import numpy as np
 
+
 def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> "OnnxSession":
     import onnxruntime_genai as og
 
@@ -53,15 +54,23 @@ class OnnxSession:
         # itself; its output is then tokenized like any text (no BOS added unless the
         # template writes one), which is what transformers' apply_chat_template does too.
         try:
-            text = self._tokenizer.apply_chat_template(json.dumps(messages),
-                                                       add_generation_prompt=add_generation_prompt)
+            text = self._tokenizer.apply_chat_template(
+                json.dumps(messages), add_generation_prompt=add_generation_prompt
+            )
         except RuntimeError as e:
-            raise BadInput(f"onnxruntime-genai cannot render the bundle's chat template ({e})",
-                           "Use a raw prompt, or export a checkpoint that has a chat template") from None
+            raise BadInput(
+                f"onnxruntime-genai cannot render the bundle's chat template ({e})",
+                "Use a raw prompt, or export a checkpoint that has a chat template",
+            ) from None
         return self.encode(text)
 
-    def generate(self, prompt_ids: Sequence[int], max_tokens: int,
-                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generation:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
         """Greedy. The EOS token that ends a generation is not part of token_ids or text.
 
         `text` is what the runtime's TokenizerStream streamed (and on_text received). It differs
@@ -76,13 +85,21 @@ class OnnxSession:
             raise BadInput("the prompt has no tokens", "Pass a non-empty prompt")
         length = len(prompt_ids) + max_tokens
         if length > self.context_length:
-            raise BadInput(f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the "
-                           f"context length {self.context_length}", "Ask for fewer tokens")
+            raise BadInput(
+                f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the "
+                f"context length {self.context_length}",
+                "Ask for fewer tokens",
+            )
         params = og.GeneratorParams(self._model)
         # Greedy whatever generation_config.json asked for; min_length = max_length masks the
         # EOS logits until the end, which is how ignore_eos is expressed in onnxruntime-genai.
-        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0, max_length=length,
-                                  min_length=length if ignore_eos else 0)
+        params.set_search_options(
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            max_length=length,
+            min_length=length if ignore_eos else 0,
+        )
         generator = og.Generator(self._model, params)
         generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
         stream = self._tokenizer.create_stream()
@@ -104,8 +121,9 @@ class OnnxSession:
             if generator.is_done():
                 break
         del generator
-        return Generation(token_ids=tuple(out), text="".join(pieces),
-                          prompt_tokens=len(prompt_ids), stopped_by=stopped_by)
+        return Generation(
+            token_ids=tuple(out), text="".join(pieces), prompt_tokens=len(prompt_ids), stopped_by=stopped_by
+        )
 
     def logits(self, ids: Sequence[int]) -> "np.ndarray":
         """Teacher-forced logits [len(ids), vocab] from one prefill: onnxruntime-genai returns
@@ -113,15 +131,16 @@ class OnnxSession:
         import numpy as np
 
         if len(ids) > self.context_length:
-            raise BadInput(f"{len(ids)} tokens exceed the context length {self.context_length}",
-                           "Use a shorter evaluation window")
+            raise BadInput(
+                f"{len(ids)} tokens exceed the context length {self.context_length}", "Use a shorter evaluation window"
+            )
         params = self._og.GeneratorParams(self._model)
         params.set_search_options(max_length=len(ids) + 1)
         generator = self._og.Generator(self._model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
         del generator
-        return logits.reshape(-1, logits.shape[-1])[-len(ids):]
+        return logits.reshape(-1, logits.shape[-1])[-len(ids) :]
 
     def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
         """Logits the way an application meets them: append_tokens(prompt), then one token at
@@ -147,9 +166,13 @@ class OnnxSession:
     def close(self) -> None:
         self._tokenizer = self._model = None
 
-    def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
-                       probe: Callable[[str], None] | None = None,
-                       max_length: int | None = None) -> Trial:
+    def timed_generate(
+        self,
+        prompt_ids: Sequence[int],
+        gen_tokens: int,
+        probe: Callable[[str], None] | None = None,
+        max_length: int | None = None,
+    ) -> Trial:
         """One greedy generation of exactly `gen_tokens` tokens: min_length = max_length masks
         EOS, so the length is forced.
 
@@ -172,11 +195,15 @@ class OnnxSession:
         needed = len(prompt) + gen_tokens
         length = max_length or needed
         if needed > length or length > self.context_length:
-            raise BadInput(f"{len(prompt)} prompt tokens + {gen_tokens} new tokens exceed the context length "
-                           f"{min(length, self.context_length)}", "Lower --prompt-tokens or --gen-tokens")
+            raise BadInput(
+                f"{len(prompt)} prompt tokens + {gen_tokens} new tokens exceed the context length "
+                f"{min(length, self.context_length)}",
+                "Lower --prompt-tokens or --gen-tokens",
+            )
         params = self._og.GeneratorParams(self._model)
-        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0,
-                                  max_length=length, min_length=length)
+        params.set_search_options(
+            do_sample=False, num_beams=1, repetition_penalty=1.0, max_length=length, min_length=length
+        )
         generator = self._og.Generator(self._model, params)
         clock = time.perf_counter
         t0 = clock()

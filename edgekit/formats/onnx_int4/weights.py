@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from .requant import LAYER_MATMUL
 
+
 class CheckpointWeights:
     """Float weights [N, K] for builder node names, read from the checkpoint's safetensors."""
 
@@ -38,8 +39,11 @@ class CheckpointWeights:
             return t if t is not None and t.shape == (n, k) else None
 
         if base.startswith("/lm_head/"):
-            return fits(self._get("lm_head.weight")) if "lm_head.weight" in self._files else \
-                fits(self._get("model.embed_tokens.weight"))
+            return (
+                fits(self._get("lm_head.weight"))
+                if "lm_head.weight" in self._files
+                else fits(self._get("model.embed_tokens.weight"))
+            )
         m = LAYER_MATMUL.match(base)
         if not m:
             return None
@@ -56,7 +60,7 @@ class CheckpointWeights:
             if fused is not None and self.qkv_sizes and proj != "o_proj":
                 i = ("q_proj", "k_proj", "v_proj").index(proj)
                 start = sum(self.qkv_sizes[:i])
-                return fits(fused[start:start + self.qkv_sizes[i]])
+                return fits(fused[start : start + self.qkv_sizes[i]])
             return fits(self._get(attn + "dense.weight")) if proj == "o_proj" else None
         if proj in ("gate_proj", "up_proj", "down_proj"):
             direct = fits(self._get(mlp + proj + ".weight"))
@@ -76,8 +80,11 @@ class OnnxWeights:
 
         model = onnx.load(str(path))
         inits = {t.name: t for t in model.graph.initializer}
-        self._by_node = {n.name: inits[n.input[1]] for n in model.graph.node
-                         if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
+        self._by_node = {
+            n.name: inits[n.input[1]]
+            for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits
+        }
 
     def weight_for(self, base: str, n: int, k: int):
         from onnx import numpy_helper
