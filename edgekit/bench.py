@@ -24,9 +24,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from . import __version__
 from .bench_child import CHILD_MARK, open_run, run_from_job
@@ -102,7 +103,7 @@ class BenchRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BenchRecord":
+    def from_dict(cls, d: dict[str, Any]) -> BenchRecord:
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         for key in ("budget_failures", "substitutions", "notes"):
             kw[key] = tuple(kw.get(key, ()))

@@ -12,8 +12,9 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import childjob
 from .bench_plan import Run

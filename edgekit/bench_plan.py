@@ -9,9 +9,10 @@ comes from the format's backend (edgekit.formats.FormatBackend.bench_setup).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .bundle import bundle_size, validate
 from .errors import BadInput

@@ -78,7 +78,7 @@ class Job:
     format: str
     profiles: tuple[str, ...]
 
-    def budgets(self, config: "BuildConfig", profile: str) -> dict[str, float]:
+    def budgets(self, config: BuildConfig, profile: str) -> dict[str, float]:
         return {**config.budgets.get(profile, {}), **self.model.budgets.get(profile, {})}
 
 

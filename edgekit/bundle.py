@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .checkpoint import sha256_file
 from .errors import BadInput, IntegrityError
@@ -121,7 +122,7 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from . import __version__
-from . import scoring
+from . import __version__, scoring
 from .scoring import softmax
 from .tasks import TaskSet, is_correct
 

@@ -17,23 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
-from typing import Any, Sequence
-
+from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 from . import childjob
 from . import host as hostmod
 from .bundle import read_manifest, update_manifest
 from .checkpoint import content_hash
 from .errors import BadInput
-from .fileio import write_text
-from .gates import Gate
-from .paths import cache_dir
-from .progress import NullProgress, Progress
-from .scoring import wilson
-from .tasks import load_tasks
-from .verification import reference_checkpoints
 from .evalrecord import (
     FORMAT_SENSITIVITY_MAX,
     PARAPHRASE_DROP_MAX,
@@ -43,7 +36,13 @@ from .evalrecord import (
     item_results,
     make_record,
 )
-from .tasks import TaskSet, choice_continuation
+from .fileio import write_text
+from .gates import Gate
+from .paths import cache_dir
+from .progress import NullProgress, Progress
+from .scoring import wilson
+from .tasks import TaskSet, choice_continuation, load_tasks
+from .verification import reference_checkpoints
 
 MIN_ITEMS = 30  # below this an accuracy interval is too wide to decide anything
 CACHE_FORMAT = 1  # bump when what the reference cache stores changes

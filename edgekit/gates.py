@@ -4,8 +4,9 @@ build regressions against a baseline. One type means one way to print, store and
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 
@@ -26,7 +27,7 @@ class Gate:
     @classmethod
     def check(
         cls, kind: str, name: str, figure: Figure, op: str, threshold: float | int | bool, baseline: Figure = None
-    ) -> "Gate":
+    ) -> Gate:
         """Evaluate a gate. A figure that could not be measured fails rather than passing unseen."""
         if op not in _OPS:
             raise ValueError(f"unknown gate operator {op!r}")
@@ -52,7 +53,7 @@ class Gate:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Gate":
+    def from_dict(cls, d: dict[str, Any]) -> Gate:
         return cls(
             d["kind"],
             d["name"],

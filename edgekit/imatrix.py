@@ -22,10 +22,11 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 IMATRIX_FORMAT = 1  # bump when what is stored or how it is computed changes
 WINDOW = 512  # tokens per forward pass

@@ -70,7 +70,7 @@ class ProbePlan:
     total_tokens: int  # the whole probe text
 
     @classmethod
-    def at(cls, boundary: int) -> "ProbePlan":
+    def at(cls, boundary: int) -> ProbePlan:
         return cls(boundary=boundary, prompt_tokens=boundary - BEFORE, total_tokens=boundary + AFTER + 1)
 
     @property

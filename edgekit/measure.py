@@ -47,7 +47,7 @@ class PeakRSS:
                 pass
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -134,7 +134,7 @@ class ChildWatch:
             self.min_available = avail if self.min_available is None else min(self.min_available, avail)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "ChildWatch":
+    def __enter__(self) -> ChildWatch:
         self._thread.start()
         return self
 

@@ -64,7 +64,7 @@ class Thresholds:
     long_context_top1_min: float | None = None
 
     @classmethod
-    def from_table(cls, table: dict[str, Any], where: str) -> "Thresholds":
+    def from_table(cls, table: dict[str, Any], where: str) -> Thresholds:
         from .targets import check_keys
 
         check_keys(table, set(cls.__dataclass_fields__), where)

@@ -5,8 +5,9 @@ passes a rich-backed one, the Python API a silent one unless asked.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class Step(Protocol):
@@ -15,7 +16,7 @@ class Step(Protocol):
 
 
 class Progress(Protocol):
-    def step(self, name: str, total: float | None = None) -> "contextmanager[Step]": ...
+    def step(self, name: str, total: float | None = None) -> contextmanager[Step]: ...
     def note(self, text: str) -> None: ...
 
 
@@ -148,11 +149,13 @@ class RichProgress:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress as Bar,
             SpinnerColumn,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as Bar,
         )
 
         bar = Bar(

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .errors import BadInput, GateFailed
 from .evaluate import evaluate_bundles, stored_record

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from reliability import record
 
 from edgekit.targets import targets_dir
-
-from reliability import record
 
 pytestmark = pytest.mark.slow  # each case runs the console script against a real tiny GGUF export
 

@@ -29,18 +29,16 @@ def test_staging_publishes_only_on_success(tmp_path):
 
 def test_failed_export_leaves_nothing(tmp_path):
     dest = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with staging(dest) as tmp:
-            (tmp / "half.gguf").write_bytes(b"x")
-            raise RuntimeError("converter died")
+    with pytest.raises(RuntimeError), staging(dest) as tmp:
+        (tmp / "half.gguf").write_bytes(b"x")
+        raise RuntimeError("converter died")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force(tmp_path):
     dest = _bundle(tmp_path)
-    with pytest.raises(BadInput, match="--force"):
-        with staging(dest):
-            pass
+    with pytest.raises(BadInput, match="--force"), staging(dest):
+        pass
     with staging(dest, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
         write_manifest(tmp, {"format": "onnx-int4", "source": {}})
@@ -63,9 +61,8 @@ def test_read_only_parent_refused(tmp_path):
     if os.geteuid() == 0:  # root ignores mode bits: a read-only mount is what refuses it
         subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
     try:
-        with pytest.raises(BadInput, match="permission denied"):
-            with staging(ro / "b"):
-                pass
+        with pytest.raises(BadInput, match="permission denied"), staging(ro / "b"):
+            pass
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(ro)], check=True)

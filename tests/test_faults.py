@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from reliability import record
 
 pytestmark = pytest.mark.slow  # signals, full disks and races during real exports and builds
@@ -241,7 +240,6 @@ def test_concurrent_builds_into_one_output_directory(tmp_path):
         assert r.returncode == 2 and f"another edgekit process (pid {os.getpid()}) is writing to {out}" in r.stderr, (
             r.stderr
         )
-        with pytest.raises(Busy):
-            with output_lock(out):
-                pass
+        with pytest.raises(Busy), output_lock(out):
+            pass
     record("fault", "concurrency", "a build into a locked output directory", "exit 2, names the pid", passed=True)

@@ -11,13 +11,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from edgekit.targets import targets_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability import record
 
 from edgekit.errors import EdgekitError
-from reliability import record
+from edgekit.targets import targets_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # derandomize: the same examples every run, so CI is stable and docs/reliability.md does not churn.

@@ -20,10 +20,9 @@ def test_write_json_replaces_whole_and_leaves_no_temporaries(tmp_path):
 def test_staged_file_keeps_old_content_when_the_writer_fails(tmp_path):
     p = tmp_path / "w.bin"
     p.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with fileio.staged_file(p) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("writer died")
+    with pytest.raises(RuntimeError), fileio.staged_file(p) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
     assert p.read_bytes() == b"old"
     assert [x.name for x in tmp_path.iterdir()] == ["w.bin"]
 
@@ -32,10 +31,9 @@ def test_staged_dir_publishes_on_success_and_cleans_on_failure(tmp_path):
     with fileio.staged_dir(tmp_path / "ok") as d:
         (d / "f").write_text("x")
     assert (tmp_path / "ok" / "f").read_text() == "x"
-    with pytest.raises(ValueError):
-        with fileio.staged_dir(tmp_path / "bad") as d:
-            (d / "f").write_text("x")
-            raise ValueError
+    with pytest.raises(ValueError), fileio.staged_dir(tmp_path / "bad") as d:
+        (d / "f").write_text("x")
+        raise ValueError
     assert sorted(x.name for x in tmp_path.iterdir()) == ["ok"]
 
 

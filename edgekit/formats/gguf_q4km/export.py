@@ -11,8 +11,9 @@ import struct
 import subprocess
 import sys
 from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...errors import OutOfMemory, ToolFailed
 from ...measure import ChildWatch

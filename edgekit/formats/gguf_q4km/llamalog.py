@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ...errors import ToolFailed
 
@@ -20,7 +20,7 @@ class LlamaLog:
         self.lines: deque[str] = deque(maxlen=60)
         self._buf = ""
 
-    def __enter__(self) -> "LlamaLog":
+    def __enter__(self) -> LlamaLog:
         import llama_cpp
 
         self._prev_cb, self._prev_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()

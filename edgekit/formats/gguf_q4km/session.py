@@ -5,8 +5,9 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ...errors import BadInput, ToolFailed
 from .. import Generation, Trial
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 def open_session(
     bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None, *, context: int = DEFAULT_CONTEXT
-) -> "LlamaCppSession":
+) -> LlamaCppSession:
     """Open the bundle's model.gguf with llama-cpp-python. `context` bounds prompt + output
     tokens; the model's training context is not used as the default because it sizes the KV
     cache (a 128k-context model would reserve gigabytes)."""
@@ -153,7 +154,7 @@ class LlamaCppSession:
                 return buf.raw[:n]
             size = -n
 
-    def text_stream(self) -> "_TextStream":
+    def text_stream(self) -> _TextStream:
         return _TextStream(self._piece)
 
     def _token_text(self, token: int) -> str:
@@ -244,7 +245,7 @@ class LlamaCppSession:
         emit(stream.flush())
         return Generation(token_ids=tuple(out), text="".join(pieces), prompt_tokens=len(prompt), stopped_by=stopped_by)
 
-    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [len(ids), n_vocab] for every position, one forward pass per
         n_batch chunk. Uses llama.cpp's batch API directly: Llama(logits_all=True) would
         allocate n_ctx x n_vocab floats for every session, not only for parity runs."""
@@ -266,7 +267,7 @@ class LlamaCppSession:
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return out
 
-    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
         """Logits the way an application meets them: the prompt in one batch, then the
         continuation one token at a time. Rows: the prompt's last position, then one per
         continuation token but the last ([len(continuation), n_vocab]).
@@ -314,7 +315,7 @@ class LlamaCppSession:
         finally:
             lib.llama_batch_free(batch)
 
-    def _last_logits(self) -> "np.ndarray":
+    def _last_logits(self) -> np.ndarray:
         import numpy as np
 
         ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
@@ -325,7 +326,7 @@ class LlamaCppSession:
             self._llm.close()
             self._llm = None
 
-    def __enter__(self) -> "LlamaCppSession":
+    def __enter__(self) -> LlamaCppSession:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -334,7 +335,7 @@ class LlamaCppSession:
     # benchmarking ------------------------------------------------------------------------
 
     @classmethod
-    def open_offloaded(cls, model_path: Path, threads: int | None, context: int, gpu_layers: int) -> "LlamaCppSession":
+    def open_offloaded(cls, model_path: Path, threads: int | None, context: int, gpu_layers: int) -> LlamaCppSession:
         """A session with `gpu_layers` layers on the GPU (-1: all), for device profiles such as
         m-series (Metal). With gpu_layers=0 this is the plain constructor."""
         return cls(model_path, threads=threads, context=context, gpu_layers=gpu_layers)

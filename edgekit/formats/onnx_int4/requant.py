@@ -7,7 +7,7 @@ without exporting a model (tests/test_requant.py).
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 # Per-layer MatMul node names of the builder and of optimum graphs: (layer index, projection).
 LAYER_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/MatMul$")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...errors import BadInput, ToolFailed
 from .. import Generation, Trial
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> "OnnxSession":
+def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> OnnxSession:
     import onnxruntime_genai as og
 
     config = og.Config(str(bundle_dir))
@@ -125,7 +126,7 @@ class OnnxSession:
             token_ids=tuple(out), text="".join(pieces), prompt_tokens=len(prompt_ids), stopped_by=stopped_by
         )
 
-    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [len(ids), vocab] from one prefill: onnxruntime-genai returns
         the graph's logits for every appended position (its vocabulary may be padded)."""
         import numpy as np
@@ -142,7 +143,7 @@ class OnnxSession:
         del generator
         return logits.reshape(-1, logits.shape[-1])[-len(ids) :]
 
-    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> "np.ndarray":
+    def stepwise_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
         """Logits the way an application meets them: append_tokens(prompt), then one token at
         a time. Rows: the prompt's last position, then one per continuation token but the last.
         Stops early (fewer rows) at the bundle's context length, which the runtime enforces."""
