@@ -151,7 +151,7 @@ def _extract_converter(sdist: Path, dest: Path, version: str) -> str:
     and any wanted member that is absolute, climbs with '..' or is a link rejects the sdist.
     """
     try:
-        tar = tarfile.open(sdist, "r:*")
+        tar = tarfile.open(sdist, "r:*")  # noqa: SIM115 - closed by the `with tar:` below; opened apart to name a bad file
     except (tarfile.TarError, OSError) as e:
         raise BadInput(f"{sdist} is not a readable .tar.gz ({e})", "Re-download the llama-cpp-python sdist") from None
     commit, version_checked = "", False

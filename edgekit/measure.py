@@ -6,6 +6,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def memory_limit_bytes() -> int:
         return int(float(os.environ["EDGEKIT_MEMORY_LIMIT_MB"]) * 2**20)
     limit = psutil.virtual_memory().total
     try:
-        text = open("/sys/fs/cgroup/memory.max").read().strip()
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if text.isdigit():
             limit = min(limit, int(text))
     except OSError:

@@ -71,10 +71,10 @@ class Thresholds:
         kwargs = {}
         for key, value in table.items():
             expected = bool if key == "chat_template_match" else (int, float)
-            if not isinstance(value, expected) or (expected != bool and isinstance(value, bool)):
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
                 raise BadInput(
                     f"{where}: threshold '{key}' must be a number"
-                    if expected != bool
+                    if expected is not bool
                     else f"{where}: '{key}' must be true or false",
                     f"Fix {key}",
                 )

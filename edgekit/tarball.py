@@ -31,21 +31,23 @@ def pack(bundle: Path, tar_path: Path) -> str:
     root = bundle.name
     tmp = tar_path.with_name(f".{tar_path.name}.edgekit-tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as raw:
-            # gzip header mtime 0 and no file name: otherwise every pack differs.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    tar.addfile(_info(root, dir=True))
-                    for p in sorted(bundle.rglob("*")):
-                        rel = p.relative_to(bundle).as_posix()
-                        if p.is_symlink():
-                            raise IntegrityError(f"{p} is a symbolic link", "Bundles hold regular files only")
-                        if p.is_dir():
-                            tar.addfile(_info(f"{root}/{rel}", dir=True))
-                        else:
-                            info = _info(f"{root}/{rel}", size=p.stat().st_size)
-                            with open(p, "rb") as f:
-                                tar.addfile(info, f)
+        # gzip header mtime 0 and no file name: otherwise every pack differs.
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            tar.addfile(_info(root, dir=True))
+            for p in sorted(bundle.rglob("*")):
+                rel = p.relative_to(bundle).as_posix()
+                if p.is_symlink():
+                    raise IntegrityError(f"{p} is a symbolic link", "Bundles hold regular files only")
+                if p.is_dir():
+                    tar.addfile(_info(f"{root}/{rel}", dir=True))
+                else:
+                    info = _info(f"{root}/{rel}", size=p.stat().st_size)
+                    with open(p, "rb") as f:
+                        tar.addfile(info, f)
         os.replace(tmp, tar_path)
     except BaseException:
         tmp.unlink(missing_ok=True)

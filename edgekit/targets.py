@@ -217,7 +217,7 @@ def _files(directories: tuple[str, ...]) -> tuple[dict[str, Path], list[Path]]:
 def _load(directories: tuple[str, ...]) -> Targets:
     files, profile_files = _files(directories)
     formats: dict[str, FormatSpec] = {}
-    for name, path in sorted(files.items()):
+    for _name, path in sorted(files.items()):  # by file name: the order formats are listed in
         spec = _format_from_file(path)
         if spec.name != path.stem:
             raise BadInput(
@@ -246,8 +246,8 @@ def dataclass_from_table(cls, table: dict[str, Any], where: str):
     for key, value in table.items():
         default = getattr(cls, key, None)
         expected = type(default) if default is not None else None
-        if expected is not None and not isinstance(value, expected):
-            if not (expected is float and isinstance(value, int)):
-                raise BadInput(f"{where}: '{key}' must be {expected.__name__}, got {value!r}", f"Fix {key}")
+        mismatched = expected is not None and not isinstance(value, expected)
+        if mismatched and not (expected is float and isinstance(value, int)):  # an int is a fine float
+            raise BadInput(f"{where}: '{key}' must be {expected.__name__}, got {value!r}", f"Fix {key}")
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)

@@ -86,7 +86,7 @@ def parse_recipe(table: dict[str, Any], where: str) -> GgufRecipe:
             f"{where}: quant_threads must be 0 (all cores) or more, got {recipe.quant_threads}", "Fix quant_threads"
         )
     try:
-        recipe.ftype
+        _ = recipe.ftype  # the property looks the type up in llama.cpp: AttributeError when it has none
     except AttributeError:
         raise BadInput(
             f"{where}: llama.cpp has no quantization type {recipe.quant_type!r}",

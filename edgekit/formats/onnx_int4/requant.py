@@ -54,7 +54,7 @@ def quantize_blocks(w, bits: int, block: int, importance=None):
         best_s = np.ones((len(x), 1))
         best_z = np.zeros((len(x), 1))
 
-        def consider(scale, mn):
+        def consider(scale, mn, x=x, wts=wts):  # bound per chunk: the loop rebinds x and wts
             nonlocal best_err, best_s, best_z
             zp = np.clip(np.round(-mn / scale), 0, maxq)
             lq = np.clip(np.round(x / scale + zp), 0, maxq)

@@ -20,7 +20,7 @@ class CheckpointWeights:
         self._open: dict[Path, Any] = {}
         for f in sorted(Path(path).glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
+                for name in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable; keys() is its API
                     self._files.setdefault(name, f)
 
     def _get(self, name: str):
