@@ -47,7 +47,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(parent: Path) -> list[Path]:
     """Remove temp dirs left by killed edgekit processes (name carries the owner's pid)."""
-    removed = []
+    removed: list[Path] = []
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():

@@ -118,7 +118,7 @@ class ChildWatch:
         self.pid = pid
         self.interval = interval
         self.peak_bytes = 0
-        self.min_available = None
+        self.min_available: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 

@@ -68,9 +68,9 @@ class Thresholds:
         from .targets import check_keys
 
         check_keys(table, set(cls.__dataclass_fields__), where)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for key, value in table.items():
-            expected = bool if key == "chat_template_match" else (int, float)
+            expected: type | tuple[type, ...] = bool if key == "chat_template_match" else (int, float)
             if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
                 raise BadInput(
                     f"{where}: threshold '{key}' must be a number"
@@ -364,7 +364,7 @@ def verify_session(
         format=fmt,
         reference=reference_info(reference),
         eval_text_sha256=text_sha256(text),
-        positions=metrics["positions"],
+        positions=int(metrics["positions"]),
         kld_mean=metrics["kld_mean"],
         kld_p99=metrics["kld_p99"],
         kld_max=metrics["kld_max"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 
@@ -16,7 +16,7 @@ class Step(Protocol):
 
 
 class Progress(Protocol):
-    def step(self, name: str, total: float | None = None) -> contextmanager[Step]: ...
+    def step(self, name: str, total: float | None = None) -> AbstractContextManager[Step]: ...
     def note(self, text: str) -> None: ...
 
 

@@ -59,7 +59,7 @@ def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[in
     """Split ids into non-overlapping windows; each starts with BOS when the tokenizer uses one,
     as a fresh prompt would."""
     step = window - (1 if bos is not None else 0)
-    out = []
+    out: list[list[int]] = []
     for start in range(0, len(ids), step):
         chunk = list(ids[start : start + step])
         if len(chunk) < 2 and out:

@@ -81,13 +81,18 @@ def _accuracy(values: Sequence[bool]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _share(values: Sequence[bool]) -> float:
+    """Accuracy of a list the caller knows is not empty."""
+    return sum(values) / len(values)
+
+
 def paraphrase_drop(groups: Sequence[Sequence[bool]]) -> float | None:
     """groups: correctness per group in file order. Accuracy over the first items of groups
     with 2+ items, minus accuracy over the other items of those groups; None without such groups."""
     multi = [g for g in groups if len(g) >= 2]
     if not multi:
         return None
-    return _accuracy([g[0] for g in multi]) - _accuracy([x for g in multi for x in g[1:]])
+    return _share([g[0] for g in multi]) - _share([x for g in multi for x in g[1:]])  # each group has 2+ items
 
 
 def format_sensitivity(items: Sequence[tuple[str, str, bool]]) -> float | None:
@@ -103,7 +108,7 @@ def format_sensitivity(items: Sequence[tuple[str, str, bool]]) -> float | None:
             per_format.setdefault(fmt, []).append(ok)
     if len(per_format) < 2:
         return None
-    accs = [_accuracy(v) for v in per_format.values()]
+    accs = [_share(v) for v in per_format.values()]  # setdefault(...).append: never empty
     return max(accs) - min(accs)
 
 

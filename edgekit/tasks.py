@@ -147,7 +147,8 @@ def load_tasks(
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadInput(f"{p} is not UTF-8 text", "Save the task file as UTF-8") from None
-    norm, default_tokens, tasks = Normalization(), DEFAULT_MAX_TOKENS, []
+    norm, default_tokens = Normalization(), DEFAULT_MAX_TOKENS
+    tasks: list[Task] = []
     seen: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -155,7 +156,7 @@ def load_tasks(
         where = f"{p}:{n}"
         try:
             row = json.loads(line)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise BadInput(f"{where}: not a JSON object ({e.msg})", "Write one JSON object per line") from None
         if not isinstance(row, dict):
             raise BadInput(f"{where}: not a JSON object", "Write one JSON object per line")
@@ -269,6 +270,7 @@ def _messages(value: Any, where: str) -> tuple[Message, ...]:
 def _task(row: dict[str, Any], where: str, line: int, default_tokens: int) -> Task:
     _unknown(row, _ITEM_KEYS, where)
     tid = _text(row, "id", where, required=True)
+    assert tid is not None  # required=True raises instead of returning None
     if tid != tid.strip() or len(tid) > 200:
         raise BadInput(f"{where}: field 'id' must have no surrounding spaces and at most 200 characters", "Fix id")
     if ("prompt" in row) == ("messages" in row):
@@ -341,6 +343,6 @@ def choice_continuation(task: Task, choice: str) -> str:
     """The text scored after the prompt for one choice. A raw prompt that does not end in
     whitespace gets one space before the choice, so "... is" + "Paris" is scored as " Paris",
     the token a model actually predicts there; after a chat prompt the reply starts as is."""
-    if task.kind == "raw" and not task.prompt[-1:].isspace() and not choice[:1].isspace():
+    if task.kind == "raw" and not (task.prompt or "")[-1:].isspace() and not choice[:1].isspace():
         return " " + choice
     return choice
