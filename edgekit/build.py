@@ -307,6 +307,8 @@ def merge(
 
 
 def _copy_entry(d: Path, e: BuildEntry, out: Path) -> None:
+    if e.tarball is None:  # an entry that failed before packing has nothing to copy
+        return
     src = d / e.tarball
     if not src.is_file() or sha256_file(src) != e.tarball_sha256:
         raise IntegrityError(

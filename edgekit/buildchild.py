@@ -67,7 +67,7 @@ def run_job(spec: dict[str, Any]) -> BuildEntry:
             inputs["eval"] = {**spec["eval"], "tasks": None, "tasks_sha256": load_tasks(spec["eval"]["tasks"]).sha256}
         key = hashlib.sha256(canonical(inputs).encode()).hexdigest()
         prev = BuildEntry.from_dict(spec["previous"]) if spec.get("previous") else None
-        if not spec["force"] and reusable(prev, key, bundle, tar_path):
+        if prev is not None and not spec["force"] and reusable(prev, key, bundle, tar_path):
             # Its own gates still hold; a previous --baseline comparison is redone by the caller.
             return dataclasses.replace(
                 prev,
@@ -95,6 +95,8 @@ def run_job(spec: dict[str, Any]) -> BuildEntry:
             tarball=tar_path,
         )
         timings = {**flow.timings, "total_s": round(time.monotonic() - t0, 1)}
+        # A build always verifies and packs: the flow has a manifest and a parity report.
+        assert flow.manifest is not None and flow.parity is not None
         return dataclasses.replace(
             blank,
             bundle=bundle.name,
@@ -143,7 +145,8 @@ def reusable(prev: BuildEntry | None, key: str, bundle: Path, tar_path: Path) ->
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, default=str))
+    plain = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
+    return json.loads(json.dumps(plain, default=str))
 
 
 def main(argv: list[str]) -> int:

@@ -198,11 +198,11 @@ def make_record(
             groups.setdefault(i.group, []).append(i.correct)
     para = scoring.paraphrase_drop(list(groups.values()))
     fmt_sens = scoring.format_sensitivity([(i.group, i.format, i.correct) for i in items if i.group is not None])
-    gen = [i for i in items if i.ttft_ms is not None]
-    ttft, e2e = [i.ttft_ms for i in gen], [i.e2e_ms for i in gen]
-    decoding = [i for i in gen if i.generated_tokens >= 2 and i.e2e_ms > i.ttft_ms]
-    decode_s = sum(i.e2e_ms - i.ttft_ms for i in decoding) / 1000
-    tok_s = sum(i.generated_tokens - 1 for i in decoding) / decode_s if decode_s > 0 else None
+    timed = [(i, i.ttft_ms) for i in items if i.ttft_ms is not None]  # generated items: scored ones have no TTFT
+    ttft, e2e = [t for _, t in timed], [i.e2e_ms for i, _ in timed]
+    decoding = [(i, t) for i, t in timed if i.generated_tokens >= 2 and i.e2e_ms > t]
+    decode_s = sum(i.e2e_ms - t for i, t in decoding) / 1000
+    tok_s = sum(i.generated_tokens - 1 for i, _ in decoding) / decode_s if decode_s > 0 else None
 
     def pct(values, q):
         return _round(scoring.percentile(values, q), 2)

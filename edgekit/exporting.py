@@ -93,7 +93,7 @@ def export_one(
             except (OSError, EdgekitError) as e:
                 raise_if_disk_full(tmp, dest, e)
                 raise
-        manifest = {
+        manifest: dict[str, Any] = {
             "name": dest.name,
             "format": name,
             "runtime": spec.runtime,

@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from .errors import BadInput, IntegrityError, ToolFailed
 from .paths import cache_dir
@@ -144,6 +145,19 @@ def _extract_atomically(sdist: Path, root: Path, version: str, origin: str) -> N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """A regular member's contents (extractfile gives None only for other kinds, refused before)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise BadInput(f"{member.name} in the sdist is not a regular file", "Re-download the llama-cpp-python sdist")
+    return f
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    with _member_file(tar, member) as f:
+        return f.read()
+
+
 def _extract_converter(sdist: Path, dest: Path, version: str) -> str:
     """Write the converter's files from the sdist into dest; return the llama.cpp commit or ''.
 
@@ -164,10 +178,10 @@ def _extract_converter(sdist: Path, dest: Path, version: str) -> str:
             top = top or parts[0]
             rel = "/".join(parts[1:])
             if rel == "PKG-INFO" and member.isreg():
-                _check_sdist_version(tar.extractfile(member).read(), version, sdist)
+                _check_sdist_version(_member_bytes(tar, member), version, sdist)
                 version_checked = True
             if rel == _SUBMODULE_HEAD and member.isreg():
-                commit = tar.extractfile(member).read().decode("ascii", "replace").strip()
+                commit = _member_bytes(tar, member).decode("ascii", "replace").strip()
             if not rel.startswith(_VENDOR):
                 continue
             inner = rel[len(_VENDOR) :]
@@ -178,7 +192,7 @@ def _extract_converter(sdist: Path, dest: Path, version: str) -> str:
             _check_member(member, parts, top, sdist)
             target = dest / inner
             target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as src, open(target, "wb") as out:
+            with _member_file(tar, member) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)
     if not version_checked:
         raise BadInput(

@@ -262,6 +262,7 @@ def tune_one(
                 checkpoint, name, rec, work / str(i) / dest.name, force=False, progress=progress, verify_options=options
             )
             rep = flow.parity
+            assert rep is not None  # tune runs every candidate with verify on
             results.append(flow.export)
             tried.append(
                 {

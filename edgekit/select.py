@@ -186,6 +186,8 @@ def select(cands: Sequence[Candidate], constraints: Constraints, *, raise_if_non
         elif dominated_by:
             by = pick if pick in dominated_by else min(dominated_by, key=_rank)
             reason = f"dominated by {Path(by.name).name}"
+        elif pick is None:  # unreachable: with no pick every candidate misses a constraint
+            reason = "no bundle meets every constraint"
         elif c.accuracy < pick.accuracy:
             reason = f"less accurate than {Path(pick.name).name} ({c.accuracy:.3f} < {pick.accuracy:.3f})"
         else:

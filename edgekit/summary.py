@@ -26,7 +26,13 @@ SUMMARY_SCHEMA = "edgekit.build-summary"
 SUMMARY_VERSION = 1
 
 # Higher is worse: a crash outranks a broken file, which outranks bad input, then a gate.
-_SEVERITY: dict[int, int] = {ExitCode.OK: 0, ExitCode.GATE_FAILED: 1, ExitCode.BAD_INPUT: 2, ExitCode.INTEGRITY: 3, ExitCode.ERROR: 4}
+_SEVERITY: dict[int, int] = {
+    ExitCode.OK: 0,
+    ExitCode.GATE_FAILED: 1,
+    ExitCode.BAD_INPUT: 2,
+    ExitCode.INTEGRITY: 3,
+    ExitCode.ERROR: 4,
+}
 
 
 def worst(codes: Iterable[int]) -> int:

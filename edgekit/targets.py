@@ -246,8 +246,8 @@ def dataclass_from_table(cls, table: dict[str, Any], where: str):
     for key, value in table.items():
         default = getattr(cls, key, None)
         expected = type(default) if default is not None else None
-        mismatched = expected is not None and not isinstance(value, expected)
-        if mismatched and not (expected is float and isinstance(value, int)):  # an int is a fine float
+        an_int_for_a_float = expected is float and isinstance(value, int)
+        if expected is not None and not isinstance(value, expected) and not an_int_for_a_float:
             raise BadInput(f"{where}: '{key}' must be {expected.__name__}, got {value!r}", f"Fix {key}")
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)

@@ -46,7 +46,7 @@ TINY = dict(
     num_key_value_heads=2,
     initializer_range=0.2,
 )
-HEAD_DIM = TINY["hidden_size"] // TINY["num_attention_heads"]
+HEAD_DIM = int(TINY["hidden_size"] // TINY["num_attention_heads"])
 
 # --- chat templates (the real models' templates, lightly trimmed) ---------------------------
 

@@ -83,7 +83,7 @@ class _Failure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance; its stub says ClassVar
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.message}", err=True)
