@@ -96,25 +96,25 @@ def targets(as_json: bool) -> None:
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def export(
-    model,
-    target,
-    out,
-    force,
-    recipe_set,
-    tune,
-    run_verify,
-    eval_text,
-    long_context,
-    max_kld,
-    min_top1,
-    max_ppl_ratio,
-    revision,
-    offline,
-    trust_remote_code,
-    allow_pickle,
-    as_json,
-    quiet,
-):
+    model: str,
+    target: str,
+    out: str | None,
+    force: bool,
+    recipe_set: tuple[str, ...],
+    tune: bool,
+    run_verify: bool,
+    eval_text: str | None,
+    long_context: bool | None,
+    max_kld: float | None,
+    min_top1: float | None,
+    max_ppl_ratio: float | None,
+    revision: str | None,
+    offline: bool | None,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Export MODEL (checkpoint dir, hub id or alias) to a deployable bundle.
 
     \b
@@ -168,19 +168,19 @@ def export(
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def verify(
-    bundles,
-    eval_text,
-    reference,
-    window,
-    long_context,
-    max_kld,
-    min_top1,
-    max_ppl_ratio,
-    offline,
-    trust_remote_code,
-    as_json,
-    quiet,
-):
+    bundles: tuple[str, ...],
+    eval_text: str | None,
+    reference: str | None,
+    window: int | None,
+    long_context: bool | None,
+    max_kld: float | None,
+    min_top1: float | None,
+    max_ppl_ratio: float | None,
+    offline: bool | None,
+    trust_remote_code: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Check BUNDLES against the unquantized reference; exit 3 if a threshold fails.
 
     Reports KL divergence, top-1 agreement, perplexity ratio, greedy continuation,
@@ -222,7 +222,9 @@ def verify(
 @click.option("--system", help="A system message for the chat template.")
 @click.option("--threads", type=int, help="Runtime threads (default: the runtime's choice).")
 @json_option
-def run(bundle, prompt, max_tokens, raw, system, threads, as_json):
+def run(
+    bundle: str, prompt: str, max_tokens: int, raw: bool, system: str | None, threads: int | None, as_json: bool
+) -> None:
     """Generate from BUNDLE with its own runtime, streaming tokens to stdout.
 
     The bundle is validated (hashes, files) before it is loaded.
@@ -273,7 +275,19 @@ def run(bundle, prompt, max_tokens, raw, system, threads, as_json):
 @click.option("--no-manifest", is_flag=True, help="Do not write the results into the bundles' manifest.json.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def bench(bundles, profile, reps, warmup, prompt_tokens, gen_tokens, profile_set, output, no_manifest, as_json, quiet):
+def bench(
+    bundles: tuple[str, ...],
+    profile: str | None,
+    reps: int,
+    warmup: int,
+    prompt_tokens: int | None,
+    gen_tokens: int | None,
+    profile_set: tuple[str, ...],
+    output: str | None,
+    no_manifest: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Measure prefill and decode tokens/sec, time to first token and peak RSS of BUNDLES
     (default: every bundle in dist/) on a device profile; exit 3 if a profile budget is exceeded.
 
@@ -309,7 +323,7 @@ def bench(bundles, profile, reps, warmup, prompt_tokens, gen_tokens, profile_set
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @json_option
-def validate(paths, as_json):
+def validate(paths: tuple[str, ...], as_json: bool) -> None:
     """Check bundle directories or tarballs against their manifests; exit 4 naming the first bad file.
 
     Checks the manifest schema, every file's size and sha256, and that no file is missing or

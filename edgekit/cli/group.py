@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -20,6 +21,9 @@ from ..errors import EdgekitError, ExitCode
 from ..progress import RichProgress
 from ..signals import install_sigterm
 from ..targets import USER_DIR_ENV
+
+# A Click command function, before and after an option decorator adds its parameters.
+CommandFn = TypeVar("CommandFn", bound=Callable[..., Any])
 
 EXIT_CODES_HELP = "Exit codes: 0 ok, 1 unexpected error, 2 bad input, 3 quality gate failed, 4 integrity check failed, 130 interrupted."
 
@@ -32,11 +36,11 @@ def err(text: str) -> None:
     click.echo(text, err=True)
 
 
-def json_option(f):
+def json_option(f: CommandFn) -> CommandFn:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
 
 
-def model_options(f):
+def model_options(f: CommandFn) -> CommandFn:
     """Options shared by every command that reads a checkpoint."""
     f = click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")(f)
     f = click.option(
@@ -53,14 +57,14 @@ def model_options(f):
     return f
 
 
-def threshold_options(f):
+def threshold_options(f: CommandFn) -> CommandFn:
     f = click.option("--max-kld", type=float, help="Override kld_mean_max from targets/<format>.toml.")(f)
     f = click.option("--min-top1", type=float, help="Override top1_agreement_min.")(f)
     f = click.option("--max-ppl-ratio", type=float, help="Override ppl_ratio_max.")(f)
     return f
 
 
-def long_context_option(f):
+def long_context_option(f: CommandFn) -> CommandFn:
     return click.option(
         "--long-context/--no-long-context",
         "long_context",
@@ -85,14 +89,14 @@ class _Failure(click.ClickException):
         super().__init__(message)
         self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance; its stub says ClassVar
 
-    def show(self, file=None) -> None:
+    def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.message}", err=True)
 
 
 class EdgekitGroup(click.Group):
     """Maps library errors to one line and an exit code; tracebacks only with --debug."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug")) or os.environ.get("EDGEKIT_DEBUG") == "1"
         try:
             return super().invoke(ctx)

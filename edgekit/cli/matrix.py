@@ -14,10 +14,10 @@ from ..evaluate import print_table
 from ..report import write_report
 from ..select import NoFeasibleBundle, Selection, print_selection
 from ..summary import render_markdown
-from .group import cli, emit_json, err, json_option, progress_for
+from .group import CommandFn, cli, emit_json, err, json_option, progress_for
 
 
-def eval_options(f):
+def eval_options(f: CommandFn) -> CommandFn:
     """Options shared by eval and select: which items, on which profile, against what."""
     f = click.option(
         "--tasks", "-t", type=click.Path(), help="JSONL task file (default: the shipped edgekit-basic set)."
@@ -70,7 +70,7 @@ def _eval_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {**kw, "normalization": norm, "reference": False if no_ref else (ckpt or True)}
 
 
-def select_options(f):
+def select_options(f: CommandFn) -> CommandFn:
     f = click.option("--min-accuracy", type=float, help="Lowest acceptable accuracy (0-1).")(f)
     f = click.option("--max-accuracy-drop", type=float, help="Largest acceptable drop against the reference (0-1).")(f)
     f = click.option("--max-p95-ms", type=float, help="Largest acceptable p95 end-to-end latency per request, ms.")(f)
@@ -91,7 +91,9 @@ _CONSTRAINTS = ("min_accuracy", "max_accuracy_drop", "max_p95_ms", "max_rss_mb",
 @select_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress or warnings on stderr.")
-def eval_(bundles, output, no_manifest, pick, as_json, quiet, **kw):
+def eval_(
+    bundles: tuple[str, ...], output: str | None, no_manifest: bool, pick: bool, as_json: bool, quiet: bool, **kw: Any
+) -> None:
     """Run a task file on BUNDLES (default: every bundle in dist/) and on the unquantized
     reference: accuracy with a 95 % interval, flips and McNemar p against the reference,
     calibration, robustness across paraphrases and formats, p50/p95 latency, peak RSS, size.
@@ -155,7 +157,9 @@ def _select_and_print(run: Callable[[], Selection], doc: dict[str, Any] | None, 
 @eval_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def select_(bundles, from_json, stored, as_json, quiet, **kw):
+def select_(
+    bundles: tuple[str, ...], from_json: str | None, stored: bool, as_json: bool, quiet: bool, **kw: Any
+) -> None:
     """Pick the bundle to ship: the Pareto set over accuracy, p95 latency, peak RSS and size,
     the most accurate bundle meeting every constraint (ties: lower RSS, then smaller), and why
     each other bundle lost. Exit 3 naming the nearest miss when none is feasible.
@@ -213,7 +217,17 @@ def select_(bundles, from_json, stored, as_json, quiet, **kw):
 @click.option("--offline", is_flag=True, default=None, help="Never contact the hub.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def build(config, out, force, baseline, shard, merge_dirs, offline, as_json, quiet):
+def build(
+    config: str | None,
+    out: str | None,
+    force: bool,
+    baseline: str | None,
+    shard: str | None,
+    merge_dirs: tuple[str, ...],
+    offline: bool | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Build a matrix of verified, benchmarked bundles from an edgekit.toml; exit with the
     worst outcome (3 when a gate or a --baseline regression failed).
 
@@ -234,7 +248,7 @@ def build(config, out, force, baseline, shard, merge_dirs, offline, as_json, qui
     progress = progress_for(quiet)  # a matrix runs for long: progress on stderr even with --json
     error = None
     try:
-        if merge_dirs:
+        if merge_dirs and out:  # (--merge without --out was refused above)
             summary = api.merge(list(merge_dirs), out, baseline=baseline, progress=progress)
         else:
             summary = api.build(
@@ -253,7 +267,7 @@ def build(config, out, force, baseline, shard, merge_dirs, offline, as_json, qui
 @cli.command()
 @click.argument("directory", type=click.Path())
 @click.option("--out", "-o", type=click.Path(), help="HTML file to write (default: DIRECTORY/report.html).")
-def report(directory, out):
+def report(directory: str, out: str | None) -> None:
     """Write a self-contained HTML report (summary table, quality/speed/size trade-off with the
     Pareto front, peak RSS against budgets) from a build's summary.json.
 
