@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .bench_child import CHILD_MARK, open_run, run_from_job
@@ -35,6 +35,10 @@ from .bench_plan import Run, choose_profile, discover_bundles, plan
 from .budgets import gates_for
 from .errors import BadInput, GateFailed
 from .formats import Trial
+
+if TYPE_CHECKING:
+    from .host import HostFacts
+    from .progress import Progress
 
 DEFAULT_REPS = 5
 DEFAULT_WARMUP = 1
@@ -141,7 +145,7 @@ def _stats(values: Sequence[float], digits: int) -> tuple[float, float, float, f
     return tuple(round(v, digits) for v in (statistics.median(values), sd, min(values), max(values)))  # type: ignore[return-value]
 
 
-def make_record(run: Run, child: dict[str, Any], host, bandwidth_gbs: float) -> BenchRecord:
+def make_record(run: Run, child: dict[str, Any], host: HostFacts, bandwidth_gbs: float) -> BenchRecord:
     trials = tuple(Trial(*t) for t in child["trials"])
     ttft = _stats([t.first_token_s * 1000 for t in trials], 2)
     prefill = _stats([run.prompt_tokens / max(t.prefill_s, 1e-9) for t in trials], 2)
@@ -245,7 +249,7 @@ def bench(
     overrides: dict[str, Any] | None = None,
     output: str | Path | None = None,
     write_manifest: bool = True,
-    progress=None,
+    progress: Progress | None = None,
 ) -> list[BenchRecord]:
     """See edgekit.api.bench."""
     from . import host as hostmod

@@ -171,7 +171,10 @@ def _generate(adapter, ids: list[int], max_tokens: int) -> dict[str, Any]:
 
 
 def run_items(
-    adapter, items: Sequence[dict[str, Any]], warmup: bool = True, on_item: Callable[[str], None] | None = None
+    adapter: _BundleAdapter | _ReferenceAdapter,
+    items: Sequence[dict[str, Any]],
+    warmup: bool = True,
+    on_item: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     prompts = [adapter.prompt_ids(item) for item in items]  # tokenization: outside every timed region
     if warmup:

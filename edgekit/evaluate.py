@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import childjob
 from . import host as hostmod
@@ -44,6 +44,9 @@ from .scoring import wilson
 from .tasks import TaskSet, choice_continuation, load_tasks
 from .verification import reference_checkpoints
 
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
 MIN_ITEMS = 30  # below this an accuracy interval is too wide to decide anything
 CACHE_FORMAT = 1  # bump when what the reference cache stores changes
 # The reference runs torch on one thread: on SmolLM2-135M one and two threads both decode about
@@ -57,7 +60,7 @@ def _items_job(tasks: TaskSet) -> list[dict[str, Any]]:
     return [{**t.to_job(), "continuations": [choice_continuation(t, c) for c in t.choices]} for t in tasks.tasks]
 
 
-def reference_cache_path(checkpoint, tasks: TaskSet, threads: int) -> Path:
+def reference_cache_path(checkpoint: Checkpoint, tasks: TaskSet, threads: int) -> Path:
     """Where the reference's answers for these items are cached: keyed by the checkpoint's
     content, the items as sent, the threads and the transformers / torch versions."""
     key_src = json.dumps(

@@ -21,9 +21,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    from .progress import Progress
 
 HOST_FILE = "host.json"
 BANDWIDTH_MB = 512
@@ -147,7 +150,7 @@ def _read_cache() -> dict[str, Any]:
         return {}
 
 
-def read_bandwidth_gbs(host: HostFacts | None = None, refresh: bool = False, progress=None) -> float:
+def read_bandwidth_gbs(host: HostFacts | None = None, refresh: bool = False, progress: Progress | None = None) -> float:
     """This host's read bandwidth in GB/s (10^9 bytes/s), measured on first use and cached."""
     host = host or facts()
     cached = _read_cache()

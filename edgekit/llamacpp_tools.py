@@ -23,11 +23,14 @@ import tarfile
 import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .errors import BadInput, IntegrityError, ToolFailed
 from .paths import cache_dir
 from .progress import NullProgress
+
+if TYPE_CHECKING:
+    from .progress import Progress
 
 SDIST_ENV = "EDGEKIT_LLAMACPP_SDIST"
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
@@ -52,7 +55,7 @@ def runtime_version() -> str:
     return llama_cpp.__version__
 
 
-def converter_dir(progress=None) -> Path:
+def converter_dir(progress: Progress | None = None) -> Path:
     """Directory holding convert_hf_to_gguf.py, conversion/ and gguf-py/ for the installed runtime.
 
     Fetched once per llama-cpp-python version (from $EDGEKIT_LLAMACPP_SDIST or PyPI), then cached.

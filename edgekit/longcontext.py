@@ -26,7 +26,12 @@ What the pinned runtimes do at the boundary (measured on edgekit.tiny's phi3-lon
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import numpy as np
 
 # Positions the probe compares on each side of the boundary. 64 before: the switch must not
 # disturb what came before; 256 after: enough to see a drift that grows with distance.
@@ -100,7 +105,7 @@ class LongContextReport:
         return asdict(self)
 
 
-def parity_context(kld, first_position: int, threshold: float, block: int = 16) -> int:
+def parity_context(kld: Sequence[float] | np.ndarray, first_position: int, threshold: float, block: int = 16) -> int:
     """Tokens from the start up to which the bundle matches the reference.
 
     Parity ends at the first compared position that is itself above `threshold` and starts a

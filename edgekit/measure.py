@@ -7,6 +7,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def maxrss_mb(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def tree_rss_bytes(root) -> int:
+def tree_rss_bytes(root: psutil.Process) -> int:
     """RSS of a psutil.Process and all its descendants (processes that vanish count 0)."""
     import psutil
 

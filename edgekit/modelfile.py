@@ -10,6 +10,7 @@ saying so, rather than a wrong translation.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,10 @@ def _quote(text: str) -> str:
 
 
 def render_modelfile(
-    model_file: str, chat_template: str | None, vocab: set[str], render=None
+    model_file: str,
+    chat_template: str | None,
+    vocab: set[str],
+    render: Callable[[list[dict[str, str]]], str] | None = None,
 ) -> tuple[str, str | None]:
     """Modelfile text and the family name (None when the template was not translated).
 

@@ -12,11 +12,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
 from .gates import Gate
 from .longcontext import LongContextReport
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .formats import Session
+    from .progress import Progress
+    from .reference import Reference
 
 # Completion prompts for greedy_match_tokens: short, factual, varied.
 GREEDY_PROMPTS = (
@@ -155,7 +161,7 @@ def evaluate_checks(metrics: dict[str, Any], t: Thresholds) -> list[Gate]:
     return [Gate.check("parity", name, metrics[name], op, limit) for name, limit, op in limits if limit is not None]
 
 
-def teacher_forced(session, reference, rows_per_chunk: int = 64) -> dict[str, float]:
+def teacher_forced(session: Session, reference: Reference, rows_per_chunk: int = 64) -> dict[str, float]:
     """Metrics over every window; only one window of logits (plus a row chunk in float64)
     is in memory at a time."""
     import numpy as np
@@ -174,7 +180,7 @@ def teacher_forced(session, reference, rows_per_chunk: int = 64) -> dict[str, fl
     return summarise(concat(stats))
 
 
-def greedy_agreement(session, reference) -> tuple[float, int]:
+def greedy_agreement(session: Session, reference: Reference) -> tuple[float, int]:
     """Tokens the bundle's greedy continuation shares with the reference's before diverging.
     Identical continuations (also when both stop at EOS early) count as a full match."""
     from .metrics import greedy_match
@@ -187,7 +193,7 @@ def greedy_agreement(session, reference) -> tuple[float, int]:
     return (sum(matches) / len(matches), min(matches)) if matches else (float(GREEDY_TOKENS), GREEDY_TOKENS)
 
 
-def probe_strings(tokenizer) -> list[str]:
+def probe_strings(tokenizer: Any) -> list[str]:
     specials = [
         t
         for t in dict.fromkeys(
@@ -199,7 +205,7 @@ def probe_strings(tokenizer) -> list[str]:
     return list(PROBES) + [f"{s}Hello there{s}\n" for s in specials[:8]]
 
 
-def tokenizer_agreement(session, tokenizer) -> tuple[float, list[str]]:
+def tokenizer_agreement(session: Session, tokenizer: Any) -> tuple[float, list[str]]:
     """Share of probes the runtime tokenizer encodes to the reference's exact ids and decodes
     back to the reference's text."""
     failures = []
@@ -217,13 +223,20 @@ def tokenizer_agreement(session, tokenizer) -> tuple[float, list[str]]:
     return 1.0 - len(failures) / len(probes), failures
 
 
-def chat_match(session, tokenizer) -> bool:
+def chat_match(session: Session, tokenizer: Any) -> bool:
     want = list(tokenizer.apply_chat_template(list(CHAT), add_generation_prompt=True, tokenize=True))
     return session.chat_prompt_ids(list(CHAT)) == want
 
 
 def long_context_probe(
-    session, fmt: str, checkpoint, tokenizer, text: str, thresholds: Thresholds, boundary: int, progress
+    session: Session,
+    fmt: str,
+    checkpoint: Checkpoint,
+    tokenizer: Any,
+    text: str,
+    thresholds: Thresholds,
+    boundary: int,
+    progress: Progress,
 ) -> tuple[LongContextReport, list[Gate]]:
     """Past the original context, teacher-forced as an application runs it (edgekit.longcontext)."""
     import numpy as np
@@ -302,7 +315,7 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def long_context_boundary(checkpoint, long_context: bool | None) -> int | None:
+def long_context_boundary(checkpoint: Checkpoint, long_context: bool | None) -> int | None:
     """Where the probe crosses, or None when it does not run: by default (None) only for
     configs whose RoPE changes past an original context; True probes any model at 4096
     tokens (or half its context), False never."""
@@ -319,14 +332,14 @@ def long_context_boundary(checkpoint, long_context: bool | None) -> int | None:
 
 
 def verify_session(
-    session,
+    session: Session,
     bundle: Path,
     fmt: str,
-    checkpoint,
+    checkpoint: Checkpoint,
     text: str,
     thresholds: Thresholds,
     window: int,
-    progress,
+    progress: Progress,
     long_context: bool | None = None,
 ) -> ParityReport:
     from .formats import backend

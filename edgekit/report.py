@@ -158,7 +158,7 @@ def rss_svg(summary: dict[str, Any]) -> str:
     return _svg(fig)
 
 
-def eval_selection(summary: dict[str, Any]):
+def eval_selection(summary: dict[str, Any]) -> tuple[list[Any], Any]:
     """(candidates, Selection or None) over the entries with eval results: the front over all of
     them, the pick among the entries that passed every gate (no candidate: no pick)."""
     rows = [{**e["eval"], "name": e["id"], "format": e["format"]} for e in summary["entries"] if e.get("eval")]

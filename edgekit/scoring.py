@@ -16,6 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 
@@ -129,7 +133,7 @@ def softmax(scores: Sequence[float]) -> list[float]:
     return [x / total for x in e]
 
 
-def continuation_logprob(logits, ids: Sequence[int], n_context: int) -> float:
+def continuation_logprob(logits: np.ndarray, ids: Sequence[int], n_context: int) -> float:
     """Sum of log p(ids[i] | ids[:i]) for i >= n_context, from teacher-forced logits
     [len(ids), vocab] (row i predicts token i + 1). Rows are log-softmaxed in float64."""
     import numpy as np

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import BadInput
 
@@ -25,6 +25,8 @@ PROFILES_FILE = "profiles.toml"
 
 
 USER_DIR_ENV = "EDGEKIT_TARGETS_DIR"
+
+T = TypeVar("T")  # the recipe dataclass dataclass_from_table builds
 
 
 def targets_dir() -> Path:
@@ -238,7 +240,7 @@ def _load(directories: tuple[str, ...]) -> Targets:
     return Targets(formats=formats, profiles=profiles)
 
 
-def dataclass_from_table(cls, table: dict[str, Any], where: str):
+def dataclass_from_table(cls: type[T], table: dict[str, Any], where: str) -> T:
     """Build a frozen recipe dataclass from a TOML table, rejecting unknown keys and wrong types."""
     names = {f.name: f for f in fields(cls)}
     check_keys(table, set(names), where)

@@ -31,7 +31,9 @@ _FALLBACK = re.compile(
 )
 
 
-def importance_entries(checkpoint: Checkpoint, intermediate: Path, progress: Progress):
+def importance_entries(
+    checkpoint: Checkpoint, intermediate: Path, progress: Progress
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """imatrix entries under the intermediate GGUF's tensor names, and what the manifest records."""
     from ... import imatrix as im
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...fileio import write_text
 from .childlog import PHASE
@@ -16,6 +16,9 @@ from .recipe import ALGORITHMS
 from .requant import LAYER_MATMUL
 from .rewrite import requantize
 from .weights import CheckpointWeights, OnnxWeights
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def child_main(job_path: str, result_path: str) -> int:
@@ -88,7 +91,7 @@ def _child_optimum(job: dict[str, Any]) -> dict[str, Any] | None:
     return report
 
 
-def fallback_quantizer_args(recipe: dict[str, Any], model) -> dict[str, Any]:
+def fallback_quantizer_args(recipe: dict[str, Any], model: onnx.ModelProto) -> dict[str, Any]:
     """MatMulNBitsQuantizer arguments for an optimum graph, meaning what the recipe means to
     the builder. The int8 groups are found by name in optimum's (torch module path) graph."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, RTNWeightOnlyQuantConfig
@@ -112,7 +115,7 @@ def fallback_quantizer_args(recipe: dict[str, Any], model) -> dict[str, Any]:
     )
 
 
-def lm_head_matmul(model) -> str | None:
+def lm_head_matmul(model: onnx.ModelProto) -> str | None:
     """The MatMul that produces the logits (lm_head in Llama-style graphs, embed_out in GPT-NeoX)."""
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     head = next((n.name for n in matmuls if "logits" in n.output), None)

@@ -13,12 +13,14 @@ from ...errors import ToolFailed
 from .architectures import GENAI_DECODER_TYPES
 
 if TYPE_CHECKING:
+    import onnx
+
     from ...checkpoint import Checkpoint
 
 TOKENIZER_EXTRAS = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 
-def save_onnx(model, path: Path) -> None:
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """model.onnx + one model.onnx.data, as the bundle expects. onnx appends to an existing
     data file, so an old one is removed first (the model must be fully in memory)."""
     import onnx

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Per-layer MatMul node names of the builder and of optimum graphs: (layer index, projection).
 LAYER_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/MatMul$")
 
 
-def quantize_blocks(w, bits: int, block: int, importance=None):
+def quantize_blocks(
+    w: np.ndarray, bits: int, block: int, importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric blockwise quantization of w [N, K] along K, as MatMulNBits stores it.
 
     Returns (q uint8 [N, blocks, block], scale float32 [N, blocks], zero_point uint8 [N, blocks])
@@ -97,7 +103,9 @@ def quantize_blocks(w, bits: int, block: int, importance=None):
     return q_out.reshape(n, nb, block), s_out.reshape(n, nb), z_out.reshape(n, nb)
 
 
-def pack_matmulnbits(q, scale, zp, bits: int):
+def pack_matmulnbits(
+    q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q [N, blocks, block], scale [N, blocks], zp [N, blocks]) -> the B, scales and
     zero_points arrays of MatMulNBits: 4-bit pairs low nibble first, zero points per row."""
     import numpy as np
@@ -113,7 +121,9 @@ def pack_matmulnbits(q, scale, zp, bits: int):
     return b, scale, zpp
 
 
-def dequantize_matmulnbits(b, scales, zp, bits: int, block: int, n: int, k: int):
+def dequantize_matmulnbits(
+    b: np.ndarray, scales: np.ndarray, zp: np.ndarray, bits: int, block: int, n: int, k: int
+) -> np.ndarray:
     """MatMulNBits initializers -> float weight [N, K] (the inverse of pack_matmulnbits)."""
     import numpy as np
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .requant import LAYER_MATMUL
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class CheckpointWeights:
@@ -33,7 +36,7 @@ class CheckpointWeights:
             self._open[f] = safe_open(str(f), framework="pt")
         return self._open[f].get_tensor(name).float().numpy()
 
-    def weight_for(self, base: str, n: int, k: int):
+    def weight_for(self, base: str, n: int, k: int) -> np.ndarray | None:
         import numpy as np
 
         def fits(t):
@@ -87,7 +90,7 @@ class OnnxWeights:
             if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits
         }
 
-    def weight_for(self, base: str, n: int, k: int):
+    def weight_for(self, base: str, n: int, k: int) -> np.ndarray | None:
         from onnx import numpy_helper
 
         t = self._by_node.get(base)
