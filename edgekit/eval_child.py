@@ -19,13 +19,16 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bench import open_run, run_from_job
 from .childjob import emit_mark
 from .childjob import main as child_main
 from .host import peak_rss_mb
 from .scoring import continuation_logprob
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHILD_MARK = "@edgekit-eval"
 
@@ -52,7 +55,7 @@ class _BundleAdapter:
         gen = self.session.generate(ids, max_tokens, on_text=on_text)
         return list(gen.token_ids), gen.text, gen.stopped_by
 
-    def logits(self, ids: list[int]):
+    def logits(self, ids: list[int]) -> np.ndarray:
         return self.session.logits(ids)
 
     def close(self) -> None:
@@ -133,7 +136,7 @@ class _ReferenceAdapter:
             new, stopped = new[:-1], "eos"
         return new, self.tokenizer.decode(new, skip_special_tokens=True), stopped
 
-    def logits(self, ids: list[int]):
+    def logits(self, ids: list[int]) -> np.ndarray:
         with self.torch.inference_mode():
             return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
 
@@ -141,7 +144,9 @@ class _ReferenceAdapter:
         self.model = None
 
 
-def _choice(adapter, ids: list[int], continuations: Sequence[str]) -> tuple[list[float], float]:
+def _choice(
+    adapter: _BundleAdapter | _ReferenceAdapter, ids: list[int], continuations: Sequence[str]
+) -> tuple[list[float], float]:
     t0 = time.perf_counter()
     scores = []
     for text in continuations:
@@ -150,7 +155,7 @@ def _choice(adapter, ids: list[int], continuations: Sequence[str]) -> tuple[list
     return scores, time.perf_counter() - t0
 
 
-def _generate(adapter, ids: list[int], max_tokens: int) -> dict[str, Any]:
+def _generate(adapter: _BundleAdapter | _ReferenceAdapter, ids: list[int], max_tokens: int) -> dict[str, Any]:
     clock = time.perf_counter
     first: list[float] = []
 

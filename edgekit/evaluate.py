@@ -76,7 +76,9 @@ def reference_cache_path(checkpoint: Checkpoint, tasks: TaskSet, threads: int) -
     return cache_dir() / "eval-reference" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:32]}.json"
 
 
-def _reference_child(checkpoint, tasks: TaskSet, threads: int, progress) -> tuple[dict[str, Any], bool]:
+def _reference_child(
+    checkpoint: Checkpoint, tasks: TaskSet, threads: int, progress: Progress
+) -> tuple[dict[str, Any], bool]:
     """The reference's child result, from the cache when the checkpoint, the items and the
     library versions are the same (its timings are then those of the run that filled it)."""
     items = _items_job(tasks)

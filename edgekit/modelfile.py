@@ -156,7 +156,7 @@ def _hf_template_and_vocab(checkpoint_dir: Path) -> tuple[str | None, set[str], 
     return (template if isinstance(template, str) else None), names, special
 
 
-def _jinja_render(template: str, special: dict[str, str]):
+def _jinja_render(template: str, special: dict[str, str]) -> Callable[[list[dict[str, str]]], str]:
     """Render like transformers' apply_chat_template: sandboxed Jinja, trim/lstrip blocks."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment

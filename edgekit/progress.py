@@ -5,7 +5,7 @@ passes a rich-backed one, the Python API a silent one unless asked.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -57,7 +57,7 @@ class _PlainStep:
     seconds while it runs (a heartbeat thread, so a step that reports nothing for minutes,
     such as loading a 14B checkpoint, still shows it is alive), and one when it ends."""
 
-    def __init__(self, name: str, total: float | None, write, every: float):
+    def __init__(self, name: str, total: float | None, write: Callable[[str], None], every: float) -> None:
         import threading
         import time
 

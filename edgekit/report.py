@@ -10,13 +10,17 @@ import dataclasses
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
 from .fileio import write_text
 from .formats import REGISTRY, backend
 from .select import Constraints, candidates_from, select
 from .summary import REPORT, read_summary
+
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def format_color(fmt: str) -> str:
@@ -64,7 +68,7 @@ def pareto_front(pts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(front, key=lambda p: p["decode_tok_s"])
 
 
-def _svg(fig) -> str:
+def _svg(fig: Figure) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})  # same summary, same bytes
     text = buf.getvalue()

@@ -17,16 +17,19 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 PROFILES_FILE = "profiles.toml"
 
 
 USER_DIR_ENV = "EDGEKIT_TARGETS_DIR"
 
-T = TypeVar("T")  # the recipe dataclass dataclass_from_table builds
+T = TypeVar("T", bound="DataclassInstance")  # the recipe dataclass dataclass_from_table builds
 
 
 def targets_dir() -> Path:

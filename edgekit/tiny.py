@@ -550,7 +550,7 @@ def _smollm2_phi4_tokenizer(fam: Family, out: Path) -> _Tokens:
     return _tokens_of(tok, ["<|endoftext|>", "<|end|>"])
 
 
-def _tokens_of(tok, stop: list[str]) -> _Tokens:
+def _tokens_of(tok: Any, stop: list[str]) -> _Tokens:
     return _Tokens(
         count=len(tok),
         bos=tok.bos_token_id,

@@ -13,7 +13,7 @@ import sys
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ...errors import OutOfMemory, ToolFailed
 from ...measure import ChildWatch
@@ -213,10 +213,12 @@ def special_tokens_rstrip(path: Path) -> bool | None:
     return any(flags) if flags else None
 
 
-def _records(stream) -> Iterator[str]:
+def _records(stream: IO[bytes] | None) -> Iterator[str]:
     """Lines of a child's output, splitting on '\\r' too (tqdm redraws its bar with '\\r')."""
+    if stream is None:  # Popen without stdout=PIPE: nothing to read
+        return
     buf = b""
-    while chunk := stream.read1(65536):
+    while chunk := stream.read1(65536):  # type: ignore[attr-defined]  # a pipe is a BufferedReader
         buf += chunk
         *done, buf = re.split(rb"[\r\n]", buf)
         for raw in done:

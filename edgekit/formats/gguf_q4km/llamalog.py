@@ -29,7 +29,7 @@ class LlamaLog:
         llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
         return self
 
-    def _receive(self, level: int, text: bytes, user_data) -> None:
+    def _receive(self, level: int, text: bytes, user_data: object) -> None:
         try:
             self._buf += text.decode("utf-8", "replace")
             *done, self._buf = self._buf.split("\n")
@@ -48,7 +48,7 @@ class LlamaLog:
                 return line.strip()
         return self.lines[-1].strip() if self.lines else ""
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         import llama_cpp
 
         llama_cpp.llama_log_set(self._prev_cb, self._prev_data)

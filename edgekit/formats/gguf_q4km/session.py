@@ -329,7 +329,7 @@ class LlamaCppSession:
     def __enter__(self) -> LlamaCppSession:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # benchmarking ------------------------------------------------------------------------

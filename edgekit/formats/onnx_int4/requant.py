@@ -122,7 +122,7 @@ def pack_matmulnbits(
 
 
 def dequantize_matmulnbits(
-    b: np.ndarray, scales: np.ndarray, zp: np.ndarray, bits: int, block: int, n: int, k: int
+    b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int, block: int, n: int, k: int
 ) -> np.ndarray:
     """MatMulNBits initializers -> float weight [N, K] (the inverse of pack_matmulnbits)."""
     import numpy as np

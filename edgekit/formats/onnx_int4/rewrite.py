@@ -12,7 +12,10 @@ from .recipe import OnnxRecipe
 from .requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
 
 if TYPE_CHECKING:
+    import onnx
+
     from ...checkpoint import Checkpoint
+    from .weights import CheckpointWeights, OnnxWeights
 
 # --- edgekit re-quantization -----------------------------------------------------------------
 #
@@ -53,7 +56,9 @@ def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | 
     }
 
 
-def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
+def requantize(
+    model_or_path: onnx.ModelProto | str | Path, source: CheckpointWeights | OnnxWeights, spec: dict[str, Any]
+) -> dict[str, Any]:
     """Re-quantize the MatMulNBits nodes of a graph (a ModelProto, changed in place, or a
     model.onnx path, rewritten with its model.onnx.data). Returns a report for the manifest."""
     import numpy as np

@@ -33,7 +33,7 @@ def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None
 class OnnxSession:
     """A bundle open in onnxruntime-genai, used the way a plain onnxruntime-genai user would."""
 
-    def __init__(self, og, model, context_length: int):
+    def __init__(self, og: Any, model: Any, context_length: int) -> None:
         self._og = og
         self._model = model
         self._tokenizer = og.Tokenizer(model)

@@ -26,7 +26,7 @@ class CheckpointWeights:
                 for name in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable; keys() is its API
                     self._files.setdefault(name, f)
 
-    def _get(self, name: str):
+    def _get(self, name: str) -> np.ndarray | None:
         f = self._files.get(name)
         if f is None:
             return None
@@ -58,8 +58,9 @@ class CheckpointWeights:
             if direct is not None:
                 return direct
             if proj == "qkv_proj":
-                parts = [self._get(attn + p + ".weight") for p in ("q_proj", "k_proj", "v_proj")]
-                return fits(np.concatenate(parts)) if all(p is not None for p in parts) else None
+                found = [self._get(attn + p + ".weight") for p in ("q_proj", "k_proj", "v_proj")]
+                parts = [p for p in found if p is not None]
+                return fits(np.concatenate(parts)) if len(parts) == len(found) else None
             fused = self._get(attn + "qkv_proj.weight")
             if fused is not None and self.qkv_sizes and proj != "o_proj":
                 i = ("q_proj", "k_proj", "v_proj").index(proj)
