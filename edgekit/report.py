@@ -18,7 +18,6 @@ from .formats import REGISTRY, backend
 from .select import Constraints, candidates_from, select
 from .summary import REPORT, read_summary
 
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
