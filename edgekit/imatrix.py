@@ -22,11 +22,37 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .progress import Progress
+
+
+class CheckpointLike(Protocol):
+    """What the importance matrix reads of a checkpoint (edgekit.checkpoint.Checkpoint has it)."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def trust_remote_code(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """A checkpoint directory as a child process knows it from its job (no resolve() there)."""
+
+    path: Path
+    config: dict[str, Any]
+    trust_remote_code: bool = False
+
 
 IMATRIX_FORMAT = 1  # bump when what is stored or how it is computed changes
 WINDOW = 512  # tokens per forward pass
@@ -61,7 +87,7 @@ def _model_dtype(config: dict[str, Any]) -> str:
     return "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
 
 
-def load_or_compute(checkpoint, text: str | None = None, progress=None) -> Imatrix:
+def load_or_compute(checkpoint: CheckpointLike, text: str | None = None, progress: Progress | None = None) -> Imatrix:
     """The imatrix of `checkpoint` over `text` (default: edgekit's calibration text), from the
     cache when an identical computation was done before."""
     import numpy as np
@@ -97,7 +123,9 @@ def load_or_compute(checkpoint, text: str | None = None, progress=None) -> Imatr
     return Imatrix(values, tokens, text_sha, key)
 
 
-def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tuple[dict[str, Any], int]:
+def compute(
+    checkpoint: CheckpointLike, text: str, dtype: str = "float32", progress: Progress | None = None
+) -> tuple[dict[str, Any], int]:
     """Mean squared input activation per input column of every nn.Linear, over `text`."""
     import numpy as np
     import torch
@@ -121,7 +149,7 @@ def compute(checkpoint, text: str, dtype: str = "float32", progress=None) -> tup
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
+    def hook(name: str) -> Callable[..., None]:
         def record(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
@@ -153,7 +181,7 @@ def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
 
     reader = GGUFReader(str(gguf_path))
 
-    def field(name: str):
+    def field(name: str) -> Any:
         f = reader.fields.get(name)
         return f.contents() if f is not None else None
 
@@ -214,7 +242,7 @@ class LlamaImatrix:
         return len(self._names)
 
     @property
-    def pointer(self):
+    def pointer(self) -> Any:  # a ctypes pointer to llama_model_imatrix_data (llama_cpp is untyped)
         import llama_cpp
 
         return ctypes.cast(self.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
@@ -224,7 +252,7 @@ class LlamaImatrix:
 # onnxruntime-genai builder graphs
 
 
-def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int):
+def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int) -> np.ndarray | None:
     """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
 
     Builder names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q4;

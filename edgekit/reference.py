@@ -17,10 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .checkpoint import Checkpoint
+    from .progress import Progress
 
 REFERENCE_FORMAT = 1  # bump when what is stored changes
 DEFAULT_WINDOW = 512
@@ -69,7 +75,7 @@ def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[in
     return out
 
 
-def tokenizer_bos(tokenizer) -> int | None:
+def tokenizer_bos(tokenizer: Any) -> int | None:
     """The BOS id if this tokenizer adds one to plain text (Llama/Phi-3 SentencePiece), else None."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -88,20 +94,25 @@ class Reference:
     prompt_ids: dict[str, list[int]]  # prompt text -> ids fed to both models
     cached: bool  # True if nothing had to be computed
 
-    def logits(self, i: int):
+    def logits(self, i: int) -> np.ndarray:
         import numpy as np
 
         return np.load(self.directory / f"window_{i:04d}.npy", mmap_mode="r")
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def build_reference(
-    checkpoint, text: str, prompts: Sequence[str], greedy_tokens: int, window: int = DEFAULT_WINDOW, progress=None
+    checkpoint: Checkpoint,
+    text: str,
+    prompts: Sequence[str],
+    greedy_tokens: int,
+    window: int = DEFAULT_WINDOW,
+    progress: Progress | None = None,
 ) -> Reference:
     """Reference logits for `text` and greedy continuations for `prompts`, from the cache if present."""
     from .checkpoint import content_hash
@@ -140,12 +151,20 @@ def build_reference(
     return Reference(key, directory, tuple(map(tuple, windows)), dtype, greedy, prompt_ids, cached=False)
 
 
-def _prompt_ids(tokenizer, prompt: str, bos: int | None) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: str, bos: int | None) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     return ([bos] if bos is not None else []) + ids
 
 
-def _compute(checkpoint, windows, prompt_ids, greedy_tokens, dtype, directory: Path, progress) -> dict[str, list[int]]:
+def _compute(
+    checkpoint: Checkpoint,
+    windows: list[list[int]],
+    prompt_ids: dict[str, list[int]],
+    greedy_tokens: int,
+    dtype: str,
+    directory: Path,
+    progress: Progress,
+) -> dict[str, list[int]]:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -191,7 +210,7 @@ def _publish_entry(tmp: Path, directory: Path) -> None:
         os.replace(tmp, directory)
 
 
-def _greedy(model, ids: list[int], n: int) -> list[int]:
+def _greedy(model: Any, ids: list[int], n: int) -> list[int]:
     """Plain argmax loop with a KV cache; stops at EOS like the runtimes' sessions do."""
     import torch
 
@@ -221,7 +240,7 @@ def reference_info(ref: Reference) -> dict[str, Any]:
     }
 
 
-def probe_ids(tokenizer, text: str, total: int) -> list[int]:
+def probe_ids(tokenizer: Any, text: str, total: int) -> list[int]:
     """`total` token ids of `text` repeated as often as needed, BOS first when the tokenizer
     adds one: the long-context probe's input."""
     bos = tokenizer_bos(tokenizer)
@@ -234,7 +253,9 @@ def probe_ids(tokenizer, text: str, total: int) -> list[int]:
     return ids[:total]
 
 
-def long_reference(checkpoint, ids: Sequence[int], prompt_tokens: int, boundary: int, progress=None):
+def long_reference(
+    checkpoint: Checkpoint, ids: Sequence[int], prompt_tokens: int, boundary: int, progress: Progress | None = None
+) -> np.ndarray:
     """Reference logits for the long-context probe, [len(ids) - prompt_tokens, vocab] float32
     (memory-mapped from the cache): positions prompt_tokens - 1 .. len(ids) - 2, each as a
     forward pass over its own prefix would give it (see edgekit.longcontext)."""
@@ -273,7 +294,9 @@ def long_reference(checkpoint, ids: Sequence[int], prompt_tokens: int, boundary:
     return np.load(path, mmap_mode="r")
 
 
-def _long_logits(checkpoint, ids: list[int], prompt_tokens: int, boundary: int, dtype: str, progress):
+def _long_logits(
+    checkpoint: Checkpoint, ids: list[int], prompt_tokens: int, boundary: int, dtype: str, progress: Progress
+) -> np.ndarray:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM

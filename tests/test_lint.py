@@ -70,7 +70,6 @@ def test_the_annotation_check_sees_what_is_missing(tmp_path):
     assert unannotated(pkg) == ["pkg/m.py:2 bad (missing: a, return)", "pkg/m.py:5 C.method (missing: x)"]
 
 
-@pytest.mark.xfail(strict=True, reason="79 public functions unannotated on main; phase 2 of issue 11 annotates them")
 def test_public_functions_are_annotated():
     missing = unannotated()
     assert not missing, f"{len(missing)} public functions lack annotations:\n" + "\n".join(missing)

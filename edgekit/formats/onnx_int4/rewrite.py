@@ -76,12 +76,10 @@ def requantize(
     int8, qkv_sizes = list(spec.get("int8", [])), spec.get("qkv_sizes")
     imatrix = None
     if search == "imatrix":
-        from types import SimpleNamespace
-
-        from ...imatrix import load_or_compute
+        from ...imatrix import CheckpointFiles, load_or_compute
 
         print(PHASE + "imatrix: calibration text")
-        ck = SimpleNamespace(
+        ck = CheckpointFiles(
             path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
         )
         imatrix = load_or_compute(ck)
