@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgekit.formats import REGISTRY, ExportNotes, Generation
+from edgekit.formats import REGISTRY, BenchRuntime, BenchSetup, ExportCost, ExportNotes, Generation, Trial
 from edgekit.targets import dataclass_from_table
 
 NAME = "fake-int4"
@@ -210,8 +211,71 @@ class FakeSession:
                 on_text(self.decode([token]))
         return Generation(tuple(out), self.decode(out), len(prompt_ids), stopped)
 
+    def timed_generate(
+        self,
+        prompt_ids: Sequence[int],
+        gen_tokens: int,
+        probe: Callable[[str], None] | None = None,
+        max_length: int | None = None,
+    ) -> Trial:
+        """Exactly gen_tokens greedy tokens (EOS does not stop it), timed like a runtime's."""
+        ids = list(prompt_ids)
+        t0 = time.perf_counter()
+        row = self._row(ids)  # the prompt's last position: the fake's whole prefill
+        t1 = time.perf_counter()
+        if probe:
+            probe("prefill")
+        ids.append(int(np.argmax(row)))
+        t2 = time.perf_counter()
+        for _ in range(gen_tokens - 1):
+            ids.append(int(np.argmax(self._row(ids))))
+        t3 = time.perf_counter()
+        if probe:
+            probe("decode")
+        return Trial(prefill_s=t1 - t0, first_token_s=t2 - t0, decode_s=t3 - t2, n_generated=gen_tokens)
+
     def close(self) -> None:
         self._chat = None
+
+
+# --- what bench, preflight, the bundle README and the report ask of a format ---------------------
+
+FALLBACK_ARCHITECTURES: frozenset[str] = frozenset()  # no second export path
+LONG_CONTEXT_LIMITS: dict[str, str] = {}  # the fake has no context limit of its own
+KNOWN_DIFFERENCES: dict[str, str] = {}  # nothing to excuse: its logits are wrong on purpose
+# A JSON file and a tokenizer copy: no RAM or disk that grows with the model.
+PREFLIGHT_COST = ExportCost(ram_fixed_mb=50, ram_per_fp32_byte=0.0, disk_fixed_mb=1, disk_per_fp32_byte=0.0)
+PLOT_COLOR = "#2ca02c"  # green: not one of the real formats' colours
+README_TEMPLATE = """\
+# {name}
+
+{model} exported by edgekit {version} to fake-int4, the test suite's format (no weights; seed {seed},
+logit spread {scale}). Checkpoint sha256: `{sha}`. Files and hashes: `manifest.json`.
+"""
+KV_ELEMENT_BYTES = 4  # what the fake would hold per K/V element, were it a model: float32
+
+
+def readme_fields(manifest: dict[str, Any]) -> dict[str, str]:
+    q = manifest.get("quantization", {})
+    return {"seed": str(q.get("seed", 0)), "scale": str(q.get("scale", 0.0))}
+
+
+def config_problems(config: dict[str, Any]) -> list[str]:
+    return []
+
+
+def bench_setup(bundle: Path, manifest: dict[str, Any], profile: Any) -> BenchSetup:
+    return BenchSetup(
+        context_limit=None, kv_element_bytes=KV_ELEMENT_BYTES, gpu_layers=0, accuracy_level=None, substitutions=()
+    )
+
+
+def bench_runtime(bundle: Path, manifest: dict[str, Any], context: int, gpu_layers: int) -> BenchRuntime:
+    return BenchRuntime(versions=tool_versions(), gpu_layers=0, substitutions=())
+
+
+def bench_session(bundle: Path, manifest: dict[str, Any], threads: int, context: int, gpu_layers: int) -> FakeSession:
+    return open_session(bundle, manifest, threads)
 
 
 def write_plugin(root: Path) -> tuple[Path, Path]:

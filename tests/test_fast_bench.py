@@ -1,0 +1,59 @@
+"""bench and its budget gates on the fake format (tests/fakeformat.py): the benchmark child opens
+the plugin format through the protocol, records land in the manifest, and a budget the bundle
+breaks exits 3, from `edgekit bench` and as a build gate. No runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fakeformat import NAME, fake_format  # noqa: F401 - the fixture, used by pytestmark
+
+pytestmark = pytest.mark.usefixtures("fake_format")
+
+EDGEKIT = str(Path(sys.executable).parent / "edgekit")
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([EDGEKIT, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_bench_records_and_the_budget_gate(tiny_phi3, tmp_path):
+    b = tmp_path / "b"
+    assert cli("export", tiny_phi3, "--target", NAME, "--no-verify", "--out", b, "-q").returncode == 0
+
+    r = cli("bench", b, "--profile", "fake-cpu", "--reps", "2", "--json", "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (rec,) = json.loads(r.stdout)
+    assert rec["format"] == NAME and rec["profile"] == "fake-cpu" and rec["reps"] == 2
+    assert rec["decode_tok_s"] > 0 and rec["peak_rss_mb"] > 0 and rec["passed"]
+    assert rec["runtime"] == {"fakeformat": "1.0"}  # what the backend's bench_runtime says
+    stored = json.loads((b / "manifest.json").read_text())["bench"]
+    assert "fake-cpu" in json.dumps(stored)
+    assert cli("validate", b).returncode == 0  # the manifest was re-hashed
+
+    # A peak-RSS budget no process meets: reported in full, then exit 3 naming it.
+    r = cli("bench", b, "--profile", "fake-cpu", "--reps", "1", "--set", "max_peak_rss_mb=1", "--json", "-q")
+    assert r.returncode == 3, r.stderr[-2000:]
+    (rec,) = json.loads(r.stdout)
+    assert not rec["passed"] and rec["budget_failures"], rec
+    assert "peak" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_build_budget_gate_fails_the_entry(tiny_phi3, tmp_path):
+    cfg = tmp_path / "edgekit.toml"
+    cfg.write_text(
+        f'[build]\nformats = ["{NAME}"]\nprofiles = ["fake-cpu"]\nreps = 1\nwarmup = 0\n\n'
+        "[budgets.fake-cpu]\nmax_peak_rss_mb = 1  # no process fits: the gate must fail\n\n"
+        f'[[model]]\nsource = "{tiny_phi3}"\nname = "t"\n'
+    )
+    r = cli("build", "--config", cfg, "--out", tmp_path / "dist", "--json", "-q")
+    assert r.returncode == 3, r.stderr[-2000:]
+    (entry,) = json.loads(r.stdout)["entries"]
+    assert entry["status"] == "gate_failed"
+    failed = [g for g in entry["gates"] if not g["passed"]]
+    assert failed and all(g["kind"] == "budget" for g in failed), entry["gates"]
+    assert entry["bench"], entry  # the figures that broke the budget are kept
