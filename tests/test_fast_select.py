@@ -39,12 +39,6 @@ def cli(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([EDGEKIT, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bench/eval open every non-GGUF bundle with onnxruntime-genai (edgekit/bench.py names the "
-    "formats); passes once the session opener is part of the format protocol (issue 11)",
-)
 def test_eval_stores_results_and_select_reads_them(tiny_phi3, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
