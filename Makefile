@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:
 #   make demo   install everything, then build ./edgekit.toml (the embedded default model in both formats:
 #               export, parity gate, bench, eval, tarballs, report), select one and run both bundles
-#   make test   install everything, then run the test suite
+#   make test   install everything, run the static checks (make lint), then the whole test suite
+#   make test-fast   the tests not marked slow (no real export, no runtime): under two minutes
 # Everything installs into .venv with pinned versions (requirements.txt).
 
 PYTHON ?= python3
@@ -52,7 +53,8 @@ demo: install
 	$(VENV)/bin/edgekit run dist/release/smollm2-135m-gguf-q4_k_m --max-tokens 48 --prompt "What is the capital of France?"
 	$(VENV)/bin/edgekit run dist/release/smollm2-135m-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
 
-test: install $(BROWSER_STAMP)
+# Lint first: a typo or a type error fails in seconds, before minutes of exports.
+test: lint $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
 # The fast tier: every test not marked slow (no real export, no runtime), under two minutes.
