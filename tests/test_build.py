@@ -342,6 +342,7 @@ def test_shard_slices_are_deterministic_and_cover_the_matrix():
             parse_shard(bad)
 
 
+@pytest.mark.slow
 def test_summary_records_round_trip_the_json_a_real_build_wrote(built):
     """summary.json -> BuildSummary / BuildEntry / Gate -> the same JSON, key for key, so a
     stored build still reads; every gate keeps the keys build gates have always had."""
@@ -359,6 +360,7 @@ def test_summary_records_round_trip_the_json_a_real_build_wrote(built):
             assert Gate.from_dict(g).to_dict() == g
 
 
+@pytest.mark.slow
 def test_an_entry_judged_by_a_failed_gate_is_gate_failed_with_exit_3(built):
     """with_gates on a real entry: one failing regression gate turns it gate_failed (exit 3)
     with the gate's one line as its message; passing gates leave it ok."""
