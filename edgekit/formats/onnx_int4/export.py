@@ -13,6 +13,7 @@ from .childlog import ChildOutput, run_child
 from .files import complete_bundle_files, set_context_length, weight_notes, weight_summary, write_genai_config
 from .recipe import ALGORITHMS, OnnxRecipe, builder_extra_options
 from .rewrite import requant_job, requant_notes
+from .stream import WHOLE_MODEL, streaming_notes, why_not_streamed
 
 # A rebuild of the same checkpoint with the same tool versions reproduces every file of the
 # bundle byte for byte. Measured on this machine: tiny Phi-3 (builder and optimum paths) and
@@ -66,6 +67,8 @@ def export(checkpoint, staging: Path, recipe: OnnxRecipe, progress) -> ExportNot
     quantization = {"path": path_taken, "weights": weights, "context_length": context}
     if engine == "builder":
         quantization["builder_extra_options"] = builder_extra_options(recipe, checkpoint.trust_remote_code)
+        quantization["path_taken"] = (requant or {}).pop("path_taken", WHOLE_MODEL)
+        notes += streaming_notes(requant, quantization["path_taken"])
     if requant:
         quantization["edgekit_requantization"] = requant
         notes += requant_notes(requant)
@@ -139,6 +142,9 @@ def _run_builder(checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, prog
         "precision": recipe.precision,
         "requant": requant_job(checkpoint, recipe),
     }
+    if why_not_streamed(checkpoint.architecture, checkpoint.config, recipe) is None:
+        job.update(engine="stream", template=str(work / "template"),
+                   mixed_layers="mixed_layers" in ALGORITHMS[recipe.algorithm][1])
     result = run_child(job, work, progress, ChildOutput(_num_layers(checkpoint.config)))
     if result.get("error") == "NotImplementedError":
         raise _Unsupported(result.get("message", ""))
