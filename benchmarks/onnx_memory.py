@@ -19,7 +19,6 @@ down. Results go to benchmarks/results/onnx_memory.md with the machine and its l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -33,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from edgekit.measure import PeakRSS  # noqa: E402
+from edgekit.checkpoint import sha256_file
+from edgekit.measure import PeakRSS
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 EXPORT = ("import sys, json; from edgekit import api; "
@@ -69,14 +69,6 @@ def edgekit_export(name: str, ckpt: str, out: Path, cap_gb: float, whole_model: 
     return run(name, [sys.executable, "-c", code, ckpt, str(out), "{}"], cap_gb)
 
 
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def machine() -> str:
     import psutil
 
@@ -98,10 +90,13 @@ def main() -> int:
     if args.model == "smollm2-135m":
         rows.append(edgekit_export("edgekit streamed", "smollm2-135m", work / "streamed", args.cap_gb))
         rows.append(edgekit_export("edgekit whole model", "smollm2-135m", work / "whole", args.cap_gb, whole_model=True))
-        same = all(digest(work / "streamed" / f) == digest(work / "whole" / f) for f in MODEL_FILES)
+        same = all(sha256_file(work / "streamed" / f) == sha256_file(work / "whole" / f) for f in MODEL_FILES)
         extra = f"model files byte-identical between the two paths: {same}"
     else:
-        from _scale_models import get_model, write_checkpoint  # benchmarks/_scale_models.py (scale branch)
+        from _scale_models import (  # benchmarks/_scale_models.py (scale branch)
+            get_model,
+            write_checkpoint,
+        )
 
         ckpt = work / "checkpoint"
         if not (ckpt / "config.json").is_file():

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .childlog import PHASE
+from .expand import more_bits_layers as _more_bits_layers
 from .files import save_onnx
 from .recipe import ALGORITHMS
 from .requant import LAYER_MATMUL
-from .expand import more_bits_layers as _more_bits_layers
 from .rewrite import requantize
 from .stream import child_stream
 from .weights import CheckpointWeights, OnnxWeights

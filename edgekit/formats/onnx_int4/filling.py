@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .expand import TEMPLATE_LAYERS, NotStreamable, layer_of, renamed
+from .expand import NotStreamable, layer_of
 
 _CKPT_LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 # Float tensors of a layer the builder builds from several checkpoint tensors, as

@@ -7,8 +7,8 @@ from typing import Any
 
 from .childlog import PHASE
 from .files import save_onnx
-from .recipe import OnnxRecipe
 from .nodequant import LockedSource, NodeResult, count, load_imatrix, new_report, ordered_map, requantize_node
+from .recipe import OnnxRecipe
 
 # --- edgekit re-quantization -----------------------------------------------------------------
 #

@@ -23,14 +23,21 @@ byte is published, and export() then takes the builder path.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .expand import (TEMPLATE_LAYERS, NotStreamable, clone_named, clone_node, expand_sequence, layer_of,
-                     renamed, template_chooser)
+from .expand import (
+    TEMPLATE_LAYERS,
+    NotStreamable,
+    clone_named,
+    clone_node,
+    expand_sequence,
+    layer_of,
+    renamed,
+    template_chooser,
+)
 
 # config.json architectures[0] -> why every decoder layer is built like one of the template's.
 STREAMED_ARCHITECTURES: dict[str, str] = {
@@ -141,9 +148,9 @@ def write_streamed(template: Path, out: Path, spec: dict[str, Any], n: int, mixe
                    report: dict[str, Any]) -> None:
     import onnx
 
+    from .filling import Filler
     from .nodequant import LockedSource
     from .weights import CheckpointWeights
-    from .filling import Filler
 
     model = onnx.load(str(template / "model.onnx"), load_external_data=False)
     graph = model.graph
