@@ -59,12 +59,16 @@ class Filler:
                             if nm.endswith(".bias") and torch.count_nonzero(self.tensors.get(nm)) > 0))
 
     # -- bytes ---------------------------------------------------------------------------------
+    def template_span(self, name: str) -> tuple[Path, int, int]:
+        """(file, offset, length) of a template tensor's data."""
+        info = {e.key: e.value for e in self.template_inits[name].external_data}
+        return self.template / info["location"], int(info.get("offset", 0)), int(info["length"])
+
     def template_bytes(self, name: str) -> bytes:
-        t = self.template_inits[name]
-        info = {e.key: e.value for e in t.external_data}
-        with open(self.template / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return f.read(int(info["length"]))
+        path, offset, length = self.template_span(name)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
 
     def _cast_bytes(self, names: list[str], proto) -> bytes:
         import numpy as np
@@ -147,7 +151,10 @@ class Filler:
             kept_inits = [t for t in parts["initializer"] if t.name not in drop]
             for t in kept_inits:
                 tname, cloned = template_name(t.name)
-                data.put(t, self.layer_bytes(tname, layer_of(t.name)) if cloned else self.template_bytes(tname))
+                if cloned:
+                    data.put(t, self.layer_bytes(tname, layer_of(t.name)))
+                else:  # copied in chunks: a 14B model's float embedding alone is 2 GB
+                    data.copy(t, *self.template_span(tname))
 
             def one(node):
                 if node.op_type != "MatMulNBits":
@@ -189,17 +196,31 @@ class _DataFile:
         self.path, self.offset = path, 0
         self._f = open(path, "wb")
 
-    def put(self, tensor, raw: bytes) -> None:
+    def _point(self, tensor, length: int) -> None:
         from onnx import TensorProto
 
         tensor.ClearField("raw_data")
         del tensor.external_data[:]
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", len(raw))):
+        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", length)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
+        self.offset += length
+
+    def put(self, tensor, raw: bytes) -> None:
+        self._point(tensor, len(raw))
         self._f.write(raw)
-        self.offset += len(raw)
+
+    def copy(self, tensor, path: Path, offset: int, length: int, chunk: int = 64 << 20) -> None:
+        self._point(tensor, length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while length:
+                block = f.read(min(chunk, length))
+                if not block:
+                    raise NotStreamable(f"{path.name} ends before {tensor.name}'s data")
+                self._f.write(block)
+                length -= len(block)
 
     def close(self) -> None:
         self._f.close()
