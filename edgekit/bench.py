@@ -4,21 +4,23 @@ device profile, each measured in a fresh child process.
     profile = choose_profile(name, overrides, host)      # or detect: Apple silicon -> m-series
     runs = plan(bundles, profile, ...)                   # every input checked before anything runs
     for run in runs:
-        child = run_child(run)          # `python -m edgekit.bench JOB RESULT`: load, warm-up, reps
+        child = run_child(run)          # `python -m edgekit.bench_child JOB RESULT`: load, warm-up, reps
         record = make_record(run, child, host, bandwidth)   # medians, RSS, bandwidth utilization, budgets
         manifest["bench"][profile][host_id] = record; --output JSONL += record
 
 The child is the only process that imports a runtime, so one model's memory never counts
 against another's and the parent stays small. Inside the child every timed region covers
 runtime work only: tokenization, token selection for llama.cpp, text and bookkeeping stay
-outside (see the timed_generate methods of the two sessions).
+outside (see the timed_generate methods of the formats' sessions).
+
+Modules by job: edgekit.bench_plan (inputs -> checked runs), edgekit.bench_child (the child's
+measurement loop), this one (the child's figures -> records, manifest, table, budget gate).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,51 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__
-from .errors import BadInput, GateFailed, ToolFailed
+from .bench_child import CHILD_MARK
+from .bench_plan import Run, choose_profile, plan
+from .errors import BadInput, GateFailed
+from .formats import Trial
 
-CHILD_MARK = "@edgekit-bench"
 DEFAULT_REPS = 5
 DEFAULT_WARMUP = 1
-# llama.cpp keeps its K/V cache in f16 unless told otherwise (edgekit's session does not).
-GGUF_KV_BYTES = 2
-_ONNX_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8}  # onnx TensorProto: FLOAT, FLOAT16, BFLOAT16, DOUBLE
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One timed generation: the prompt's forward pass, the first token, the rest."""
-
-    prefill_s: float
-    first_token_s: float   # prefill + selecting the first token: time to first token
-    decode_s: float        # the n_generated - 1 tokens after the first
-    n_generated: int
-
-
-@dataclass(frozen=True)
-class Run:
-    """Everything one child needs, resolved from the profile, the bundle and this host."""
-
-    bundle: str
-    format: str
-    model: str
-    profile: str
-    profile_source: str            # "requested" | "detected"
-    threads: int
-    gpu_layers: int
-    context: int
-    prompt_tokens: int
-    gen_tokens: int
-    reps: int
-    warmup: int
-    accuracy_level: int | None     # onnx-int4: what the bundle's MatMulNBits nodes carry
-    model_bytes: int
-    bundle_bytes: int
-    kv_bytes_per_token: int        # K and V, all layers, one position
-    max_peak_rss_mb: float | None = None
-    max_bundle_mb: float | None = None
-    min_decode_tok_s: float | None = None
-    substitutions: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,198 +110,17 @@ class BenchRecord:
 
 
 # --------------------------------------------------------------------------------------------
-# the parent: inputs -> runs
-# --------------------------------------------------------------------------------------------
-
-def detect_profile(host) -> tuple[str, str]:
-    """(profile name, why): Apple silicon -> m-series, anything else -> laptop-cpu."""
-    if host.apple_silicon:
-        return "m-series", f"this host is Apple silicon ({host.cpu})"
-    return "laptop-cpu", f"this host is {host.os.split()[0]} {host.machine}, not Apple silicon"
-
-
-def choose_profile(name: str | None, overrides: dict[str, Any] | None, host):
-    """(profile, "requested" | "detected", why): the profile named or detected for this host,
-    with `overrides` (--set KEY=VALUE) checked as strictly as targets/profiles.toml."""
-    from .targets import _profile, load_targets
-
-    targets = load_targets()
-    source, why = "requested", ""
-    if name is None:
-        name, why = detect_profile(host)
-        source = "detected"
-    profile = targets.profile(name)
-    if overrides:
-        table = {k: v for k, v in dataclasses.asdict(profile).items() if k != "name" and v is not None}
-        table["formats"] = list(profile.formats)
-        table.update(overrides)
-        # the same checks as targets/profiles.toml gets: unknown keys and wrong types are errors
-        profile = _profile(name, table, f"--set for profile {name}", set(targets.formats))
-    return profile, source, why
-
-
-def discover_bundles(root: Path = Path("dist")) -> list[Path]:
-    """Bundle directories under `root` (dist/<bundle> and dist/<group>/<bundle>)."""
-    if not root.is_dir():
-        return []
-    found = [m.parent for pattern in ("*/manifest.json", "*/*/manifest.json") for m in root.glob(pattern)]
-    return sorted(p for p in set(found) if not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
-def _threads(profile, host) -> tuple[int, list[str]]:
-    want = profile.threads
-    if want == "physical":
-        return host.physical_cores, []
-    if want == "performance":
-        if host.performance_cores:
-            return host.performance_cores, []
-        return host.physical_cores, [
-            f"threads: the profile asks for the performance-core count; this host does not report one "
-            f"(not Apple silicon), so its {host.physical_cores} physical cores"]
-    if want < 1:
-        raise BadInput(f"threads must be at least 1, got {want}", "Fix threads in the profile or --set threads=N")
-    if want > host.logical_cores:
-        return host.logical_cores, [
-            f"threads: the profile asks for {want}; this host has {host.logical_cores} logical cores, "
-            f"so {host.logical_cores}"]
-    return int(want), []
-
-
-def _text_config(manifest: dict[str, Any]) -> dict[str, Any]:
-    config = manifest.get("source", {}).get("config") or {}
-    return config.get("text_config") or config
-
-
-def _trained_context(bundle: Path, manifest: dict[str, Any]) -> int | None:
-    cfg = _text_config(manifest)
-    values = [cfg.get("max_position_embeddings"), cfg.get("n_positions")]
-    if manifest["format"] == "onnx-int4":
-        try:
-            genai = json.loads((bundle / "genai_config.json").read_text(encoding="utf-8"))
-            values.append(genai["model"]["context_length"])
-        except (OSError, ValueError, KeyError):
-            pass
-    values = [int(v) for v in values if isinstance(v, int) and v > 0]
-    return min(values) if values else None
-
-
-def _onnx_kv_elem_bytes(bundle: Path) -> int | None:
-    """Element size of the graph's past key input (the builder uses fp32 on CPU, fp16 on GPU)."""
-    try:
-        import onnx
-
-        graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
-    except Exception:  # noqa: BLE001 - onnx missing or an unreadable graph: the caller notes it
-        return None
-    for inp in graph.input:
-        if inp.name.startswith("past_key"):
-            return _ONNX_ELEM_BYTES.get(inp.type.tensor_type.elem_type)
-    return None
-
-
-def kv_bytes_per_token(manifest: dict[str, Any], elem_bytes: int) -> int | None:
-    """K and V for one position across all layers, from manifest["source"]["config"]."""
-    cfg = _text_config(manifest)
-    try:
-        layers = int(cfg["num_hidden_layers"])
-        heads = int(cfg["num_attention_heads"])
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    return 2 * layers * kv_heads * head_dim * elem_bytes
-
-
-def _model_bytes(manifest: dict[str, Any]) -> int:
-    from .targets import load_targets
-
-    names = {n for n in load_targets().format(manifest["format"]).model_files if not n.endswith(".json")}
-    return sum(int(e["size"]) for e in manifest["files"] if e["path"] in names)
-
-
-def _model_name(bundle: Path, manifest: dict[str, Any]) -> str:
-    src = manifest.get("source", {})
-    return src.get("alias") or src.get("hub_id") or (Path(src["path"]).name if src.get("path") else bundle.name)
-
-
-def plan(bundles: Sequence[str | Path], profile, profile_source: str, host, *, reps: int, warmup: int,
-         prompt_tokens: int | None, gen_tokens: int | None, notes: list[str] | None = None) -> list[Run]:
-    """Check every input and resolve one Run per bundle; raises before anything runs.
-    Bundles found in dist/ that the profile does not take are skipped, with a line in `notes`."""
-    from .bundle import bundle_size, validate
-
-    prompt_tokens = profile.prompt_tokens if prompt_tokens is None else prompt_tokens
-    gen_tokens = profile.gen_tokens if gen_tokens is None else gen_tokens
-    if prompt_tokens < 1:
-        raise BadInput(f"--prompt-tokens must be at least 1, got {prompt_tokens}", "Pass a positive number")
-    if gen_tokens < 2:
-        raise BadInput(f"--gen-tokens must be at least 2 (decode speed is measured after the first token), "
-                       f"got {gen_tokens}", "Pass 2 or more")
-    discovered = not bundles
-    if discovered:
-        bundles = discover_bundles()
-        if not bundles:
-            raise BadInput("no bundles given and none found in dist/", "Pass bundle directories, e.g. edgekit bench dist/my-bundle")
-    threads, thread_subs = _threads(profile, host)
-    runs = []
-    for b in bundles:
-        bundle = Path(b)
-        manifest = validate(bundle)  # hashes and file list, before any runtime sees the files
-        fmt = manifest["format"]
-        if fmt not in profile.formats:
-            if discovered:
-                if notes is not None:
-                    notes.append(f"skipping {bundle}: profile {profile.name} takes {', '.join(profile.formats)}, not {fmt}")
-                continue
-            raise BadInput(f"profile {profile.name} does not take {fmt} bundles ({bundle})",
-                           f"It takes {', '.join(profile.formats)}; choose another --profile")
-        trained = _trained_context(bundle, manifest)
-        context = min(profile.context, trained) if trained else profile.context
-        if prompt_tokens + gen_tokens > context:
-            whose = f"profile {profile.name}" if context == profile.context else "the model's trained context"
-            raise BadInput(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} = {prompt_tokens + gen_tokens} "
-                           f"exceed the context of {context} ({whose}) for {bundle}",
-                           "Lower --prompt-tokens or --gen-tokens")
-        subs, notes = list(thread_subs), []
-        accuracy = None
-        if fmt == "onnx-int4":
-            accuracy = manifest.get("quantization", {}).get("accuracy_level")
-            if profile.accuracy_level is not None and accuracy != profile.accuracy_level:
-                subs.append(f"accuracy_level: the profile asks for {profile.accuracy_level}; the bundle's MatMulNBits "
-                            f"nodes carry {accuracy}, fixed at export, so it ran with {accuracy} (re-export with "
-                            f"--set accuracy_level={profile.accuracy_level})")
-            elem = _onnx_kv_elem_bytes(bundle)
-        else:
-            elem = GGUF_KV_BYTES
-        kv = kv_bytes_per_token(manifest, elem) if elem else None
-        if kv is None:
-            notes.append("KV cache size unknown (config or graph unreadable): bandwidth utilization counts weights only")
-        runs.append(Run(
-            bundle=str(bundle), format=fmt, model=_model_name(bundle, manifest), profile=profile.name,
-            profile_source=profile_source, threads=threads,
-            gpu_layers=profile.gpu_layers if fmt == "gguf-q4_k_m" else 0,  # profiles run ONNX on the CPU
-            context=context, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=reps, warmup=warmup,
-            accuracy_level=accuracy, model_bytes=_model_bytes(manifest), bundle_bytes=bundle_size(manifest),
-            kv_bytes_per_token=kv or 0, max_peak_rss_mb=profile.max_peak_rss_mb, max_bundle_mb=profile.max_bundle_mb,
-            min_decode_tok_s=profile.min_decode_tok_s, substitutions=tuple(subs), notes=tuple(notes),
-        ))
-    if not runs:
-        raise BadInput(f"none of the bundles in dist/ is a {' or '.join(profile.formats)} bundle",
-                       "Pass bundle directories, or choose another --profile")
-    return runs
-
-
-# --------------------------------------------------------------------------------------------
 # the parent: one child per run
 # --------------------------------------------------------------------------------------------
 
 def run_child(run: Run, wrap: Sequence[str] = (), on_mark: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
-    """Run one benchmark in a fresh `python -m edgekit.bench` process (prefixed by `wrap`, e.g.
+    """Run one benchmark in a fresh `python -m edgekit.bench_child` process (prefixed by `wrap`, e.g.
     /usr/bin/time -v). Returns the child's result and everything it printed (marks removed)."""
     from . import childjob
+    from .measure import ChildWatch
 
-    return childjob.run("edgekit.bench", dataclasses.asdict(run), f"the benchmark process for {run.bundle}",
-                        CHILD_MARK, wrap=wrap, on_mark=on_mark)
+    return childjob.run("edgekit.bench_child", dataclasses.asdict(run), f"the benchmark process for {run.bundle}",
+                        CHILD_MARK, wrap=wrap, on_mark=on_mark, watch=ChildWatch)
 
 
 def _stats(values: Sequence[float], digits: int) -> tuple[float, float, float, float]:
@@ -489,137 +272,6 @@ def print_table(records: Sequence[BenchRecord]) -> None:
                   f"{r0.read_bandwidth_gbs:.1f} GB/s", markup=False)
 
 
-# --------------------------------------------------------------------------------------------
-# the child: `python -m edgekit.bench JOB RESULT`
-# --------------------------------------------------------------------------------------------
-
-def prompt_ids(encode: Callable[[str], list[int]], n: int) -> list[int]:
-    """n tokens of edgekit's eval text in the runtime's own tokenization, repeated as needed."""
-    from .reference import default_eval_text
-
-    ids = list(encode(default_eval_text()))
-    if not ids:
-        raise ToolFailed("the runtime's tokenizer returned no tokens for the eval text")
-    return (ids * math.ceil(n / len(ids)))[:n]
-
-
-def run_trials(timed_generate: Callable[..., tuple[float, float, float, int]], prompt: Sequence[int],
-               gen_tokens: int, reps: int, warmup: int, probe: Callable[[str], None] | None = None,
-               on_trial: Callable[[str], None] | None = None) -> list[Trial]:
-    """`warmup` untimed generations, then `reps` timed ones; each is exactly one generation of
-    exactly gen_tokens tokens. probe sees the last timed trial's stages."""
-    for i in range(warmup):
-        timed_generate(prompt, gen_tokens)
-        if on_trial:
-            on_trial(f"warmup {i + 1}/{warmup}")
-    trials = []
-    for i in range(reps):
-        trial = Trial(*timed_generate(prompt, gen_tokens, probe if i == reps - 1 else None))
-        if trial.n_generated != gen_tokens:
-            raise ToolFailed(f"a trial generated {trial.n_generated} tokens instead of {gen_tokens}")
-        trials.append(trial)
-        if on_trial:
-            on_trial(f"rep {i + 1}/{reps}")
-    return trials
-
-
-def _mark(text: str) -> None:
-    from .childjob import emit_mark
-
-    emit_mark(CHILD_MARK, text)
-
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def open_run(run: Run) -> tuple[Any, Callable[..., tuple[float, float, float, int]], dict[str, Any]]:
-    """Import the runtime (outside the load timing), then open the bundle in it, timed."""
-    import platform
-
-    info: dict[str, Any] = {"substitutions": [], "gpu_layers": run.gpu_layers}
-    bundle = Path(run.bundle)
-    if run.format == "gguf-q4_k_m":
-        import llama_cpp
-
-        from .formats.gguf_q4km.recipe import MODEL_FILE
-        from .formats.gguf_q4km.session import LlamaCppSession, longrope_context_note
-
-        info["runtime"] = {"llama-cpp-python": llama_cpp.__version__}
-        if run.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
-            layers = "all layers" if run.gpu_layers < 0 else f"{run.gpu_layers} layers"
-            info["substitutions"].append(
-                f"gpu_layers: the profile offloads {layers} to the GPU (Metal on Apple silicon); this llama.cpp "
-                f"has no GPU offload on {platform.system()} {platform.machine()}, so every layer ran on the CPU")
-            info["gpu_layers"] = 0
-        if note := longrope_context_note(bundle / MODEL_FILE, run.context):
-            info["substitutions"].append(note)
-        info["rss_before_load_mb"] = _rss()
-        t0 = time.perf_counter()
-        session = LlamaCppSession.open_offloaded(bundle / MODEL_FILE, run.threads, run.context,
-                                                 info["gpu_layers"])
-        info["load_s"] = time.perf_counter() - t0
-        return session, session.timed_generate, info
-    import onnxruntime_genai as og
-
-    from .bundle import read_manifest
-    from .formats import onnx_int4
-
-    info["runtime"] = {"onnxruntime-genai": og.__version__, "onnxruntime": _package_version("onnxruntime")}
-    manifest = read_manifest(bundle)  # validated by the parent
-    info["rss_before_load_mb"] = _rss()
-    t0 = time.perf_counter()
-    session = onnx_int4.open_session(bundle, manifest, threads=run.threads)
-    info["load_s"] = time.perf_counter() - t0
-
-    def timed(prompt, gen_tokens, probe=None):
-        return session.timed_generate(prompt, gen_tokens, probe, max_length=run.context)
-
-    return session, timed, info
-
-
-def _rss() -> float:
-    from .host import rss_mb
-
-    return rss_mb()
-
-
-def child_run(run: Run) -> dict[str, Any]:
-    from .host import peak_rss_mb
-
-    session, timed_generate, info = open_run(run)
-    _mark("load")
-    rss = {"load": _rss()}
-    try:
-        prompt = prompt_ids(session.encode, run.prompt_tokens)  # tokenization: outside every timed region
-        trials = run_trials(timed_generate, prompt, run.gen_tokens, run.reps, run.warmup,
-                            probe=lambda stage: rss.__setitem__(stage, _rss()), on_trial=_mark)
-        peak = peak_rss_mb()
-    finally:
-        session.close()
-    return {
-        **info,
-        "trials": [dataclasses.astuple(t) for t in trials],
-        "rss_after_load_mb": rss["load"], "rss_after_prefill_mb": rss["prefill"], "rss_end_mb": rss["decode"],
-        "peak_rss_mb": peak,
-    }
-
-
-def run_from_job(job: dict[str, Any]) -> Run:
-    fields = {f.name for f in dataclasses.fields(Run)}
-    return Run(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.items() if k in fields})
-
-
-def child_main(argv: Sequence[str]) -> int:
-    from . import childjob
-
-    return childjob.main(argv, lambda job: child_run(run_from_job(job)), lambda job: job.get("bundle", "?"))
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:]))
+# Run and Trial are part of a record; choose_profile and plan are the first half of bench().
+__all__ = ["BenchRecord", "Run", "Trial", "bench", "choose_profile", "gate", "make_record", "plan", "print_table",
+           "record_in_manifest", "run_child"]

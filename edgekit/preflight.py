@@ -2,7 +2,8 @@
 
 A 14B export that runs out of memory after 20 minutes (or fills the disk with a half-written
 f16 intermediate) wastes a CI runner; estimating from the checkpoint's size costs nothing.
-The estimates are ceilings fitted on measured exports (see the table); `--force` overrides.
+The estimates are ceilings fitted on measured exports (each format's PREFLIGHT_COST, with
+the measurements beside it); `--force` overrides.
 """
 
 from __future__ import annotations
@@ -13,35 +14,25 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from .errors import BadInput
+from .formats import REGISTRY, ExportCost, backend
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-@dataclass(frozen=True)
-class Cost:
-    """fixed + per_fp32_byte x (parameters x 4 bytes), in MiB."""
-
-    ram_fixed_mb: float
-    ram_per_fp32_byte: float
-    disk_fixed_mb: float
-    disk_per_fp32_byte: float
-
-
-COSTS: dict[str, Cost] = {
-    # The genai builder loads the checkpoint in fp32 through torch and keeps quantized copies
-    # while it writes: SmolLM2-135M (538 MB fp32) peaked at 2692 MiB (export_overhead, build_matrix).
-    # Output int4 + int8 is ~0.23x the fp32 bytes; 0.5x leaves room for the builder's temp files.
-    "onnx-int4": Cost(ram_fixed_mb=1200, ram_per_fp32_byte=3.2, disk_fixed_mb=100, disk_per_fp32_byte=0.5),
-    # The converter streams tensors to an f16 intermediate (0.5x fp32 bytes on disk) next to the
-    # Q4_K_M output (~0.2x); the imatrix pass holds the fp32 reference in torch. SmolLM2-135M
-    # peaked at 598 MiB, a 680M model at 0.67x its f16 size: 400 + 0.6x is above both.
-    "gguf-q4_k_m": Cost(ram_fixed_mb=400, ram_per_fp32_byte=0.6, disk_fixed_mb=100, disk_per_fp32_byte=0.75),
-}
+def cost(fmt: str) -> ExportCost | None:
+    """The format's fitted ceilings (its backend's PREFLIGHT_COST), None for a format without."""
+    if fmt not in REGISTRY:
+        return None
+    return getattr(backend(fmt), "PREFLIGHT_COST", None)
 
 
 @dataclass(frozen=True)
@@ -52,7 +43,7 @@ class Needs:
     disk_mb: float
 
 
-def parameter_count(checkpoint) -> int:
+def parameter_count(checkpoint: Checkpoint) -> int:
     """From the safetensors headers (no weights read); pickle files: bytes / 2 as a guess."""
     total = 0
     for name in checkpoint.weight_files:
@@ -70,12 +61,14 @@ def parameter_count(checkpoint) -> int:
     return total
 
 
-def estimate(checkpoint, fmt: str) -> Needs:
-    cost = COSTS[fmt]
+def estimate(checkpoint: Checkpoint, fmt: str) -> Needs:
+    c = cost(fmt)
+    if c is None:
+        raise BadInput(f"no resource estimate for {fmt}", "Export it with --force to skip the preflight")
     params = parameter_count(checkpoint)
     fp32_mb = params * 4 / 2**20
-    return Needs(fmt, params, cost.ram_fixed_mb + cost.ram_per_fp32_byte * fp32_mb,
-                 cost.disk_fixed_mb + cost.disk_per_fp32_byte * fp32_mb)
+    return Needs(fmt, params, c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb,
+                 c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb)
 
 
 def available(dest: Path) -> tuple[float, float]:
@@ -91,10 +84,10 @@ def available(dest: Path) -> tuple[float, float]:
     return ram, disk
 
 
-def check(checkpoint, dests: dict[str, Path], force: bool) -> list[Needs]:
+def check(checkpoint: Checkpoint, dests: dict[str, Path], force: bool) -> list[Needs]:
     """Raise BadInput with the figures if any export would not fit; --force skips the refusal.
     Exports run one after another, so RAM is checked per format and disk for all together."""
-    needs = [estimate(checkpoint, fmt) for fmt in dests if fmt in COSTS]
+    needs = [estimate(checkpoint, fmt) for fmt in dests if cost(fmt) is not None]
     if not needs or force:
         return needs
     ram, disk = available(next(iter(dests.values())))

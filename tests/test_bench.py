@@ -13,8 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from edgekit import bench as benchmod
+from edgekit import bench_child, bench_plan
 from edgekit.bundle import read_manifest, validate
 from edgekit.cli import cli
+from edgekit.formats import Trial, backend
+from edgekit.targets import load_targets
 
 FAST = ["--prompt-tokens", "16", "--gen-tokens", "4", "--reps", "2"]
 RECORD_KEYS = {f.name for f in dataclasses.fields(benchmod.BenchRecord)}
@@ -33,12 +36,12 @@ def test_llama_trial_is_one_generation_of_the_requested_length(tiny_gguf):
 
     session = LlamaCppSession.open_offloaded(tiny_gguf / MODEL_FILE, threads=1, context=256, gpu_layers=0)
     try:
-        prompt = benchmod.prompt_ids(session.encode, 12)
+        prompt = bench_child.prompt_ids(session.encode, 12)
         greedy = session.generate(prompt, 5, ignore_eos=True).token_ids
         fed: list[list[int]] = []
         real_eval = session._llm.eval
         session._llm.eval = lambda tokens: (fed.append(list(tokens)), real_eval(tokens))[1]
-        trials = benchmod.run_trials(session.timed_generate, prompt, gen_tokens=5, reps=2, warmup=1)
+        trials = bench_child.run_trials(session.timed_generate, prompt, gen_tokens=5, reps=2, warmup=1)
     finally:
         session.close()
     assert [t.n_generated for t in trials] == [5, 5]
@@ -84,8 +87,8 @@ def test_onnx_trial_is_one_generation_of_the_requested_length(tiny_onnx):
 
     session._og = SimpleNamespace(GeneratorParams=Params,
                                   Generator=lambda model, params: _CountingGenerator(og.Generator(model, params), log))
-    prompt = benchmod.prompt_ids(session.encode, 12)
-    trials = benchmod.run_trials(lambda p, n, probe=None: session.timed_generate(p, n, probe, max_length=64),
+    prompt = bench_child.prompt_ids(session.encode, 12)
+    trials = bench_child.run_trials(lambda p, n, probe=None: session.timed_generate(p, n, probe, max_length=64),
                                  prompt, gen_tokens=5, reps=2, warmup=1)
     assert [t.n_generated for t in trials] == [5, 5]
     assert log == [{"append": [12], "next": 5}] * 3  # warm-up + 2 reps, one generator each
@@ -100,9 +103,9 @@ def test_run_trials_warms_up_then_probes_only_the_last_rep():
         if probe:
             probe("prefill")
             probe("decode")
-        return 0.1, 0.11, 0.3, n
+        return Trial(prefill_s=0.1, first_token_s=0.11, decode_s=0.3, n_generated=n)
 
-    trials = benchmod.run_trials(fake, [1, 2, 3], gen_tokens=4, reps=3, warmup=2, probe=probes.append)
+    trials = bench_child.run_trials(fake, [1, 2, 3], gen_tokens=4, reps=3, warmup=2, probe=probes.append)
     assert len(trials) == 3 and calls == [False, False, False, False, True]
     assert probes == ["prefill", "decode"]
 
@@ -143,8 +146,12 @@ def test_bench_json_on_both_formats_writes_manifest_and_jsonl(tiny_gguf, tiny_on
 
 def test_kv_bytes_come_from_the_source_config(tiny_gguf, tiny_onnx):
     # tiny Phi-3: 2 layers, 2 KV heads, head_dim 64/4 = 16; llama.cpp f16 cache, the builder's fp32
-    assert benchmod.kv_bytes_per_token(read_manifest(tiny_gguf), 2) == 2 * 2 * 2 * 16 * 2
-    assert benchmod._onnx_kv_elem_bytes(tiny_onnx) == 4
+    assert bench_plan.kv_bytes_per_token(read_manifest(tiny_gguf), 2) == 2 * 2 * 2 * 16 * 2
+    # the element size is the format's: read from the ONNX graph's past_key input, f16 for llama.cpp
+    profile = load_targets().profile("laptop-cpu")
+    for bundle, elem in ((tiny_onnx, 4), (tiny_gguf, 2)):
+        manifest = read_manifest(bundle)
+        assert backend(manifest["format"]).bench_setup(bundle, manifest, profile).kv_element_bytes == elem
 
 
 def test_no_arguments_benches_dist_on_the_detected_profile(tiny_gguf, tiny_onnx, tmp_path, monkeypatch):
@@ -153,7 +160,7 @@ def test_no_arguments_benches_dist_on_the_detected_profile(tiny_gguf, tiny_onnx,
     monkeypatch.chdir(tmp_path)
     result = invoke("bench", *FAST)
     assert result.exit_code == 0, result.output
-    expected = "m-series" if ON_APPLE and benchmod.detect_profile(_host())[0] == "m-series" else "laptop-cpu"
+    expected = "m-series" if ON_APPLE and bench_plan.detect_profile(_host())[0] == "m-series" else "laptop-cpu"
     assert f"profile: {expected}" in result.stderr
     assert "decode tok/s" in result.stderr  # the table
     assert result.stdout == ""

@@ -76,3 +76,41 @@ def test_export_names_an_oom_kill_and_publishes_nothing(tiny_phi3, tmp_path):
     assert "nothing was published" in lines[0] and "Traceback" not in stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "bundle"]
+
+
+# --- the shared child runner (edgekit.childjob.spawn) -------------------------------------------
+
+CHILD = """import json, os, signal, sys, time
+job = json.load(open(sys.argv[1]))
+print("first line\\rredrawn", flush=True)
+if job["hog"]:
+    x = bytearray(200 * 2**20)
+    time.sleep(1.5)                      # long enough for the watch to see it
+    os.kill(os.getpid(), signal.SIGKILL)
+open(sys.argv[2], "w").write(json.dumps({"got": job["n"] + 1}))
+"""
+
+
+def test_spawn_streams_lines_and_reads_the_result(tmp_path):
+    from edgekit.childjob import spawn
+
+    lines: list[str] = []
+    done = spawn(["-c", CHILD], {"hog": False, "n": 41}, tmp_path, "the test child", on_line=lines.append,
+                 watch=ChildWatch)
+    assert done.returncode == 0 and done.result == {"got": 42} and done.out_of_memory is None
+    assert lines[:2] == ["first line", "redrawn"]      # a bare \r ends a line, as a terminal shows it
+    assert done.log.read_bytes().startswith(b"first line\rredrawn")
+    # uncaptured (a child drawing its own progress on our terminal): the result still comes back
+    shown = spawn(["-c", CHILD], {"hog": False, "n": 1}, tmp_path, "the test child", on_line=lines.append, capture=False)
+    assert shown.result == {"got": 2} and len(lines) == 2 and shown.log.read_bytes() == b""
+
+
+def test_spawn_names_a_child_killed_near_the_memory_limit(tmp_path, monkeypatch):
+    from edgekit.childjob import spawn
+
+    monkeypatch.setenv("EDGEKIT_MEMORY_LIMIT_MB", "240")
+    done = spawn(["-c", CHILD], {"hog": True, "n": 0}, tmp_path, "the test child", watch=ChildWatch)
+    assert done.returncode == -signal.SIGKILL and done.result is None
+    assert done.out_of_memory and done.out_of_memory.startswith("out of memory: the test child reached")
+    unwatched = spawn(["-c", CHILD], {"hog": True, "n": 0}, tmp_path, "the test child")
+    assert unwatched.returncode == -signal.SIGKILL and unwatched.out_of_memory is None

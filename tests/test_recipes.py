@@ -144,19 +144,6 @@ def test_search_beats_rtn_and_k_quant_and_keeps_constant_blocks_exact():
         np.testing.assert_allclose((q.astype(np.float32) - z[..., None]) * s[..., None], const.reshape(2, 2, 32), atol=1e-7)
 
 
-def test_importance_moves_error_off_important_columns():
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((256, 64)).astype(np.float32)
-    importance = np.ones(64, dtype=np.float32)
-    importance[::8] = 100.0
-    err = {}
-    for name, imp in (("plain", None), ("weighted", importance)):
-        q, s, z = quantize_blocks(w, 4, 32, imp)
-        deq = ((q.astype(np.float32) - z[..., None]) * s[..., None]).reshape(w.shape)
-        err[name] = float(np.mean((deq - w)[:, ::8] ** 2))
-    assert err["weighted"] < 0.7 * err["plain"]
-
-
 # --- imatrix ---------------------------------------------------------------------------------
 
 def test_calibration_text_is_not_the_eval_text():

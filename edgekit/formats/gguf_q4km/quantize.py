@@ -6,11 +6,15 @@ import ctypes
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ...errors import ToolFailed
 from .llamalog import LlamaLog
 from .recipe import GgufRecipe
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint
+    from ...progress import Progress
 
 # K-quants need rows that are a multiple of 256 values (QK_K).
 _K_BLOCK = 256
@@ -24,7 +28,7 @@ _FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(
                        r"falling back to\s+(\S+)")
 
 
-def importance_entries(checkpoint, intermediate: Path, progress):
+def importance_entries(checkpoint: Checkpoint, intermediate: Path, progress: Progress):
     """imatrix entries under the intermediate GGUF's tensor names, and what the manifest records."""
     from ... import imatrix as im
 
@@ -39,7 +43,7 @@ def importance_entries(checkpoint, intermediate: Path, progress):
     return entries, info
 
 
-def quantize(src: Path, dst: Path, recipe: GgufRecipe, progress,
+def quantize(src: Path, dst: Path, recipe: GgufRecipe, progress: Progress,
               importance: dict[str, Any] | None = None) -> tuple[dict[str, str], list[tuple[str, int, str, str]], int]:
     """llama_model_quantize in process. Returns each tensor's type in the output, read from
     llama.cpp's log (gguf's GGUFReader takes seconds on a large vocabulary), and the tensors

@@ -18,6 +18,8 @@ SUPPORTED_ARCHITECTURES = frozenset({
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
 })
+# No second export path: an architecture the converter does not know is refused.
+FALLBACK_ARCHITECTURES: frozenset[str] = frozenset()
 
 MODEL_FILE = "model.gguf"
 PATH_TAKEN = "convert_hf_to_gguf+llama_model_quantize"

@@ -6,12 +6,15 @@ import codecs
 import ctypes
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from ...errors import BadInput, ToolFailed
-from .. import Generation
+from .. import Generation, Trial
 from .llamalog import LlamaLog, read_metadata
 from .recipe import DEFAULT_CONTEXT, MODEL_FILE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None,
                  *, context: int = DEFAULT_CONTEXT) -> "LlamaCppSession":
@@ -79,18 +82,22 @@ class LlamaCppSession:
     get the runtime's BOS rule instead, see chat_prompt_ids().
     """
 
-    def __init__(self, model_path: Path, threads: int | None, context: int):
+    def __init__(self, model_path: Path, threads: int | None, context: int, gpu_layers: int = 0):
         import llama_cpp
 
         n = threads or _default_threads()
         self._lib = llama_cpp
+        offload: dict[str, Any] = {"n_gpu_layers": gpu_layers} if gpu_layers else {}
         # llama-cpp-python maps llama.cpp's log levels off by one (ggml's WARN=3 is its ERROR)
         # and so prints warnings even with verbose=False; capturing the log keeps stderr clean and gives load errors a reason.
         with LlamaLog() as log:
             try:
-                self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
-                                            n_threads_batch=n, verbose=False, logits_all=False)
+                self._llm: Any = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
+                                            n_threads_batch=n, verbose=False, logits_all=False, **offload)
             except ValueError as e:
+                if gpu_layers:
+                    raise ToolFailed(f"llama.cpp could not load {model_path} with {gpu_layers} GPU layers: "
+                                     f"{log.first_error() or e}", "Benchmark a CPU profile instead") from None
                 raise ToolFailed(f"llama.cpp could not load {model_path}: {log.first_error() or e}",
                                  "Re-export the bundle; check that llama-cpp-python is the version it was built with") from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
@@ -161,7 +168,7 @@ class LlamaCppSession:
         formatter = Jinja2ChatFormatter(template=template, bos_token=self._token_text(bos),
                                         eos_token=self._token_text(eos),
                                         add_generation_prompt=add_generation_prompt)
-        text = formatter(messages=messages).prompt
+        text = formatter(messages=cast(Any, messages)).prompt
         ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if bos >= 0 and self._lib.llama_vocab_get_add_bos(self._vocab) and ids[:1] != [bos]:
             ids = [bos] + ids
@@ -304,37 +311,19 @@ class LlamaCppSession:
                        gpu_layers: int) -> "LlamaCppSession":
         """A session with `gpu_layers` layers on the GPU (-1: all), for device profiles such as
         m-series (Metal). With gpu_layers=0 this is the plain constructor."""
-        if not gpu_layers:
-            return cls(model_path, threads=threads, context=context)
-        import llama_cpp
-
-        self = cls.__new__(cls)
-        n = threads or _default_threads()
-        self._lib = llama_cpp
-        with LlamaLog() as log:
-            try:
-                self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=n,
-                                            n_threads_batch=n, n_gpu_layers=gpu_layers, verbose=False,
-                                            logits_all=False)
-            except ValueError as e:
-                raise ToolFailed(f"llama.cpp could not load {model_path} with {gpu_layers} GPU layers: "
-                                 f"{log.first_error() or e}", "Benchmark a CPU profile instead") from None
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.context = context
-        self._model_path, self._threads = model_path, threads
-        return self
+        return cls(model_path, threads=threads, context=context, gpu_layers=gpu_layers)
 
     def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
-                       probe: Callable[[str], None] | None = None) -> tuple[float, float, float, int]:
+                       probe: Callable[[str], None] | None = None, max_length: int | None = None) -> Trial:
         """One greedy generation of exactly `gen_tokens` tokens (end-of-generation tokens are
         not special here), timed as llama-bench times llama.cpp: prefill is eval(prompt), decode
         is the single-token evals; token selection (numpy argmax) is outside the timed regions.
 
-        Returns (prefill_s, first_token_s, decode_s, n_generated). first_token_s is prefill plus
-        the selection of the first token (time to first token); decode_s covers the
-        n_generated - 1 forward passes that produce the tokens after it (the last token needs
-        none). probe("prefill") and probe("decode") run after each phase, outside the timing.
+        first_token_s is prefill plus the selection of the first token (time to first token);
+        decode_s covers the n_generated - 1 forward passes that produce the tokens after it (the
+        last token needs none). probe("prefill") and probe("decode") run after each phase,
+        outside the timing. max_length is ignored: llama.cpp sized the KV cache (n_ctx) when
+        the session opened.
         """
         import time
 
@@ -370,4 +359,4 @@ class LlamaCppSession:
             n += 1
         if probe:
             probe("decode")
-        return prefill_s, first_token_s, decode_s, n
+        return Trial(prefill_s=prefill_s, first_token_s=first_token_s, decode_s=decode_s, n_generated=n)

@@ -18,10 +18,13 @@ projection int8. The graph the tool built is kept; only weights, widths and bloc
 """
 
 # The protocol surface (edgekit.formats.FormatBackend); the registry imports this package.
-from .architectures import FALLBACK_ARCHITECTURES, LONG_CONTEXT_LIMITS, SUPPORTED_ARCHITECTURES
-from .export import export, tool_versions
+from .architectures import FALLBACK_ARCHITECTURES, KNOWN_DIFFERENCES, LONG_CONTEXT_LIMITS, SUPPORTED_ARCHITECTURES
+from .benching import bench_runtime, bench_session, bench_setup
+from .export import PREFLIGHT_COST, config_problems, export, tool_versions
+from .readme import PLOT_COLOR, README_TEMPLATE, readme_fields
 from .recipe import parse_recipe
 from .session import open_session
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "FALLBACK_ARCHITECTURES", "LONG_CONTEXT_LIMITS",
-           "parse_recipe", "export", "open_session", "tool_versions"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "FALLBACK_ARCHITECTURES", "LONG_CONTEXT_LIMITS", "KNOWN_DIFFERENCES",
+           "PREFLIGHT_COST", "README_TEMPLATE", "PLOT_COLOR", "parse_recipe", "export", "open_session", "tool_versions",
+           "readme_fields", "config_problems", "bench_setup", "bench_runtime", "bench_session"]

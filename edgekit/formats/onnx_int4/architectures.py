@@ -63,6 +63,10 @@ LONG_CONTEXT_LIMITS: dict[str, str] = {
                 "onnxruntime-genai 0.15.2 would otherwise leave transformers' LongRoPE behaviour"),
 }
 
+# Architectures whose onnxruntime-genai graph is known to compute something other than
+# transformers (edgekit.parity names them when the gate fails): none measured so far.
+KNOWN_DIFFERENCES: dict[str, str] = {}
+
 # What the optimum fallback exports (task text-generation-with-past) into a graph whose KV
 # cache is [batch, kv_heads, seq, head_dim] per layer, the layout onnxruntime-genai drives.
 # Bloom and GPTBigCode are left out on purpose: their caches are fused or transposed.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ...fileio import write_text
 from .childlog import PHASE
 from .expand import more_bits_layers as _more_bits_layers
 from .files import save_onnx
@@ -17,8 +18,8 @@ from .rewrite import requantize
 from .stream import child_stream
 from .weights import CheckpointWeights, OnnxWeights
 
-def child_main(job_path: str) -> int:
-    """Entry point of the child interpreter. Writes {"ok", "error", "message"} to job["result"]."""
+def child_main(job_path: str, result_path: str) -> int:
+    """Entry point of the child interpreter. Writes {"ok", "error", "message"} to result_path."""
     import logging
     import traceback
 
@@ -28,11 +29,11 @@ def child_main(job_path: str) -> int:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.INFO)
     try:
         report = {"builder": _child_builder, "optimum": _child_optimum, "stream": _child_stream}[job["engine"]](job)
-        result = {"ok": True, "requant": report}
+        result: dict[str, Any] = {"ok": True, "requant": report}
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises ToolFailed
         traceback.print_exc(file=sys.stdout)
         result = {"ok": False, "error": type(e).__name__, "message": str(e)[:2000]}
-    Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
+    write_text(Path(result_path), json.dumps(result))
     sys.stdout.flush()
     return 0 if result["ok"] else 1
 

@@ -7,10 +7,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ToolFailed
 from .architectures import GENAI_DECODER_TYPES
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint
 
 TOKENIZER_EXTRAS = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                      "vocab.json", "merges.txt")
@@ -66,7 +69,7 @@ def set_context_length(config: dict[str, Any], genai_config: Path, wanted: int) 
     return context, note
 
 
-def complete_bundle_files(checkpoint, staging: Path) -> list[str]:
+def complete_bundle_files(checkpoint: Checkpoint, staging: Path) -> list[str]:
     """Chat template in tokenizer_config.json and chat_template.jinja, generation_config.json.
 
     transformers 4.57 saves the template only as chat_template.jinja; onnxruntime-genai 0.15.2
@@ -107,7 +110,7 @@ def _chat_template(directory: Path) -> str | list | None:
     return None
 
 
-def write_genai_config(checkpoint, staging: Path) -> None:
+def write_genai_config(checkpoint: Checkpoint, staging: Path) -> None:
     """genai_config.json for an optimum graph: names and shapes read from the graph itself."""
     import onnx
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
 from .files import save_onnx
 from .nodequant import LockedSource, NodeResult, count, load_imatrix, new_report, ordered_map, requantize_node
 from .recipe import OnnxRecipe
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint
 
 # --- edgekit re-quantization -----------------------------------------------------------------
 #
@@ -27,7 +30,7 @@ from .recipe import OnnxRecipe
 # (per node, on both cores: nodequant.py)
 
 
-def requant_job(checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
+def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
     """What the child needs to re-quantize, or None when the recipe keeps the builder's codes."""
     if recipe.precision != "int4" or (recipe.weight_search == "builder" and not recipe.int8_matmuls
                                       and not recipe.int8_block_size):
@@ -71,7 +74,9 @@ def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
         return requantize_node(node, inits.get, uses, source, spec, imatrix,
                                lambda name: numpy_helper.to_array(inits[name]))
 
-    new_nodes, drop, add = [], set(), []
+    new_nodes: list[Any] = []
+    add: list[Any] = []
+    drop: set[str] = set()
     for node, result in zip(list(graph.node), ordered_map(one, list(graph.node))):
         count(report, node, result)
         new_nodes += result.nodes

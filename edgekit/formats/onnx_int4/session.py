@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ...errors import BadInput, ToolFailed
-from .. import Generation
+from .. import Generation, Trial
+
+if TYPE_CHECKING:
+    import numpy as np
 
 def open_session(bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> "OnnxSession":
     import onnxruntime_genai as og
@@ -146,9 +149,9 @@ class OnnxSession:
 
     def timed_generate(self, prompt_ids: Sequence[int], gen_tokens: int,
                        probe: Callable[[str], None] | None = None,
-                       max_length: int | None = None) -> tuple[float, float, float, int]:
+                       max_length: int | None = None) -> Trial:
         """One greedy generation of exactly `gen_tokens` tokens: min_length = max_length masks
-        EOS, so the length is forced. Returns (prefill_s, first_token_s, decode_s, n_generated).
+        EOS, so the length is forced.
 
         max_length (default prompt + gen_tokens) is what the generator allocates its KV cache
         for; a benchmark passes its context so the cache matches llama.cpp's n_ctx.
@@ -193,4 +196,4 @@ class OnnxSession:
         if probe:
             probe("decode")
         del generator
-        return prefill_s, first_token_s, decode_s, n
+        return Trial(prefill_s=prefill_s, first_token_s=first_token_s, decode_s=decode_s, n_generated=n)

@@ -1,0 +1,39 @@
+"""The README written into a gguf-q4_k_m bundle: how to run it with llama.cpp, without edgekit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The format's colour in report plots (matplotlib's tab:red); each format keeps its own.
+PLOT_COLOR = "#d62728"
+
+# str.format fields: name, model, version, sha (edgekit.bundle_readme) and those of readme_fields.
+README_TEMPLATE = """\
+# {name}
+
+{model} exported by edgekit {version} to GGUF ({quant}) for llama.cpp.
+Checkpoint sha256: `{sha}`. Files and hashes: `manifest.json`.
+
+## Run it without edgekit
+
+llama-cpp-python:
+
+```python
+from llama_cpp import Llama
+llm = Llama(model_path="model.gguf", n_ctx=4096)
+out = llm.create_chat_completion(messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+print(out["choices"][0]["message"]["content"])
+```
+
+llama.cpp: `llama-cli -m model.gguf -cnv` (the chat template is stored in the GGUF metadata).
+
+Ollama: `ollama create {name} -f Modelfile` in this directory, then `ollama run {name}`
+(the Modelfile carries the chat template translated to Ollama's syntax and the stop tokens).
+
+With edgekit: `edgekit run . --prompt "What is the capital of France?"`
+"""
+
+
+
+def readme_fields(manifest: dict[str, Any]) -> dict[str, str]:
+    return {"quant": manifest.get("quantization", {}).get("quant_type", "Q4_K_M")}

@@ -1,0 +1,157 @@
+"""Unit tests of onnx-int4's pure-numpy re-quantization (edgekit.formats.onnx_int4.requant).
+
+No model is exported and no runtime loaded: the functions take numpy arrays. The kernel's own
+reading of the packed arrays is pinned separately (tests/test_recipes.py, through onnxruntime).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgekit.formats.onnx_int4.requant import dequantize_matmulnbits, pack_matmulnbits, quantize_blocks
+
+# (N, K, block): K a multiple of the block, K padded (not a multiple), an odd block count
+# (the 4-bit zero points of a row then end in half a byte).
+SHAPES = [(8, 64, 32), (6, 100, 16), (5, 96, 32), (3, 576, 64)]
+
+
+def _weights(seed: int, n: int, k: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # rows of different scales, and heavy tails every other seed: outliers are what a search is for
+    rows = rng.uniform(0.05, 3.0, (n, 1))
+    base = rng.standard_t(3, (n, k)) if seed % 2 else rng.standard_normal((n, k))
+    return (base * rows).astype(np.float32)
+
+
+def _dequantized(q, scale, zp) -> np.ndarray:
+    return (q.astype(np.float64) - zp[..., None]) * scale.astype(np.float64)[..., None]
+
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    n, k = w.shape
+    nb = -(-k // block)
+    return np.pad(w.astype(np.float64), ((0, 0), (0, nb * block - k))).reshape(n, nb, block)
+
+
+@pytest.mark.parametrize("n, k, block", SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_then_dequantize_is_exact(n, k, block, bits):
+    """Any codes, scales and zero points survive packing: dequantize(pack(q, s, z)) is
+    exactly (q - z) * s, trimmed to K."""
+    rng = np.random.default_rng(n * k + bits)
+    nb = -(-k // block)
+    maxq = 2 ** bits - 1
+    q = rng.integers(0, maxq + 1, (n, nb, block), dtype=np.uint8)
+    zp = rng.integers(0, maxq + 1, (n, nb), dtype=np.uint8)
+    scale = rng.uniform(1e-3, 2.0, (n, nb)).astype(np.float32)
+    b, s, z = pack_matmulnbits(q, scale, zp, bits)
+    assert b.dtype == np.uint8 and b.shape == (n, nb, block * bits // 8)
+    if bits == 4:
+        assert z.shape == (n, (nb + 1) // 2)  # two zero points a byte, low nibble first
+    got = dequantize_matmulnbits(b, s, z, bits, block, n, k)
+    expected = ((q.astype(np.float32) - zp[..., None].astype(np.float32)) * scale[..., None]).reshape(n, -1)[:, :k]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dequantize_without_zero_points_uses_the_kernel_default():
+    """MatMulNBits without a zero_points input centres the codes at 2^(bits-1)."""
+    q = np.arange(32, dtype=np.uint8).reshape(1, 1, 32) % 16
+    scale = np.full((1, 1), 0.5, dtype=np.float32)
+    b, s, _ = pack_matmulnbits(q, scale, np.zeros((1, 1), dtype=np.uint8), 4)
+    got = dequantize_matmulnbits(b, s, None, 4, 32, 1, 32)
+    np.testing.assert_array_equal(got, (q.reshape(1, 32).astype(np.float32) - 8) * 0.5)
+
+
+@pytest.mark.parametrize("n, k, block", SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_codes_fit_the_width_and_the_error_is_bounded(n, k, block, bits):
+    """Codes and zero points are within [0, 2^bits - 1], and per block the weighted RMS error
+    is at most one step of the block's min-max grid ((max - min) / (2^bits - 1)): the
+    search always considers min-max with a rounded zero point, whose every element is
+    within one step, and keeps a candidate only when its weighted error is smaller."""
+    w = _weights(n + k + bits, n, k)
+    q, scale, zp = quantize_blocks(w, bits, block)
+    maxq = 2 ** bits - 1
+    assert q.max() <= maxq and zp.max() <= maxq and (scale > 0).all()
+    x = _blocks(w, block)
+    err = _dequantized(q, scale, zp) - x
+    wts = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)   # the search's weights without an imatrix
+    weighted_rms = np.sqrt((wts * err**2).sum(-1) / wts.sum(-1))
+    step = (x.max(-1) - x.min(-1)) / maxq
+    assert (weighted_rms <= step * (1 + 1e-4) + 1e-12).all()
+
+
+def test_constant_blocks_are_exact():
+    const = np.full((3, 64), -0.37, dtype=np.float32)
+    const[1] = 0.0
+    const[2] = 1.25
+    for bits in (4, 8):
+        q, scale, zp = quantize_blocks(const, bits, 32)
+        np.testing.assert_allclose(_dequantized(q, scale, zp), const.reshape(3, 2, 32), atol=1e-7)
+
+
+def test_the_search_beats_plain_min_max():
+    """The point of the search: less error than min-max rounding with the same widths."""
+    w = _weights(3, 64, 256)
+    x = _blocks(w, 32)
+    q, scale, zp = quantize_blocks(w, 4, 32)
+    searched = float(np.mean((_dequantized(q, scale, zp) - x) ** 2))
+    rmin, rmax = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    s = (rmax - rmin) / 15
+    z = np.clip(np.round(-rmin / s), 0, 15)
+    minmax = float(np.mean(((np.clip(np.round(x / s + z), 0, 15) - z) * s - x) ** 2))
+    assert searched < 0.95 * minmax
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_importance_weighted_search_is_never_worse_on_the_weighted_error(seed):
+    """With an importance vector (an imatrix: mean squared input per column), the matrix's
+    importance-weighted squared error is no larger than the plain search's. (Per block it
+    can be, rarely: the two searches try different refitted candidates.)"""
+    rng = np.random.default_rng(100 + seed)
+    n, k = 48, 128
+    w = _weights(seed, n, k)
+    importance = (rng.uniform(0.01, 1.0, k) ** 3).astype(np.float32)  # a few columns dominate
+    x = _blocks(w, 32).reshape(n, -1)[:, :k]
+
+    def weighted_error(imp):
+        q, scale, zp = quantize_blocks(w, 4, 32, imp)
+        err = _dequantized(q, scale, zp).reshape(n, -1)[:, :k] - x
+        return float((importance * err**2).sum())
+
+    assert weighted_error(importance) <= weighted_error(None)
+
+
+def test_importance_moves_error_off_important_columns():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    importance = np.ones(64, dtype=np.float32)
+    importance[::8] = 100.0
+    err = {}
+    for name, imp in (("plain", None), ("weighted", importance)):
+        q, scale, zp = quantize_blocks(w, 4, 32, imp)
+        err[name] = float(np.mean((_dequantized(q, scale, zp).reshape(w.shape) - w)[:, ::8] ** 2))
+    assert err["weighted"] < 0.7 * err["plain"]
+
+
+@pytest.mark.parametrize("n, k, block", SHAPES)
+def test_int8_is_more_accurate_than_int4(n, k, block):
+    """Sixteen times as many levels: the RMS error drops by more than an order of magnitude."""
+    w = _weights(7 + k, n, k)
+    x = _blocks(w, block)
+    rms = {}
+    for bits in (4, 8):
+        q, scale, zp = quantize_blocks(w, bits, block)
+        rms[bits] = float(np.sqrt(np.mean((_dequantized(q, scale, zp) - x) ** 2)))
+    assert 0 < rms[8] < rms[4] / 10
+
+
+def test_the_module_imports_no_onnx_or_torch():
+    code = ("import sys, edgekit.formats.onnx_int4.requant; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
