@@ -54,7 +54,7 @@ def expand_sequence(items: Sequence[Any], name_of: Callable[[Any], str], clone: 
         blocks: dict[int, list[Any]] = {}
         order: list[int] = []
         for item in run:
-            layer = layer_of(name_of(item))
+            layer = int(layer_of(name_of(item)) or 0)  # every item of a run has a layer
             if not order or order[-1] != layer:
                 if layer in blocks:
                     raise NotStreamable(f"layer {layer}'s items are not contiguous in the template graph")

@@ -77,8 +77,9 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
     quantization = {"path": path_taken, "weights": weights, "context_length": context}
     if engine == "builder":
         quantization["builder_extra_options"] = builder_extra_options(recipe, checkpoint.trust_remote_code)
-        quantization["path_taken"] = (requant or {}).pop("path_taken", WHOLE_MODEL)
-        notes += streaming_notes(requant, quantization["path_taken"])
+        path = str((requant or {}).pop("path_taken", WHOLE_MODEL))
+        quantization["path_taken"] = path
+        notes += streaming_notes(requant, path)
     if requant:
         quantization["edgekit_requantization"] = requant
         notes += requant_notes(requant)
@@ -149,7 +150,7 @@ def _num_layers(config: dict[str, Any]) -> int | None:
 
 
 def _run_builder(checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress) -> dict[str, Any] | None:
-    job = {
+    job: dict[str, Any] = {
         "engine": "builder",
         "input": str(checkpoint.path),
         "output": str(staging),

@@ -88,7 +88,7 @@ class Filler:
         """Checkpoint tensor patterns ({L} = layer) that give this template tensor's bytes."""
         if template_name in self._rules:
             return self._rules[template_name]
-        layer = layer_of(template_name)
+        layer = int(layer_of(template_name) or 0)  # a cloned layer's name always has one
         proto = self.template_inits[template_name]
         want = self.template_bytes(template_name)
         names = self.tensors.by_layer.get(layer, [])
@@ -152,7 +152,7 @@ class Filler:
             for t in kept_inits:
                 tname, cloned = template_name(t.name)
                 if cloned:
-                    data.put(t, self.layer_bytes(tname, layer_of(t.name)))
+                    data.put(t, self.layer_bytes(tname, int(layer_of(t.name) or 0)))
                 else:  # copied in chunks: a 14B model's float embedding alone is 2 GB
                     data.copy(t, *self.template_span(tname))
 

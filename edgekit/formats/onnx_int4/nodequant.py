@@ -36,6 +36,12 @@ class NodeResult:
     imatrix_missing: bool = False
 
 
+def node_base(name: str) -> str:
+    """/model/layers.3/attn/qkv_proj/MatMul_Q4 -> /model/layers.3/attn/qkv_proj/MatMul."""
+    m = NODE_BASE.match(name)
+    return m.group(1) if m else name
+
+
 def node_plan(node, tensor_of: Callable[[str], Any], uses: dict[str, int], spec: dict[str, Any]) -> NodeResult | None:
     """None when `node` is to be re-quantized; else what it stays (kept, with the reason if any).
     Decided from the graph alone, before any weight is read."""
@@ -43,7 +49,7 @@ def node_plan(node, tensor_of: Callable[[str], Any], uses: dict[str, int], spec:
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     n, bits, block = attrs["N"], attrs.get("bits", 4), attrs["block_size"]
-    base = NODE_BASE.match(node.name).group(1) if NODE_BASE.match(node.name) else node.name
+    base = node_base(node.name)
     b_name, s_name = node.input[1], node.input[2]
     zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
     runs = plan(base, n, bits, spec.get("int8", []), spec.get("qkv_sizes"))
@@ -70,7 +76,7 @@ def requantize_node(node, tensor_of: Callable[[str], Any], uses: dict[str, int],
         return planned
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
-    base = NODE_BASE.match(node.name).group(1) if NODE_BASE.match(node.name) else node.name
+    base = node_base(node.name)
     b_name, s_name = node.input[1], node.input[2]
     zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
     runs = plan(base, n, bits, spec.get("int8", []), spec.get("qkv_sizes"))
@@ -78,8 +84,8 @@ def requantize_node(node, tensor_of: Callable[[str], Any], uses: dict[str, int],
     w = source.weight_for(base, n, k)
     if w is None:
         return NodeResult((node,), kept=f"{node.name}: no matching float weight")
-    old_b = old_codes(b_name) if old_codes else None
-    if old_b is not None:
+    old_b = old_codes(b_name) if old_codes is not None else None
+    if old_codes is not None and old_b is not None:
         old = dequantize_matmulnbits(old_b, old_codes(s_name), old_codes(zp_name) if zp_name else None,
                                      bits, block, n, k)
         rel = float(np.sqrt(np.mean((old - w) ** 2) / max(float(np.mean(w * w)), 1e-30)))
