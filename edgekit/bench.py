@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__
-from .bench_child import CHILD_MARK
-from .bench_plan import Run, choose_profile, plan
+from .bench_child import CHILD_MARK, open_run, run_from_job
+from .bench_plan import Run, choose_profile, discover_bundles, plan
 from .errors import BadInput, GateFailed
 from .formats import Trial
 
@@ -272,6 +272,7 @@ def print_table(records: Sequence[BenchRecord]) -> None:
                   f"{r0.read_bandwidth_gbs:.1f} GB/s", markup=False)
 
 
-# Run and Trial are part of a record; choose_profile and plan are the first half of bench().
-__all__ = ["BenchRecord", "Run", "Trial", "bench", "choose_profile", "gate", "make_record", "plan", "print_table",
-           "record_in_manifest", "run_child"]
+# Run and Trial are part of a record; choose_profile, discover_bundles and plan are the first
+# half of bench(); open_run and run_from_job are the child's, which eval's child reuses.
+__all__ = ["BenchRecord", "Run", "Trial", "bench", "choose_profile", "discover_bundles", "gate", "make_record",
+           "open_run", "plan", "print_table", "record_in_manifest", "run_child", "run_from_job"]

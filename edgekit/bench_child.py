@@ -60,8 +60,10 @@ def _mark(text: str) -> None:
     emit_mark(CHILD_MARK, text)
 
 
-def open_run(run: Run) -> tuple[TimedSession, dict[str, Any]]:
-    """Import the runtime (outside the load timing), then open the bundle in it, timed."""
+def open_run(run: Run) -> tuple[TimedSession, Callable[..., Trial], dict[str, Any]]:
+    """Import the runtime (outside the load timing), then open the bundle in it, timed.
+    Returns the session, its timed_generate with the KV cache allocated for the whole
+    context (as the profile's app would), and what the child reports about the load."""
     bundle = Path(run.bundle)
     manifest = read_manifest(bundle)  # validated by the parent
     fmt = backend(run.format)
@@ -71,18 +73,17 @@ def open_run(run: Run) -> tuple[TimedSession, dict[str, Any]]:
     t0 = time.perf_counter()
     session = fmt.bench_session(bundle, manifest, run.threads, run.context, runtime.gpu_layers)
     info["load_s"] = time.perf_counter() - t0
-    return session, info
+
+    def timed(prompt: Sequence[int], gen_tokens: int, probe: Callable[[str], None] | None = None) -> Trial:
+        return session.timed_generate(prompt, gen_tokens, probe, max_length=run.context)
+
+    return session, timed, info
 
 
 def child_run(run: Run) -> dict[str, Any]:
-    session, info = open_run(run)
+    session, timed, info = open_run(run)
     _mark("load")
     rss = {"load": rss_mb()}
-
-    def timed(prompt: Sequence[int], gen_tokens: int, probe: Callable[[str], None] | None = None) -> Trial:
-        # the KV cache is allocated for the whole context, as the profile's app would
-        return session.timed_generate(prompt, gen_tokens, probe, max_length=run.context)
-
     try:
         prompt = prompt_ids(session.encode, run.prompt_tokens)  # tokenization: outside every timed region
         trials = run_trials(timed, prompt, run.gen_tokens, run.reps, run.warmup,
