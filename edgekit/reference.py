@@ -240,10 +240,16 @@ def probe_ids(tokenizer, text: str, total: int) -> list[int]:
     piece = tokenizer(text, add_special_tokens=False).input_ids
     if not piece:
         raise BadInput("the evaluation text has no tokens", "Pass a text of a few sentences")
-    ids = [bos] if bos is not None else []
-    while len(ids) < total:
-        ids += piece
-    return ids[:total]
+    head = [bos] if bos is not None else []
+    return head + repeat_to(piece, total - len(head))
+
+
+def repeat_to(piece: Sequence[int], total: int) -> list[int]:
+    """Exactly `total` ids: `piece` cut, or repeated as often as needed."""
+    if not piece:
+        raise BadInput("the calibration text has no tokens", "Pass a text of a few sentences")
+    reps = -(-total // len(piece))
+    return (list(piece) * reps)[:total]
 
 
 def long_reference(checkpoint, ids: Sequence[int], prompt_tokens: int, boundary: int, progress=None,
