@@ -44,8 +44,14 @@ _FLOAT_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "
 
 def safetensors_headers(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """(file, {tensor name: {dtype, shape, ...}}) for every .safetensors file of a checkpoint,
-    read from the headers only."""
-    for file in sorted(Path(path).glob("*.safetensors")):
+    read from the headers only. With a model.safetensors.index.json only the shards it names:
+    some repositories also carry another copy (Mistral's consolidated.safetensors)."""
+    index = Path(path) / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({Path(path) / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(Path(path).glob("*.safetensors"))
+    for file in files:
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
