@@ -191,7 +191,8 @@ def write_random_llama(tokenizer_from: Path, out: Path, layers: int) -> int:
             shutil.copy(f, out / f.name)
     tiny_cfg = json.loads((tokenizer_from / "config.json").read_text())
     config = {**tiny_cfg, "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers,
-              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "torch_dtype": "float32"}
+              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS,
+              "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     vocab, kv = config["vocab_size"], HIDDEN // HEADS * KV_HEADS
     g = torch.Generator().manual_seed(0)
@@ -225,7 +226,8 @@ import torch, transformers  # imported before the baseline: their cost is not th
 ck = resolve(sys.argv[1])
 base = psutil.Process().memory_info().rss
 with PeakRSS(interval=0.02) as usage:
-    ref = build_reference(ck, default_eval_text(), ["The capital of France is"], 4, window=256)
+    # A short text: the weights, not the activations, are what this measures.
+    ref = build_reference(ck, default_eval_text()[:600], ["The capital of France is"], 2, window=128)
 print(json.dumps({"growth": usage.peak_bytes - base, "mode": ref.mode}))
 """
 
@@ -248,6 +250,7 @@ def test_streamed_peak_grows_with_one_block_not_the_model(tiny_dir, tmp_path):
     large = streamed_peak_growth(tmp_path / "2n", tmp_path / "cache-2n", "stream")
     in_memory = streamed_peak_growth(tmp_path / "2n", tmp_path / "cache-mem", "memory")
     # n more blocks cost the in-memory reference n blocks of weights; the streamed one about
-    # nothing (one block is resident at a time, whatever the depth).
+    # nothing (one block is resident at a time, whatever the depth). Both include the same
+    # one-time costs (transformers' model code, tokenizer), so only differences are compared.
     assert large - small < 1.5 * block, (small, large, block)
-    assert large < 3 * block < in_memory - block, (large, in_memory, block)
+    assert in_memory - large > n * block, (large, in_memory, block)
