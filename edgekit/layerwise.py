@@ -386,9 +386,10 @@ class LayerwiseModel:
         for _ in range(n):
             if not running:
                 break
-            picked: dict[int, int] = {}
-            self.run([inputs[i] for i in running], lambda s, logits: picked.__setitem__(running[s], int(logits[-1].argmax())),
+            last: list[int] = []
+            self.run([inputs[i] for i in running], lambda s, logits, _last=last: _last.append(int(logits[-1].argmax())),
                      caches=[caches[i] for i in running], logits_to_keep=1)
+            picked = dict(zip(running, last))            # on_logits comes in sequence order
             for i in list(running):
                 if picked[i] in eos:
                     running.remove(i)

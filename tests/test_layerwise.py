@@ -86,7 +86,12 @@ def test_streamed_long_context_reference(tiny_dir, monkeypatch, tmp_path):
     """Past LongRoPE's original context: the rotary factors switch per sequence as in memory."""
     from edgekit.checkpoint import resolve
     from edgekit.longcontext import ProbePlan, boundary_of
-    from edgekit.reference import default_eval_text, load_tokenizer, long_reference, probe_ids
+    from edgekit.reference import (
+        default_eval_text,
+        load_tokenizer,
+        long_reference,
+        probe_ids,
+    )
 
     ck = resolve(str(tiny_dir("phi3-longrope")))
     boundary = boundary_of(ck.config)
@@ -234,7 +239,8 @@ print(json.dumps({"growth": usage.peak_bytes - base, "mode": ref.mode}))
 
 def streamed_peak_growth(path: Path, cache: Path, mode: str) -> int:
     env = {**os.environ, "EDGEKIT_CACHE": str(cache), "EDGEKIT_REFERENCE": mode}
-    res = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["mode"] == mode
@@ -254,3 +260,15 @@ def test_streamed_peak_grows_with_one_block_not_the_model(tiny_dir, tmp_path):
     # one-time costs (transformers' model code, tokenizer), so only differences are compared.
     assert large - small < 1.5 * block, (small, large, block)
     assert in_memory - large > n * block, (large, in_memory, block)
+
+
+def test_parity_json_records_reference_dtype_and_mode(tiny_gguf, monkeypatch, tmp_path):
+    from edgekit import api
+
+    bundle = shutil.copytree(tiny_gguf, tmp_path / "bundle")
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEKIT_REFERENCE", "stream")
+    rep = api.verify(bundle)
+    parity = json.loads((bundle / "parity.json").read_text())
+    assert parity["reference"]["mode"] == rep.reference["mode"] == "stream"
+    assert parity["reference"]["dtype"] == "float32" and parity["reference"]["cached"] is False
