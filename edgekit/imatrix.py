@@ -9,7 +9,12 @@ text of `edgekit verify` (edgekit/data/calibration.txt vs data/eval.txt), so par
 are not measured on the data the quantizer was tuned on.
 
 The result is keyed by Hugging Face module name ("model.layers.3.self_attn.q_proj") and
-cached on disk (checkpoint content hash + calibration text + format version). Mappings to a
+cached on disk (checkpoint content hash + calibration text + token budget + dtype + format
+version). The budget is counted in tokens, as llama.cpp's imatrix counts chunks: the text is
+cut, or repeated, to CALIBRATION_TOKENS tokens, so the cost and the statistic do not depend on
+how finely a tokenizer splits it. The pass runs in the checkpoint's own dtype, block by block
+from the safetensors when the model would not fit comfortably in memory (edgekit.layerwise;
+$EDGEKIT_REFERENCE=stream|memory forces it). Mappings to a
 format's own tensor names live here too: `gguf_entries` for llama.cpp (blk.N.attn_q.weight,
 checked against the tensors and row lengths of the GGUF being quantized) and
 `llama_imatrix_param` for the `imatrix` field of llama_model_quantize_params.
@@ -22,40 +27,18 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:
-    import numpy as np
-
-    from .progress import Progress
-
-
-class CheckpointLike(Protocol):
-    """What the importance matrix reads of a checkpoint (edgekit.checkpoint.Checkpoint has it)."""
-
-    @property
-    def path(self) -> Path: ...
-    @property
-    def config(self) -> dict[str, Any]: ...
-    @property
-    def trust_remote_code(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class CheckpointFiles:
-    """A checkpoint directory as a child process knows it from its job (no resolve() there)."""
-
-    path: Path
-    config: dict[str, Any]
-    trust_remote_code: bool = False
-
-
-IMATRIX_FORMAT = 1  # bump when what is stored or how it is computed changes
+IMATRIX_FORMAT = 2  # bump when what is stored or how it is computed changes (2: token budget)
 WINDOW = 512  # tokens per forward pass
+# Calibration tokens per imatrix: edgekit's calibration text is 1785 SmolLM2 tokens, so the
+# default cost at that size stays what it was when the whole text was used; a tokenizer that
+# splits finer gets the text cut, a coarser one gets it repeated.
+CALIBRATION_TOKENS = 1792
 
 
 def calibration_text() -> str:
@@ -65,39 +48,41 @@ def calibration_text() -> str:
 @dataclass(frozen=True)
 class Imatrix:
     values: Mapping[str, Any]  # HF module name -> float32 [in_features]: mean squared input
-    tokens: int  # calibration tokens the means are over
+    tokens: int  # positions the means are over (the budget plus one BOS per window)
     text_sha256: str
     key: str  # cache key
     cached: bool = False
+    budget: int = CALIBRATION_TOKENS  # calibration tokens asked for (text cut or repeated to it)
+    dtype: str = "float32"  # what the model computed in: the checkpoint's own dtype
+    mode: str = "memory"  # "memory" (whole model) or "stream" (block by block)
 
     def summary(self) -> dict[str, Any]:
         return {
             "entries": len(self.values),
             "tokens": self.tokens,
+            "budget_tokens": self.budget,
+            "dtype": self.dtype,
+            "mode": self.mode,
             "calibration_text_sha256": self.text_sha256,
             "key": self.key,
         }
 
 
-def _model_dtype(config: dict[str, Any]) -> str:
-    """The checkpoint's own width: bf16/fp16 checkpoints run in bf16 (a 4B model in fp32 would
-    need 16 GB just for weights), fp32 ones in fp32."""
-    cfg = config.get("text_config") or config
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "float32")
-    return "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
-
-
-def load_or_compute(checkpoint: CheckpointLike, text: str | None = None, progress: Progress | None = None) -> Imatrix:
-    """The imatrix of `checkpoint` over `text` (default: edgekit's calibration text), from the
-    cache when an identical computation was done before."""
+def load_or_compute(
+    checkpoint, text: str | None = None, progress=None, *, budget: int = CALIBRATION_TOKENS, mode: str | None = None
+) -> Imatrix:
+    """The imatrix of `checkpoint` over `budget` tokens of `text` (default: edgekit's calibration
+    text), from the cache when an identical computation was done before. `mode` "stream"/"memory"
+    forces how the model runs (default: $EDGEKIT_REFERENCE, else by memory)."""
     import numpy as np
 
     from .checkpoint import content_hash
+    from .layerwise import checkpoint_dtype, mode_for
     from .paths import cache_dir
 
     text = calibration_text() if text is None else text
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    dtype = _model_dtype(checkpoint.config)
+    dtype = checkpoint_dtype(checkpoint.path, checkpoint.config)
     key_src = json.dumps(
         {
             "v": IMATRIX_FORMAT,
@@ -105,6 +90,7 @@ def load_or_compute(checkpoint: CheckpointLike, text: str | None = None, progres
             "text": text_sha,
             "window": WINDOW,
             "dtype": dtype,
+            "budget": budget,
         },
         sort_keys=True,
     )
@@ -113,62 +99,59 @@ def load_or_compute(checkpoint: CheckpointLike, text: str | None = None, progres
     if path.is_file():
         with np.load(path) as data:
             tokens = int(data["__tokens__"])
-            values = {k: data[k] for k in data.files if k != "__tokens__"}
-        return Imatrix(values, tokens, text_sha, key, cached=True)
-    values, tokens = compute(checkpoint, text, dtype, progress)
+            stored_mode = str(data["__mode__"]) if "__mode__" in data.files else "memory"
+            values = {k: data[k] for k in data.files if not k.startswith("__")}
+        return Imatrix(values, tokens, text_sha, key, cached=True, budget=budget, dtype=dtype, mode=stored_mode)
+    mode = mode_for(checkpoint.path, dtype, mode)
+    values, tokens = compute(checkpoint, text, dtype, progress, mode=mode, budget=budget)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npz"
-    np.savez(tmp, __tokens__=np.int64(tokens), **values)
+    np.savez(tmp, __tokens__=np.int64(tokens), __mode__=np.str_(mode), **values)
     os.replace(tmp, path)
-    return Imatrix(values, tokens, text_sha, key)
+    return Imatrix(values, tokens, text_sha, key, budget=budget, dtype=dtype, mode=mode)
 
 
 def compute(
-    checkpoint: CheckpointLike, text: str, dtype: str = "float32", progress: Progress | None = None
+    checkpoint,
+    text: str,
+    dtype: str = "float32",
+    progress=None,
+    *,
+    mode: str = "memory",
+    budget: int = CALIBRATION_TOKENS,
 ) -> tuple[dict[str, Any], int]:
-    """Mean squared input activation per input column of every nn.Linear, over `text`."""
-    import numpy as np
+    """Mean squared input activation per input column of every nn.Linear, over `budget` tokens
+    of `text`; returns the means and the number of positions they are over."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from .layerwise import LayerwiseModel, SquareSums, resident_model
     from .progress import NullProgress
-    from .reference import load_tokenizer, tokenizer_bos, windows_of
+    from .reference import load_tokenizer, repeat_to, tokenizer_bos, windows_of
 
     progress = progress or NullProgress()
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = repeat_to(tokenizer(text, add_special_tokens=False).input_ids, budget)
     windows = windows_of(ids, WINDOW, tokenizer_bos(tokenizer))
-    with progress.step("imatrix: loading reference model"):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint.path),
-            dtype=getattr(torch, dtype),
-            attn_implementation="eager",
-            trust_remote_code=checkpoint.trust_remote_code,
-        )
-        model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        with torch.inference_mode(), progress.step("imatrix: calibration text", total=len(windows)) as step:
-            for w in windows:
-                model(torch.tensor([w]))
-                step.advance()
-    finally:
-        for h in handles:
-            h.remove()
+    sums = SquareSums()
+    # eager attention, as the reference: sdpa skips Gemma 2's attention logit soft-capping.
+    if mode == "stream":
+        model = LayerwiseModel(checkpoint, dtype, "eager")
+        with progress.step("imatrix: calibration text, block by block", total=len(model.blocks)) as step:
+            model.run(windows, lambda i, logits: None, sums=sums, progress_step=step)
+    else:
+        with progress.step("imatrix: loading reference model"):
+            model = resident_model(checkpoint, dtype, "eager")
+        handles = sums.attach(model)
+        try:
+            with torch.inference_mode(), progress.step("imatrix: calibration text", total=len(windows)) as step:
+                for w in windows:
+                    model(torch.tensor([w]))
+                    step.advance()
+        finally:
+            for h in handles:
+                h.remove()
     del model
-    values = {n: (sums[n] / counts[n]).to(torch.float32).numpy().astype(np.float32) for n in sorted(sums)}
-    return values, sum(len(w) for w in windows)
+    return sums.means(), sum(len(w) for w in windows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +164,7 @@ def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
 
     reader = GGUFReader(str(gguf_path))
 
-    def field(name: str) -> Any:
+    def field(name: str):
         f = reader.fields.get(name)
         return f.contents() if f is not None else None
 
@@ -242,7 +225,7 @@ class LlamaImatrix:
         return len(self._names)
 
     @property
-    def pointer(self) -> Any:  # a ctypes pointer to llama_model_imatrix_data (llama_cpp is untyped)
+    def pointer(self):
         import llama_cpp
 
         return ctypes.cast(self.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
@@ -252,7 +235,7 @@ class LlamaImatrix:
 # onnxruntime-genai builder graphs
 
 
-def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int) -> np.ndarray | None:
+def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int):
     """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
 
     Builder names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q4;

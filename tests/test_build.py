@@ -290,11 +290,11 @@ def test_report_renders_its_plots_in_headless_chromium(built, tmp_path):
         rgb = [int(hex_color[i : i + 2], 16) * alpha + 255 * (1 - alpha) for i in (1, 3, 5)]  # over white
         return sum(n for n, c in colors if all(abs(a - b) <= tol for a, b in zip(c, rgb)))
 
-    from edgekit.report import FORMAT_COLORS, POINT_ALPHA
+    from edgekit.report import POINT_ALPHA, format_color
 
-    # The scatter points (one colour per format) and the RSS bars are painted.
-    assert near(FORMAT_COLORS["onnx-int4"], POINT_ALPHA) > 50
-    assert near(FORMAT_COLORS["gguf-q4_k_m"], POINT_ALPHA) > 50
+    # The scatter points (one colour per format, the backend's PLOT_COLOR) and the RSS bars are painted.
+    assert near(format_color("onnx-int4"), POINT_ALPHA) > 50
+    assert near(format_color("gguf-q4_k_m"), POINT_ALPHA) > 50
     assert near("#9467bd") > 500
 
 

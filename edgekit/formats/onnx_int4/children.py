@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from ...fileio import write_text
 from .childlog import PHASE
+from .expand import more_bits_layers as _more_bits_layers
 from .files import save_onnx
 from .recipe import ALGORITHMS
 from .requant import LAYER_MATMUL
 from .rewrite import requantize
+from .stream import child_stream
 from .weights import CheckpointWeights, OnnxWeights
 
 if TYPE_CHECKING:
@@ -31,7 +33,7 @@ def child_main(job_path: str, result_path: str) -> int:
     # Per-node lines from the default quantizer give the quantizing step a counter.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.INFO)
     try:
-        report = {"builder": _child_builder, "optimum": _child_optimum}[job["engine"]](job)
+        report = {"builder": _child_builder, "optimum": _child_optimum, "stream": _child_stream}[job["engine"]](job)
         result: dict[str, Any] = {"ok": True, "requant": report}
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises ToolFailed
         traceback.print_exc(file=sys.stdout)
@@ -54,6 +56,11 @@ def _child_builder(job: dict[str, Any]) -> dict[str, Any] | None:
         source = CheckpointWeights(Path(job["input"]), job["requant"]["qkv_sizes"])
         return requantize(Path(job["output"]) / "model.onnx", source, job["requant"])
     return None
+
+
+def _child_stream(job: dict[str, Any]) -> dict[str, Any]:
+    """The streamed path (stream.py); the whole-model builder path when it does not apply."""
+    return child_stream(job, _child_builder)
 
 
 def _child_optimum(job: dict[str, Any]) -> dict[str, Any] | None:
@@ -136,8 +143,3 @@ def _int8_matmuls(groups: Sequence[str], names: Sequence[str], head: str | None)
             if m and int(m.group(1)) in upgrade and m.group(2) in _MORE_BITS_PROJECTIONS:
                 picked.append(n)
     return picked
-
-
-def _more_bits_layers(n: int) -> set[int]:
-    """llama.cpp's use_more_bits: first and last eighth of the layers, and every third between."""
-    return {i for i in range(n) if i < n / 8 or i >= 7 * n / 8 or (i - round(n / 8)) % 3 == 2}

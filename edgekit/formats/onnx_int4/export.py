@@ -13,6 +13,7 @@ from .childlog import ChildOutput, run_child
 from .files import complete_bundle_files, set_context_length, weight_notes, weight_summary, write_genai_config
 from .recipe import ALGORITHMS, OnnxRecipe, builder_extra_options
 from .rewrite import requant_job, requant_notes
+from .stream import WHOLE_MODEL, streaming_notes, why_not_streamed
 
 if TYPE_CHECKING:
     from ...checkpoint import Checkpoint
@@ -82,6 +83,9 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
     quantization = {"path": path_taken, "weights": weights, "context_length": context}
     if engine == "builder":
         quantization["builder_extra_options"] = builder_extra_options(recipe, checkpoint.trust_remote_code)
+        path = str((requant or {}).pop("path_taken", WHOLE_MODEL))
+        quantization["path_taken"] = path
+        notes += streaming_notes(requant, path)
     if requant:
         quantization["edgekit_requantization"] = requant
         notes += requant_notes(requant)
@@ -167,7 +171,7 @@ def _num_layers(config: dict[str, Any]) -> int | None:
 def _run_builder(
     checkpoint: Checkpoint, staging: Path, work: Path, recipe: OnnxRecipe, progress: Progress
 ) -> dict[str, Any] | None:
-    job = {
+    job: dict[str, Any] = {
         "engine": "builder",
         "input": str(checkpoint.path),
         "output": str(staging),
@@ -176,6 +180,12 @@ def _run_builder(
         "precision": recipe.precision,
         "requant": requant_job(checkpoint, recipe),
     }
+    if why_not_streamed(checkpoint.architecture, checkpoint.config, recipe) is None:
+        job.update(
+            engine="stream",
+            template=str(work / "template"),
+            mixed_layers="mixed_layers" in ALGORITHMS[recipe.algorithm][1],
+        )
     result = run_child(job, work, progress, ChildOutput(_num_layers(checkpoint.config)))
     if result.get("error") == "NotImplementedError":
         raise _Unsupported(result.get("message", ""))

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
 from .files import save_onnx
+from .nodequant import LockedSource, NodeResult, count, load_imatrix, new_report, ordered_map, requantize_node
 from .recipe import OnnxRecipe
-from .requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
 
 if TYPE_CHECKING:
-    import onnx
-
     from ...checkpoint import Checkpoint
-    from .weights import CheckpointWeights, OnnxWeights
 
 # --- edgekit re-quantization -----------------------------------------------------------------
 #
@@ -31,8 +27,7 @@ if TYPE_CHECKING:
 # says which. A fused qkv_proj whose q, k and v get different widths is split into one
 # MatMulNBits per run of equal width, concatenated back into the fused output.
 
-_NODE_BASE = re.compile(r"^(.*/MatMul)(?:_Q\d+)?$")
-_MISMATCH = 0.3  # relative RMS difference above which a checkpoint tensor is not this node's weight
+# (per node, on both cores: nodequant.py)
 
 
 def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
@@ -56,14 +51,11 @@ def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | 
     }
 
 
-def requantize(
-    model_or_path: onnx.ModelProto | str | Path, source: CheckpointWeights | OnnxWeights, spec: dict[str, Any]
-) -> dict[str, Any]:
+def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
     """Re-quantize the MatMulNBits nodes of a graph (a ModelProto, changed in place, or a
     model.onnx path, rewritten with its model.onnx.data). Returns a report for the manifest."""
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     path = None
     if isinstance(model_or_path, (str, Path)):
@@ -72,115 +64,31 @@ def requantize(
     else:
         model = model_or_path
     graph = model.graph
-    search = spec["weight_search"]
-    int8, qkv_sizes = list(spec.get("int8", [])), spec.get("qkv_sizes")
-    imatrix = None
-    if search == "imatrix":
-        from ...imatrix import CheckpointFiles, load_or_compute
-
-        print(PHASE + "imatrix: calibration text")
-        ck = CheckpointFiles(
-            path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
-        )
-        imatrix = load_or_compute(ck)
+    imatrix = load_imatrix(spec)
     print(PHASE + "re-quantizing weights (edgekit)")
-
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    report: dict[str, Any] = {
-        "weight_search": search,
-        "int8_matmuls": int8,
-        "requantized": 0,
-        "split": 0,
-        "kept": [],
-        "imatrix": imatrix.summary() if imatrix else None,
-        "imatrix_missing": [],
-    }
-    new_nodes, add = [], []
-    drop: set[str] = set()
-    for node in graph.node:
-        if node.op_type != "MatMulNBits":
-            new_nodes.append(node)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
-        named = _NODE_BASE.match(node.name)
-        base = named.group(1) if named else node.name
-        b_name, s_name = node.input[1], node.input[2]
-        zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        runs = plan(base, n, bits, int8, qkv_sizes)
-        int8_block = spec.get("int8_block_size") or block
-        unchanged = len(runs) == 1 and runs[0][3] == bits and (bits != 8 or int8_block == block)
-        if (search == "builder" and unchanged) or len(node.input) > 4:
-            new_nodes.append(node)
-            continue
-        if any(uses.get(x, 0) > 1 for x in (b_name, s_name, zp_name) if x) or b_name not in inits:
-            report["kept"].append(f"{node.name}: weights shared with another node (tied embedding)")
-            new_nodes.append(node)
-            continue
-        w = source.weight_for(base, n, k)
-        if w is None:
-            report["kept"].append(f"{node.name}: no matching float weight")
-            new_nodes.append(node)
-            continue
-        old = dequantize_matmulnbits(
-            numpy_helper.to_array(inits[b_name]),
-            numpy_helper.to_array(inits[s_name]),
-            numpy_helper.to_array(inits[zp_name]) if zp_name else None,
-            bits,
-            block,
-            n,
-            k,
-        )
-        rel = float(np.sqrt(np.mean((old - w) ** 2) / max(float(np.mean(w * w)), 1e-30)))
-        if rel > _MISMATCH:
-            report["kept"].append(f"{node.name}: checkpoint tensor does not match the node (rel. diff {rel:.2f})")
-            new_nodes.append(node)
-            continue
-        importance = None
-        if imatrix is not None:
-            from ...imatrix import onnx_node_importance
+    report = new_report(spec, imatrix)
+    source = LockedSource(source)
 
-            importance = onnx_node_importance(imatrix, node.name, k)
-            if importance is None:
-                report["imatrix_missing"].append(node.name)
-        scale_type = inits[s_name].data_type
-        prefix = b_name.rsplit("_Q", 1)[0] if "_Q" in b_name else b_name
-        drop.update(x for x in (b_name, s_name, zp_name) if x)
-        outputs = []
-        for label, r0, r1, rbits in runs:
-            rblock = int8_block if rbits == 8 else block
-            q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance)
-            pb, ps, pz = pack_matmulnbits(q, scale, zp, rbits)
-            tag = f".{label}" if label else ""
-            names = (f"{prefix}{tag}_Q{rbits}G{rblock}", f"{prefix}{tag}_scale", f"{prefix}{tag}_zp")
-            if len(runs) == 1 and rbits == bits and rblock == block:  # same node and names: only the codes change
-                names = (b_name, s_name, zp_name or f"{prefix}_zp")
-            ps = ps.astype(helper.tensor_dtype_to_np_dtype(scale_type))
-            add += [
-                numpy_helper.from_array(pb, names[0]),
-                numpy_helper.from_array(ps, names[1]),
-                numpy_helper.from_array(pz, names[2]),
-            ]
-            out = node.output[0] if len(runs) == 1 else f"{node.output[0]}/{label}"
-            outputs.append(out)
-            new_nodes.append(
-                helper.make_node(
-                    "MatMulNBits",
-                    [node.input[0], *names],
-                    [out],
-                    name=f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}",
-                    domain="com.microsoft",
-                    **{**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock},
-                )
-            )
-        if len(runs) > 1:
-            new_nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/Concat", axis=-1))
-            report["split"] += 1
-        report["requantized"] += 1
+    def one(node):
+        if node.op_type != "MatMulNBits":
+            return NodeResult((node,))
+        return requantize_node(
+            node, inits.get, uses, source, spec, imatrix, lambda name: numpy_helper.to_array(inits[name])
+        )
+
+    new_nodes: list[Any] = []
+    add: list[Any] = []
+    drop: set[str] = set()
+    for node, result in zip(list(graph.node), ordered_map(one, list(graph.node))):
+        count(report, node, result)
+        new_nodes += result.nodes
+        drop.update(result.drop)
+        add += [numpy_helper.from_array(a, name) for name, a in result.tensors]
     kept_inits = [t for t in graph.initializer if t.name not in drop]
     graph.ClearField("initializer")
     graph.initializer.extend(kept_inits + add)

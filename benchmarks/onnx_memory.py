@@ -1,0 +1,173 @@
+"""Time and process-tree peak RSS of edgekit's onnx-int4 export (streamed) vs the raw genai builder.
+
+    python benchmarks/onnx_memory.py smollm2-135m          # streamed vs whole-model edgekit export
+    python benchmarks/onnx_memory.py llama-3.2-1b [--cap-gb 16] [--work DIR]
+
+smollm2-135m: edgekit's default recipe both ways (the streamed path, and the whole-model
+builder path it replaces), with a check that the two bundles' model files are byte-identical.
+A random-weight model (llama-3.2-1b, phi3-mini, ... as benchmarks/_scale_models.py defines them,
+written tensor by tensor, bf16): the raw builder
+(`python -m onnxruntime_genai.models.builder -i CKPT -o OUT -p int4 -e cpu
+--extra_options algo_config=k_quant_mixed`, the algorithm edgekit starts from) and
+edgekit's default-recipe export (importance matrix included).
+
+Each step runs in a fresh process; its whole process tree is sampled every 0.1 s
+(edgekit.measure.PeakRSS) and killed when it passes --cap-gb, so a run never takes the machine
+down. Results go to benchmarks/results/onnx_memory.md with the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from edgekit.checkpoint import sha256_file
+from edgekit.measure import PeakRSS
+
+MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
+EXPORT = (
+    "import sys, json; from edgekit import api; "
+    "r = api.export(sys.argv[1], 'onnx-int4', sys.argv[2], force=True, recipe=json.loads(sys.argv[3])); "
+    "print('path_taken', r[0].path_taken)"
+)
+
+
+def run(name: str, argv: list[str], cap_gb: float, env: dict[str, str] | None = None) -> dict:
+    """Run argv with its process tree watched; kill the tree above cap_gb."""
+    import psutil
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"onnx_memory-{name}.log"
+    with open(log, "wb") as out, PeakRSS() as peak:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        killed = False
+        while proc.poll() is None:
+            if peak.peak_bytes > cap_gb * 2**30 and not killed:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+                proc.kill()
+                killed = True
+            time.sleep(0.2)
+    return {
+        "step": name,
+        "wall_s": round(peak.wall_s, 1),
+        "peak_gib": round(peak.peak_bytes / 2**30, 2),
+        "returncode": proc.returncode,
+        "killed_at_cap": killed,
+        "log": str(log),
+    }
+
+
+def edgekit_export(name: str, ckpt: str, out: Path, cap_gb: float, whole_model: bool = False) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    # whole_model: the builder path edgekit took before, by telling export that nothing streams
+    code = (
+        EXPORT
+        if not whole_model
+        else (
+            "import importlib; m = importlib.import_module('edgekit.formats.onnx_int4.export'); "
+            "m.why_not_streamed = lambda *a: 'benchmark: whole model'; " + EXPORT
+        )
+    )
+    return run(name, [sys.executable, "-c", code, ckpt, str(out), "{}"], cap_gb)
+
+
+def machine() -> str:
+    import psutil
+
+    load = os.getloadavg()
+    return (
+        f"{platform.node()}: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"{psutil.virtual_memory().available / 2**30:.1f} GiB available, load {load[0]:.1f} at start"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="smollm2-135m, or a model of benchmarks/_scale_models.py (llama-3.2-1b, ...)")
+    ap.add_argument("--cap-gb", type=float, default=16.0, help="kill a step whose process tree passes this")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-onnx-memory"))
+    args = ap.parse_args()
+    work = args.work / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    where = machine()
+    rows = []
+    if args.model == "smollm2-135m":
+        rows.append(edgekit_export("edgekit streamed", "smollm2-135m", work / "streamed", args.cap_gb))
+        rows.append(
+            edgekit_export("edgekit whole model", "smollm2-135m", work / "whole", args.cap_gb, whole_model=True)
+        )
+        same = all(sha256_file(work / "streamed" / f) == sha256_file(work / "whole" / f) for f in MODEL_FILES)
+        extra = f"model files byte-identical between the two paths: {same}"
+    else:
+        from _scale_models import (  # benchmarks/_scale_models.py (scale branch)
+            get_model,
+            write_checkpoint,
+        )
+
+        ckpt = work / "checkpoint"
+        if not (ckpt / "config.json").is_file():
+            write_checkpoint(get_model(args.model), ckpt)
+        raw_out = work / "raw"
+        shutil.rmtree(raw_out, ignore_errors=True)
+        rows.append(
+            run(
+                "raw builder",
+                [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    str(ckpt),
+                    "-o",
+                    str(raw_out),
+                    "-p",
+                    "int4",
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(work / "raw-cache"),
+                    "--extra_options",
+                    "algo_config=k_quant_mixed",
+                ],
+                args.cap_gb,
+            )
+        )
+        shutil.rmtree(raw_out, ignore_errors=True)
+        rows.append(edgekit_export("edgekit default recipe", str(ckpt), work / "edgekit", args.cap_gb))
+        extra = ""
+    lines = [
+        f"## onnx-int4 export, {args.model} ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"Machine: {where}.",
+        "",
+        "| step | wall s | process-tree peak GiB | exit | killed at cap |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['step']} | {r['wall_s']} | {r['peak_gib']} | {r['returncode']} | {r['killed_at_cap']} |" for r in rows
+    ]
+    if extra:
+        lines += ["", extra]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    print(json.dumps(rows, indent=2))
+    results = HERE / "results" / "onnx_memory.md"
+    results.parent.mkdir(exist_ok=True)
+    with open(results, "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

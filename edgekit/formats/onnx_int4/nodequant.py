@@ -1,0 +1,205 @@
+"""edgekit re-quantization, one MatMulNBits node at a time, on both cores.
+
+rewrite.requantize() (a whole graph in memory) and filling.Filler (a streamed graph, written
+tensor by tensor) share these: node_plan() decides from the graph alone whether a node is
+re-quantized, requantize_node() does it from the node's float weight, ordered_map() runs that
+on WORKERS threads (numpy releases the GIL in the block search) with only a few results in
+flight, so memory holds a few tensors, not the model.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .childlog import PHASE
+from .requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
+
+WORKERS = 2  # one thread per core of a 2-core laptop or CI runner; more only queue behind them
+NODE_BASE = re.compile(r"^(.*/MatMul)(?:_Q\d+)?$")
+MISMATCH = 0.3  # relative RMS difference above which a checkpoint tensor is not this node's weight
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What one MatMulNBits node becomes. Kept nodes carry the reason and no tensors."""
+
+    nodes: tuple  # NodeProtos that replace the node (the node itself when kept)
+    tensors: tuple = ()  # (name, ndarray) initializers the new nodes read, in graph order
+    drop: tuple = ()  # initializer names the new nodes no longer read
+    kept: str | None = None  # why the quantizer's codes stay (for the report); None: re-quantized or untouched
+    split: bool = False  # a fused qkv split by width and concatenated
+    imatrix_missing: bool = False
+
+
+def node_base(name: str) -> str:
+    """/model/layers.3/attn/qkv_proj/MatMul_Q4 -> /model/layers.3/attn/qkv_proj/MatMul."""
+    m = NODE_BASE.match(name)
+    return m.group(1) if m else name
+
+
+def node_plan(node, tensor_of: Callable[[str], Any], uses: dict[str, int], spec: dict[str, Any]) -> NodeResult | None:
+    """None when `node` is to be re-quantized; else what it stays (kept, with the reason if any).
+    Decided from the graph alone, before any weight is read."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    n, bits, block = attrs["N"], attrs.get("bits", 4), attrs["block_size"]
+    base = node_base(node.name)
+    b_name, s_name = node.input[1], node.input[2]
+    zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    runs = plan(base, n, bits, spec.get("int8", []), spec.get("qkv_sizes"))
+    int8_block = spec.get("int8_block_size") or block
+    unchanged = len(runs) == 1 and runs[0][3] == bits and (bits != 8 or int8_block == block)
+    if (spec["weight_search"] == "builder" and unchanged) or len(node.input) > 4:
+        return NodeResult((node,))
+    if any(uses.get(x, 0) > 1 for x in (b_name, s_name, zp_name) if x) or tensor_of(b_name) is None:
+        return NodeResult((node,), kept=f"{node.name}: weights shared with another node (tied embedding)")
+    return None
+
+
+def requantize_node(
+    node,
+    tensor_of: Callable[[str], Any],
+    uses: dict[str, int],
+    source,
+    spec: dict[str, Any],
+    imatrix,
+    old_codes: Callable[[str], Any] | None,
+) -> NodeResult:
+    """Re-quantize one MatMulNBits node from its float weight (`source.weight_for`).
+
+    tensor_of(name) is the node's initializer TensorProto (dtype and dims; None if it is not an
+    initializer); old_codes(name) its array, or None when the data is not at hand (a streamed
+    layer), which skips the check that the checkpoint tensor is this node's weight."""
+    import numpy as np
+    from onnx import helper
+
+    if (planned := node_plan(node, tensor_of, uses, spec)) is not None:
+        return planned
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
+    base = node_base(node.name)
+    b_name, s_name = node.input[1], node.input[2]
+    zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    runs = plan(base, n, bits, spec.get("int8", []), spec.get("qkv_sizes"))
+    int8_block = spec.get("int8_block_size") or block
+    w = source.weight_for(base, n, k)
+    if w is None:
+        return NodeResult((node,), kept=f"{node.name}: no matching float weight")
+    old_b = old_codes(b_name) if old_codes is not None else None
+    if old_codes is not None and old_b is not None:
+        old = dequantize_matmulnbits(
+            old_b, old_codes(s_name), old_codes(zp_name) if zp_name else None, bits, block, n, k
+        )
+        rel = float(np.sqrt(np.mean((old - w) ** 2) / max(float(np.mean(w * w)), 1e-30)))
+        if rel > MISMATCH:
+            return NodeResult(
+                (node,), kept=f"{node.name}: checkpoint tensor does not match the node (rel. diff {rel:.2f})"
+            )
+    importance, missing = None, False
+    if imatrix is not None:
+        from ...imatrix import onnx_node_importance
+
+        importance = onnx_node_importance(imatrix, node.name, k)
+        missing = importance is None
+    scale_dtype = helper.tensor_dtype_to_np_dtype(tensor_of(s_name).data_type)
+    prefix = b_name.rsplit("_Q", 1)[0] if "_Q" in b_name else b_name
+    nodes, tensors, outputs = [], [], []
+    for label, r0, r1, rbits in runs:
+        rblock = int8_block if rbits == 8 else block
+        q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance)
+        pb, ps, pz = pack_matmulnbits(q, scale, zp, rbits)
+        tag = f".{label}" if label else ""
+        names = (f"{prefix}{tag}_Q{rbits}G{rblock}", f"{prefix}{tag}_scale", f"{prefix}{tag}_zp")
+        if len(runs) == 1 and rbits == bits and rblock == block:  # same node and names: only the codes change
+            names = (b_name, s_name, zp_name or f"{prefix}_zp")
+        tensors += [(names[0], pb), (names[1], ps.astype(scale_dtype)), (names[2], pz)]
+        out = node.output[0] if len(runs) == 1 else f"{node.output[0]}/{label}"
+        outputs.append(out)
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], *names],
+                [out],
+                name=f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}",
+                domain="com.microsoft",
+                **{**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock},
+            )
+        )
+    if len(runs) > 1:
+        nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/Concat", axis=-1))
+    return NodeResult(
+        tuple(nodes),
+        tuple(tensors),
+        tuple(x for x in (b_name, s_name, zp_name) if x),
+        split=len(runs) > 1,
+        imatrix_missing=missing,
+    )
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int = WORKERS, ahead: int = 2 * WORKERS) -> Iterator:
+    """fn over items on `workers` threads, results in input order, at most `ahead` in flight
+    (so a streamed export holds a few tensors, not the model)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class LockedSource:
+    """A weight source read from worker threads one call at a time (safetensors handles are shared)."""
+
+    def __init__(self, source):
+        self._source, self._lock = source, threading.Lock()
+        self.qkv_sizes = getattr(source, "qkv_sizes", None)
+
+    def weight_for(self, base: str, n: int, k: int):
+        with self._lock:
+            return self._source.weight_for(base, n, k)
+
+
+def load_imatrix(spec: dict[str, Any]):
+    if spec["weight_search"] != "imatrix":
+        return None
+    from types import SimpleNamespace
+
+    from ...imatrix import load_or_compute
+
+    print(PHASE + "imatrix: calibration text")
+    ck = SimpleNamespace(
+        path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
+    )
+    return load_or_compute(ck)
+
+
+def new_report(spec: dict[str, Any], imatrix) -> dict[str, Any]:
+    return {
+        "weight_search": spec["weight_search"],
+        "int8_matmuls": list(spec.get("int8", [])),
+        "requantized": 0,
+        "split": 0,
+        "kept": [],
+        "imatrix": imatrix.summary() if imatrix else None,
+        "imatrix_missing": [],
+    }
+
+
+def count(report: dict[str, Any], node, result: NodeResult) -> None:
+    if result.kept:
+        report["kept"].append(result.kept)
+    elif result.tensors:
+        report["requantized"] += 1
+        report["split"] += int(result.split)
+        if result.imatrix_missing:
+            report["imatrix_missing"].append(node.name)

@@ -1,0 +1,198 @@
+"""Streamed onnx-int4 export (formats/onnx_int4/stream.py) against the whole-model builder path.
+
+The streamed path builds a 3-layer template with the genai builder and grows it to N layers; a
+bundle it writes must be the builder path's byte for byte, so the parity and reproducibility
+tests of the builder path hold for it by construction. Checked on tiny checkpoints made 9
+layers deep (k_quant_mixed then raises layers 0, 1, 3, 6 and 8 to int8, so both template
+variants are used), every layer with its own random values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from edgekit.checkpoint import resolve
+from edgekit.formats import onnx_int4
+from edgekit.formats.onnx_int4.expand import TEMPLATE_LAYERS, more_bits_layers, renamed
+from edgekit.formats.onnx_int4.nodequant import ordered_map
+from edgekit.formats.onnx_int4.stream import STREAMED, WHOLE_MODEL, why_not_streamed
+from edgekit.targets import load_targets
+
+DEPTH = 9
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "phi3-longrope", "phi4-mini", "phi3-medium"]
+
+
+class Progress:
+    @contextmanager
+    def step(self, name, total=None):
+        yield SimpleNamespace(advance=lambda n=1: None, update=lambda c, t=None: None)
+
+    def note(self, text):
+        pass
+
+
+def recipe(**overrides):
+    spec = load_targets().format("onnx-int4")
+    return onnx_int4.parse_recipe({**spec.recipe, **overrides}, "test")
+
+
+def deepen(src: Path, out: Path, layers: int, zero_bias_layers: tuple[int, ...] = (), seed: int = 1) -> Path:
+    """A copy of a tiny checkpoint with `layers` layers, each with its own random values."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name != "config.json":
+            shutil.copy2(p, out / p.name)
+    cfg = json.loads((src / "config.json").read_text())
+    n0 = cfg["num_hidden_layers"]
+    cfg["num_hidden_layers"] = layers
+    for key, value in list(cfg.items()):  # per-layer lists (layer_types) follow the depth
+        if isinstance(value, list) and len(value) == n0:
+            cfg[key] = [value[i % n0] for i in range(layers)]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    last = f"model.layers.{n0 - 1}."
+    for name in sorted(n for n in tensors if n.startswith(last)):
+        t = tensors[name]
+        for i in range(layers):
+            new = t.float() + 0.2 * torch.randn(t.shape, generator=g)
+            if i in zero_bias_layers and name.endswith(".bias"):
+                new = torch.zeros_like(new)
+            tensors[name.replace(last, f"model.layers.{i}.")] = new.to(t.dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def export(ckpt: Path, out: Path, whole_model: bool = False, **overrides):
+    out.mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as mp:
+        if whole_model:
+            # the module, not the package's export() that shadows its name
+            module = importlib.import_module("edgekit.formats.onnx_int4.export")
+            mp.setattr(module, "why_not_streamed", lambda *a: "forced by the test")
+        notes = onnx_int4.export(resolve(str(ckpt)), out, recipe(**overrides), Progress())
+    return out, notes
+
+
+def digests(bundle: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bundle.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    from edgekit.tiny import make_tiny
+
+    made: dict[str, Path] = {}
+
+    def get(family: str, **kw) -> Path:
+        key = family + repr(sorted(kw.items()))
+        if key not in made:
+            root = tmp_path_factory.mktemp("deep")
+            made[key] = deepen(make_tiny(family, root / "tiny"), root / f"{family}-{DEPTH}", DEPTH, **kw)
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_path):
+    ckpt = deep(family)
+    streamed, s_notes = export(ckpt, tmp_path / "streamed")
+    whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True)
+    assert s_notes.quantization["path_taken"] == STREAMED
+    assert w_notes.quantization["path_taken"] == WHOLE_MODEL
+    assert any(n.startswith("streamed export:") for n in s_notes.notes)
+    assert digests(streamed) == digests(whole)
+    # the manifest's record of the re-quantization is the same too (the path is recorded beside it)
+    assert s_notes.quantization["edgekit_requantization"] == w_notes.quantization["edgekit_requantization"]
+    assert s_notes.quantization["edgekit_requantization"]["requantized"] >= DEPTH * 5
+
+
+def test_streamed_bundle_runs_in_plain_genai(deep, tmp_path):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    bundle, _ = export(deep("phi4-mini"), tmp_path / "b")
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray([1, 5, 9, 20], dtype=np.int32))
+    logits = np.asarray(gen.get_output("logits"))
+    assert logits.shape[-1] == json.loads((bundle / "genai_config.json").read_text())["model"]["vocab_size"]
+    assert np.isfinite(logits).all()
+
+
+def test_a_layer_built_unlike_the_template_takes_the_whole_model_path(deep, tmp_path):
+    # The builder leaves out the Add of an all-zero bias: layer 4 has one, no template layer does.
+    ckpt = deep("qwen2", zero_bias_layers=(4,))
+    bundle, notes = export(ckpt, tmp_path / "b")
+    assert notes.quantization["path_taken"] == WHOLE_MODEL
+    assert any("streamed export not possible" in n and "layer 4" in n for n in notes.notes)
+    whole, _ = export(ckpt, tmp_path / "whole", whole_model=True)
+    assert digests(bundle) == digests(whole)
+    assert not (tmp_path / "b-onnx-work").exists()
+
+
+def test_refusals_name_the_reason():
+    cfg = {"num_hidden_layers": 30}
+    assert why_not_streamed("LlamaForCausalLM", cfg, recipe()) is None
+    assert "builder's own quantization" in why_not_streamed("LlamaForCausalLM", cfg, recipe(weight_search="builder"))
+    assert "sliding" in why_not_streamed("Gemma3ForCausalLM", cfg, recipe())
+    assert "not in the streaming table" in why_not_streamed("OlmoForCausalLM", cfg, recipe())
+    small = why_not_streamed("LlamaForCausalLM", {"num_hidden_layers": TEMPLATE_LAYERS}, recipe())
+    assert small and "as small as the template" in small
+
+
+def test_more_bits_layers_is_the_builders_rule():
+    from onnxruntime_genai.models.builders.base import Model
+
+    for n in (3, 9, 16, 30, 32, 40):
+        fake = SimpleNamespace(num_layers=n)
+        Model.make_matmul_mixed_precision(fake, {"mixed_layers": "int8"})
+        raised = {int(k.split(".")[1].split("/")[0]) for k in fake.int4_customized_weight_config}
+        assert raised == more_bits_layers(n), n
+
+
+def test_renaming_touches_layer_numbers_only():
+    m = {1: 7, 0: 6}
+    assert renamed("/model/layers.1/attn/qkv_proj/MatMul_Q4", m) == "/model/layers.7/attn/qkv_proj/MatMul_Q4"
+    assert (
+        renamed("/model/layers.0/mlp/down_proj/MatMul/output_0", m) == "/model/layers.6/mlp/down_proj/MatMul/output_0"
+    )
+    assert renamed("past_key_values.1.key", m) == "past_key_values.7.key"
+    assert renamed("present.1.value", m) == "present.7.value"
+    assert renamed("model.layers.10.x", m) == "model.layers.10.x"
+    assert renamed("/model/constants/INT64/[1]", m) == "/model/constants/INT64/[1]"
+
+
+def test_ordered_map_keeps_order_on_two_threads_with_few_in_flight():
+    running, peak, lock = 0, 0, threading.Lock()
+    threads = set()
+
+    def work(i):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.get_ident())
+        time.sleep(0.01 * (i % 3))
+        with lock:
+            running -= 1
+        return i * i
+
+    assert list(ordered_map(work, range(20))) == [i * i for i in range(20)]
+    assert peak <= 2 and len(threads) == 2
