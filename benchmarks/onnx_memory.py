@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from edgekit.checkpoint import sha256_file
-from edgekit.measure import PeakRSS
+from edgekit.checkpoint import sha256_file  # noqa: E402 - after the sys.path lines above, like the other scripts
+from edgekit.measure import PeakRSS  # noqa: E402
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 EXPORT = (

@@ -13,7 +13,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import catalog
 from .errors import BadInput, OfflineError
@@ -23,6 +23,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Files that define the model's behaviour and so enter the content hash.
 HASHED_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja") + PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointLike(Protocol):
+    """What the reference, the importance matrix and the layer-by-layer model read of a
+    checkpoint: a resolved Checkpoint has it, and so does CheckpointFiles."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def trust_remote_code(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """A checkpoint directory as a child process knows it from its job (no resolve() there)."""
+
+    path: Path
+    config: dict[str, Any]
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)

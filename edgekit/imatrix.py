@@ -31,7 +31,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .checkpoint import CheckpointLike
+    from .progress import Progress
 
 IMATRIX_FORMAT = 2  # bump when what is stored or how it is computed changes (2: token budget)
 WINDOW = 512  # tokens per forward pass
@@ -69,7 +75,12 @@ class Imatrix:
 
 
 def load_or_compute(
-    checkpoint, text: str | None = None, progress=None, *, budget: int = CALIBRATION_TOKENS, mode: str | None = None
+    checkpoint: CheckpointLike,
+    text: str | None = None,
+    progress: Progress | None = None,
+    *,
+    budget: int = CALIBRATION_TOKENS,
+    mode: str | None = None,
 ) -> Imatrix:
     """The imatrix of `checkpoint` over `budget` tokens of `text` (default: edgekit's calibration
     text), from the cache when an identical computation was done before. `mode` "stream"/"memory"
@@ -112,10 +123,10 @@ def load_or_compute(
 
 
 def compute(
-    checkpoint,
+    checkpoint: CheckpointLike,
     text: str,
     dtype: str = "float32",
-    progress=None,
+    progress: Progress | None = None,
     *,
     mode: str = "memory",
     budget: int = CALIBRATION_TOKENS,
@@ -164,7 +175,7 @@ def gguf_layout(gguf_path: Path) -> tuple[str, int, dict[str, int]]:
 
     reader = GGUFReader(str(gguf_path))
 
-    def field(name: str):
+    def field(name: str) -> Any:
         f = reader.fields.get(name)
         return f.contents() if f is not None else None
 
@@ -225,7 +236,7 @@ class LlamaImatrix:
         return len(self._names)
 
     @property
-    def pointer(self):
+    def pointer(self) -> Any:
         import llama_cpp
 
         return ctypes.cast(self.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
@@ -235,7 +246,7 @@ class LlamaImatrix:
 # onnxruntime-genai builder graphs
 
 
-def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int):
+def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int) -> np.ndarray | None:
     """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
 
     Builder names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q4;

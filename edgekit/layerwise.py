@@ -28,9 +28,13 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointLike
+    from .progress import Step
 
 MODES = ("stream", "memory")
 MODE_ENV = "EDGEKIT_REFERENCE"
@@ -78,7 +82,7 @@ def checkpoint_dtype(path: Path, config: dict[str, Any] | None = None) -> str:
             if name:
                 by_dtype[name] = by_dtype.get(name, 0) + _numel(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
     if by_dtype:
-        return max(by_dtype, key=by_dtype.get)
+        return max(by_dtype, key=lambda name: by_dtype[name])
     cfg = (config or {}).get("text_config") or config or {}
     declared = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     return declared if declared in ("bfloat16", "float16") else "float32"
@@ -115,7 +119,7 @@ def mode_for(path: Path, dtype: str, requested: str | None = None) -> str:
     return "stream" if weights_bytes(path, dtype) > STREAM_SHARE * available_bytes() else "memory"
 
 
-def resident_model(checkpoint, dtype: str, attn_implementation: str):
+def resident_model(checkpoint: CheckpointLike, dtype: str, attn_implementation: str) -> Any:
     """The whole model in memory, as transformers loads it (for checkpoints that fit)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -136,7 +140,7 @@ class SquareSums:
         self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
-    def attach(self, module, prefix: str = "") -> list:
+    def attach(self, module: Any, prefix: str = "") -> list[Any]:
         """Hooks on every nn.Linear under `module`, named `prefix` + its path (the full HF name)."""
         import torch
 
@@ -147,7 +151,7 @@ class SquareSums:
                 handles.append(sub.register_forward_hook(self._hook(full)))
         return handles
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[..., None]:
         import torch
 
         def record(module, inputs, output):
@@ -166,7 +170,7 @@ class SquareSums:
         }
 
 
-def _stand_in(layer, forward: Callable):
+def _stand_in(layer: Any, forward: Callable[..., Any]) -> Any:
     """A module that answers for `layer` inside the model's forward: attribute reads the
     forward makes (Gemma's and Qwen2's attention_type picks the mask) go to the real block."""
     import torch
@@ -195,7 +199,7 @@ class _Captured(Exception):
 class LayerwiseModel:
     """A causal LM whose weights stay in the safetensors until a pass needs them, block by block."""
 
-    def __init__(self, checkpoint, dtype: str, attn_implementation: str = "eager"):
+    def __init__(self, checkpoint: CheckpointLike, dtype: str, attn_implementation: str = "eager") -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.integrations.accelerate import init_empty_weights
@@ -263,12 +267,12 @@ class LayerwiseModel:
                 out[k] = t.to(self.dtype) if t.is_floating_point() else t
         return out
 
-    def _load(self, module, prefix: str, skip: Callable[[str], bool] = lambda k: False) -> None:
+    def _load(self, module: Any, prefix: str, skip: Callable[[str], bool] = lambda k: False) -> None:
         keys = [k for k, v in module.state_dict().items() if v.is_meta and not skip(k)]
         module.load_state_dict(self._read(keys, lambda k: prefix + k), strict=False, assign=True)
 
     @staticmethod
-    def _drop(module) -> None:
+    def _drop(module: Any) -> None:
         """Back to meta: the block's memory is freed, its buffers (computed, not stored) stay."""
         import torch
 
@@ -290,7 +294,7 @@ class LayerwiseModel:
         caches: Sequence[Any] | None = None,
         logits_to_keep: int | Sequence[int] = 0,
         sums: SquareSums | None = None,
-        progress_step=None,
+        progress_step: Step | None = None,
     ) -> None:
         """Forward every sequence (batch 1 each) through the model; on_logits(i, logits[n, vocab])
         per sequence, in order. `caches` (one transformers Cache per sequence, or None) are
@@ -319,7 +323,9 @@ class LayerwiseModel:
                     progress_step.advance()
             self._head(hidden, keep, on_logits, sums, blocks)
 
-    def _capture(self, sequences, caches, blocks) -> tuple[list[Any], list[list[tuple]]]:
+    def _capture(
+        self, sequences: Sequence[Sequence[int]], caches: Sequence[Any] | None, blocks: Any
+    ) -> tuple[list[Any], list[list[tuple]]]:
         """The hidden states entering block 0 and each block's call arguments, per sequence."""
         import torch
 
@@ -354,7 +360,9 @@ class LayerwiseModel:
             self._drop(self.model.get_input_embeddings())
         return hidden, calls
 
-    def _head(self, hidden, keep, on_logits, sums, blocks) -> None:
+    def _head(
+        self, hidden: Any, keep: Any, on_logits: Callable[[int, Any], None], sums: SquareSums | None, blocks: Any
+    ) -> None:
         """Final norm, lm_head and soft-capping by the model's own forward, one sequence at a time."""
         import torch
 
@@ -379,7 +387,7 @@ class LayerwiseModel:
                 handle.remove()
             self._drop(self.model)
 
-    def _swap(self, blocks, modules) -> None:
+    def _swap(self, blocks: Any, modules: Any) -> None:
         for i, m in enumerate(modules):
             self.blocks[i] = m
 
@@ -397,7 +405,7 @@ class LayerwiseModel:
         eos = gen.eos_token_id
         return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
-    def greedy(self, prompts: Sequence[Sequence[int]], n: int, progress_step=None) -> list[list[int]]:
+    def greedy(self, prompts: Sequence[Sequence[int]], n: int, progress_step: Step | None = None) -> list[list[int]]:
         """Argmax continuations of up to `n` tokens per prompt, stopping at EOS. One streamed
         pass per generated token serves every prompt still running, each with its own KV cache
         (a few MB per block at these lengths): n passes over the weights in all, not n per prompt."""
@@ -414,7 +422,7 @@ class LayerwiseModel:
             last: list[int] = []
             self.run(
                 [inputs[i] for i in running],
-                lambda s, logits, _last=last: _last.append(int(logits[-1].argmax())),
+                lambda s, logits, _last=last: _last.append(int(logits[-1].argmax())),  # type: ignore[misc]
                 caches=[caches[i] for i in running],
                 logits_to_keep=1,
             )

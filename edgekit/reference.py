@@ -19,14 +19,20 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .checkpoint import CheckpointLike
+    from .progress import Progress
 
 REFERENCE_FORMAT = 1  # bump when what is stored changes
 DEFAULT_WINDOW = 512
@@ -51,7 +57,7 @@ def load_eval_text(path: str | Path | None) -> str:
     return text
 
 
-def reference_dtype(checkpoint=None) -> str:
+def reference_dtype(checkpoint: CheckpointLike | None = None) -> str:
     """The dtype the reference computes in: the checkpoint's own (bf16/fp16 stay so: an fp32
     copy of a 3.8B bf16 model is 15 GB), fp32 for fp32 checkpoints; fp32 without a checkpoint."""
     if checkpoint is None:
@@ -65,7 +71,7 @@ def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[in
     """Split ids into non-overlapping windows; each starts with BOS when the tokenizer uses one,
     as a fresh prompt would."""
     step = window - (1 if bos is not None else 0)
-    out = []
+    out: list[list[int]] = []
     for start in range(0, len(ids), step):
         chunk = list(ids[start : start + step])
         if len(chunk) < 2 and out:
@@ -75,7 +81,7 @@ def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[in
     return out
 
 
-def tokenizer_bos(tokenizer) -> int | None:
+def tokenizer_bos(tokenizer: Any) -> int | None:
     """The BOS id if this tokenizer adds one to plain text (Llama/Phi-3 SentencePiece), else None."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -95,25 +101,25 @@ class Reference:
     cached: bool  # True if nothing had to be computed
     mode: str = "memory"  # how it was computed: "memory" (whole model) or "stream" (block by block)
 
-    def logits(self, i: int):
+    def logits(self, i: int) -> np.ndarray:
         import numpy as np
 
         return np.load(self.directory / f"window_{i:04d}.npy", mmap_mode="r")
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def build_reference(
-    checkpoint,
+    checkpoint: CheckpointLike,
     text: str,
     prompts: Sequence[str],
     greedy_tokens: int,
     window: int = DEFAULT_WINDOW,
-    progress=None,
+    progress: Progress | None = None,
     mode: str | None = None,
 ) -> Reference:
     """Reference logits for `text` and greedy continuations for `prompts`, from the cache if present.
@@ -166,13 +172,20 @@ def build_reference(
     return Reference(key, directory, tuple(map(tuple, windows)), dtype, greedy, prompt_ids, cached=False, mode=mode)
 
 
-def _prompt_ids(tokenizer, prompt: str, bos: int | None) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: str, bos: int | None) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     return ([bos] if bos is not None else []) + ids
 
 
 def _compute(
-    checkpoint, windows, prompt_ids, greedy_tokens, dtype, mode, directory: Path, progress
+    checkpoint: CheckpointLike,
+    windows: list[list[int]],
+    prompt_ids: dict[str, list[int]],
+    greedy_tokens: int,
+    dtype: str,
+    mode: str,
+    directory: Path,
+    progress: Progress,
 ) -> dict[str, list[int]]:
     import numpy as np
 
@@ -180,7 +193,7 @@ def _compute(
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
 
-    def save(i: int, logits) -> None:
+    def save(i: int, logits: Any) -> None:  # a torch tensor
         np.save(tmp / f"window_{i:04d}.npy", logits.float().numpy().astype(np.float32))
 
     try:
@@ -199,7 +212,15 @@ def _compute(
     return greedy
 
 
-def _compute_resident(checkpoint, windows, prompt_ids, greedy_tokens, dtype, save, progress) -> dict[str, list[int]]:
+def _compute_resident(
+    checkpoint: CheckpointLike,
+    windows: list[list[int]],
+    prompt_ids: dict[str, list[int]],
+    greedy_tokens: int,
+    dtype: str,
+    save: Callable[[int, Any], None],
+    progress: Progress,
+) -> dict[str, list[int]]:
     import torch
 
     from .layerwise import resident_model
@@ -219,7 +240,15 @@ def _compute_resident(checkpoint, windows, prompt_ids, greedy_tokens, dtype, sav
     return greedy
 
 
-def _compute_streamed(checkpoint, windows, prompt_ids, greedy_tokens, dtype, save, progress) -> dict[str, list[int]]:
+def _compute_streamed(
+    checkpoint: CheckpointLike,
+    windows: list[list[int]],
+    prompt_ids: dict[str, list[int]],
+    greedy_tokens: int,
+    dtype: str,
+    save: Callable[[int, Any], None],
+    progress: Progress,
+) -> dict[str, list[int]]:
     from .layerwise import LayerwiseModel
 
     model = LayerwiseModel(checkpoint, dtype, "eager")
@@ -238,7 +267,7 @@ def _publish_entry(tmp: Path, directory: Path) -> None:
         os.replace(tmp, directory)
 
 
-def _greedy(model, ids: list[int], n: int) -> list[int]:
+def _greedy(model: Any, ids: list[int], n: int) -> list[int]:
     """Plain argmax loop with a KV cache; stops at EOS like the runtimes' sessions do."""
     import torch
 
@@ -269,7 +298,7 @@ def reference_info(ref: Reference) -> dict[str, Any]:
     }
 
 
-def probe_ids(tokenizer, text: str, total: int) -> list[int]:
+def probe_ids(tokenizer: Any, text: str, total: int) -> list[int]:
     """`total` token ids of `text` repeated as often as needed, BOS first when the tokenizer
     adds one: the long-context probe's input."""
     bos = tokenizer_bos(tokenizer)
@@ -289,8 +318,13 @@ def repeat_to(piece: Sequence[int], total: int) -> list[int]:
 
 
 def long_reference(
-    checkpoint, ids: Sequence[int], prompt_tokens: int, boundary: int, progress=None, mode: str | None = None
-):
+    checkpoint: CheckpointLike,
+    ids: Sequence[int],
+    prompt_tokens: int,
+    boundary: int,
+    progress: Progress | None = None,
+    mode: str | None = None,
+) -> np.ndarray:
     """Reference logits for the long-context probe, [len(ids) - prompt_tokens, vocab] float32
     (memory-mapped from the cache): positions prompt_tokens - 1 .. len(ids) - 2, each as a
     forward pass over its own prefix would give it (see edgekit.longcontext)."""
@@ -334,7 +368,15 @@ def long_reference(
     return np.load(path, mmap_mode="r")
 
 
-def _long_logits(checkpoint, ids: list[int], prompt_tokens: int, boundary: int, dtype: str, mode: str, progress):
+def _long_logits(
+    checkpoint: CheckpointLike,
+    ids: list[int],
+    prompt_tokens: int,
+    boundary: int,
+    dtype: str,
+    mode: str,
+    progress: Progress,
+) -> np.ndarray:
     import numpy as np
     import torch
 
@@ -351,7 +393,7 @@ def _long_logits(checkpoint, ids: list[int], prompt_tokens: int, boundary: int, 
     keep = [boundary - prompt_tokens + 1, n - 1 - boundary]
     parts: list[Any] = [None, None]
 
-    def take(i: int, logits) -> None:
+    def take(i: int, logits: Any) -> None:  # a torch tensor
         parts[i] = logits.float().numpy().astype(np.float32)
 
     if mode == "stream":

@@ -211,7 +211,10 @@ def write_random_llama(tokenizer_from: Path, out: Path, layers: int) -> int:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     vocab, kv = config["vocab_size"], HIDDEN // HEADS * KV_HEADS
     g = torch.Generator().manual_seed(0)
-    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.02
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.02
+
     block = {
         "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
         "self_attn.k_proj.weight": (kv, HIDDEN),

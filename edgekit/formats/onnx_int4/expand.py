@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnx
 
 TEMPLATE_LAYERS = 3
 
@@ -86,7 +89,7 @@ def expand_sequence(
     return out
 
 
-def clone_node(node, mapping: dict[int, int]):
+def clone_node(node: onnx.NodeProto, mapping: dict[int, int]) -> onnx.NodeProto:
     from onnx import NodeProto
 
     new = NodeProto()
@@ -100,7 +103,7 @@ def clone_node(node, mapping: dict[int, int]):
     return new
 
 
-def clone_named(proto, mapping: dict[int, int]):
+def clone_named(proto: Any, mapping: dict[int, int]) -> Any:
     """A copy of a TensorProto or ValueInfoProto under its renamed name."""
     new = type(proto)()
     new.CopyFrom(proto)

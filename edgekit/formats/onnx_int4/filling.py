@@ -9,9 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .expand import NotStreamable, layer_of
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ...imatrix import Imatrix
 
 _CKPT_LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 # Float tensors of a layer the builder builds from several checkpoint tensors, as
@@ -28,14 +33,14 @@ class CheckpointTensors:
         self._handles = [safe_open(str(f), framework="pt") for f in sorted(Path(path).glob("*.safetensors"))]
         self.where: dict[str, Any] = {}
         for h in self._handles:
-            for name in h.keys():
+            for name in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable; keys() is its API
                 self.where.setdefault(name, h)
         self.by_layer: dict[int, list[str]] = {}
         for name in self.where:
             if m := _CKPT_LAYER.match(name):
                 self.by_layer.setdefault(int(m.group(2)), []).append(name)
 
-    def get(self, name: str):
+    def get(self, name: str) -> Any:
         return self.where[name].get_tensor(name)
 
 
@@ -44,7 +49,7 @@ def _layer_pattern(name: str, layer: int) -> str:
 
 
 class Filler:
-    def __init__(self, template: Path, graph, checkpoint: Path):
+    def __init__(self, template: Path, graph: onnx.GraphProto, checkpoint: Path) -> None:
         self.template = template
         self.tensors = CheckpointTensors(checkpoint)
         self.template_inits = {t.name: t for t in graph.initializer}
@@ -76,7 +81,7 @@ class Filler:
             f.seek(offset)
             return f.read(length)
 
-    def _cast_bytes(self, names: list[str], proto) -> bytes:
+    def _cast_bytes(self, names: list[str], proto: onnx.TensorProto) -> bytes:
         import numpy as np
         import torch
         from onnx import helper
@@ -124,9 +129,9 @@ class Filler:
         self,
         parts: dict[str, list],
         template_name: Callable[[str], tuple[str, bool]],
-        source,
+        source: Any,
         spec: dict[str, Any],
-        imatrix,
+        imatrix: Imatrix | None,
         report: dict[str, Any],
         out: Path,
     ) -> None:
@@ -215,9 +220,9 @@ class _DataFile:
 
     def __init__(self, path: Path):
         self.path, self.offset = path, 0
-        self._f = open(path, "wb")
+        self._f = open(path, "wb")  # noqa: SIM115 - written across many put()/copy() calls, closed by close()
 
-    def _point(self, tensor, length: int) -> None:
+    def _point(self, tensor: onnx.TensorProto, length: int) -> None:
         from onnx import TensorProto
 
         tensor.ClearField("raw_data")
@@ -228,11 +233,11 @@ class _DataFile:
             entry.key, entry.value = key, str(value)
         self.offset += length
 
-    def put(self, tensor, raw: bytes) -> None:
+    def put(self, tensor: onnx.TensorProto, raw: bytes) -> None:
         self._point(tensor, len(raw))
         self._f.write(raw)
 
-    def copy(self, tensor, path: Path, offset: int, length: int, chunk: int = 64 << 20) -> None:
+    def copy(self, tensor: onnx.TensorProto, path: Path, offset: int, length: int, chunk: int = 64 << 20) -> None:
         self._point(tensor, length)
         with open(path, "rb") as f:
             f.seek(offset)

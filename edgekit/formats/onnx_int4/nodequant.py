@@ -16,10 +16,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
 from .requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ...imatrix import Imatrix
 
 WORKERS = 2  # one thread per core of a 2-core laptop or CI runner; more only queue behind them
 NODE_BASE = re.compile(r"^(.*/MatMul)(?:_Q\d+)?$")
@@ -44,7 +49,9 @@ def node_base(name: str) -> str:
     return m.group(1) if m else name
 
 
-def node_plan(node, tensor_of: Callable[[str], Any], uses: dict[str, int], spec: dict[str, Any]) -> NodeResult | None:
+def node_plan(
+    node: onnx.NodeProto, tensor_of: Callable[[str], Any], uses: dict[str, int], spec: dict[str, Any]
+) -> NodeResult | None:
     """None when `node` is to be re-quantized; else what it stays (kept, with the reason if any).
     Decided from the graph alone, before any weight is read."""
     from onnx import helper
@@ -65,12 +72,12 @@ def node_plan(node, tensor_of: Callable[[str], Any], uses: dict[str, int], spec:
 
 
 def requantize_node(
-    node,
+    node: onnx.NodeProto,
     tensor_of: Callable[[str], Any],
     uses: dict[str, int],
-    source,
+    source: Any,
     spec: dict[str, Any],
-    imatrix,
+    imatrix: Imatrix | None,
     old_codes: Callable[[str], Any] | None,
 ) -> NodeResult:
     """Re-quantize one MatMulNBits node from its float weight (`source.weight_for`).
@@ -164,26 +171,25 @@ class LockedSource:
         self._source, self._lock = source, threading.Lock()
         self.qkv_sizes = getattr(source, "qkv_sizes", None)
 
-    def weight_for(self, base: str, n: int, k: int):
+    def weight_for(self, base: str, n: int, k: int) -> Any:
         with self._lock:
             return self._source.weight_for(base, n, k)
 
 
-def load_imatrix(spec: dict[str, Any]):
+def load_imatrix(spec: dict[str, Any]) -> Imatrix | None:
     if spec["weight_search"] != "imatrix":
         return None
-    from types import SimpleNamespace
-
+    from ...checkpoint import CheckpointFiles
     from ...imatrix import load_or_compute
 
     print(PHASE + "imatrix: calibration text")
-    ck = SimpleNamespace(
+    ck = CheckpointFiles(
         path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
     )
     return load_or_compute(ck)
 
 
-def new_report(spec: dict[str, Any], imatrix) -> dict[str, Any]:
+def new_report(spec: dict[str, Any], imatrix: Imatrix | None) -> dict[str, Any]:
     return {
         "weight_search": spec["weight_search"],
         "int8_matmuls": list(spec.get("int8", [])),
@@ -195,7 +201,7 @@ def new_report(spec: dict[str, Any], imatrix) -> dict[str, Any]:
     }
 
 
-def count(report: dict[str, Any], node, result: NodeResult) -> None:
+def count(report: dict[str, Any], node: onnx.NodeProto, result: NodeResult) -> None:
     if result.kept:
         report["kept"].append(result.kept)
     elif result.tensors:

@@ -11,6 +11,8 @@ from .nodequant import LockedSource, NodeResult, count, load_imatrix, new_report
 from .recipe import OnnxRecipe
 
 if TYPE_CHECKING:
+    import onnx
+
     from ...checkpoint import Checkpoint
 
 # --- edgekit re-quantization -----------------------------------------------------------------
@@ -51,7 +53,7 @@ def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | 
     }
 
 
-def requantize(model_or_path, source, spec: dict[str, Any]) -> dict[str, Any]:
+def requantize(model_or_path: onnx.ModelProto | str | Path, source: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """Re-quantize the MatMulNBits nodes of a graph (a ModelProto, changed in place, or a
     model.onnx path, rewritten with its model.onnx.data). Returns a report for the manifest."""
     import onnx

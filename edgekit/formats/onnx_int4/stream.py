@@ -27,7 +27,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .expand import (
     TEMPLATE_LAYERS,
@@ -39,6 +39,10 @@ from .expand import (
     renamed,
     template_chooser,
 )
+
+if TYPE_CHECKING:
+    from ...imatrix import Imatrix
+    from .recipe import OnnxRecipe
 
 # config.json architectures[0] -> why every decoder layer is built like one of the template's.
 STREAMED_ARCHITECTURES: dict[str, str] = {
@@ -68,7 +72,7 @@ STREAMED = f"streamed: builder template of {TEMPLATE_LAYERS} layers, tensors fil
 WHOLE_MODEL = "whole model in the builder"
 
 
-def why_not_streamed(architecture: str, config: dict[str, Any], recipe) -> str | None:
+def why_not_streamed(architecture: str, config: dict[str, Any], recipe: OnnxRecipe) -> str | None:
     """None when export may take the streamed path, else the reason it does not."""
     cfg = config.get("text_config") or config
     layers = cfg.get("num_hidden_layers") or 0
@@ -149,7 +153,13 @@ def _stream(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_streamed(
-    template: Path, out: Path, spec: dict[str, Any], n: int, mixed: bool, imatrix, report: dict[str, Any]
+    template: Path,
+    out: Path,
+    spec: dict[str, Any],
+    n: int,
+    mixed: bool,
+    imatrix: Imatrix | None,
+    report: dict[str, Any],
 ) -> None:
     import onnx
 
