@@ -44,6 +44,7 @@ def max_abs_diff(a, b) -> float:
     return max(float(np.abs(np.asarray(a.logits(i)) - np.asarray(b.logits(i))).max()) for i in range(len(a.windows)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES_RUN)
 def test_streamed_reference_and_imatrix_equal_in_memory(family, tiny_dir, monkeypatch, tmp_path):
     from edgekit.checkpoint import resolve
@@ -70,6 +71,7 @@ def test_streamed_reference_and_imatrix_equal_in_memory(family, tiny_dir, monkey
     assert im_str.summary()["mode"] == "stream" and im_str.summary()["dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_streamed_cache_entry_records_its_mode(tiny_dir, monkeypatch, tmp_path):
     """A cached reference reports the mode it was computed in, whatever mode is asked now."""
     from edgekit.checkpoint import resolve
@@ -83,6 +85,7 @@ def test_streamed_cache_entry_records_its_mode(tiny_dir, monkeypatch, tmp_path):
     assert json.loads((first.directory / "meta.json").read_text())["mode"] == "stream"
 
 
+@pytest.mark.slow
 def test_streamed_long_context_reference(tiny_dir, monkeypatch, tmp_path):
     """Past LongRoPE's original context: the rotary factors switch per sequence as in memory."""
     from edgekit.checkpoint import resolve
@@ -121,6 +124,7 @@ def to_bf16(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_bf16_checkpoint_computes_in_bf16_close_to_fp32(tiny_dir, monkeypatch, tmp_path):
     from edgekit.checkpoint import resolve
     from edgekit.imatrix import load_or_compute
@@ -269,6 +273,7 @@ def streamed_peak_growth(path: Path, cache: Path, mode: str) -> int:
     return out["growth"]
 
 
+@pytest.mark.slow
 def test_streamed_peak_grows_with_one_block_not_the_model(tiny_dir, tmp_path):
     src = tiny_dir("llama")
     n = 4
@@ -284,6 +289,7 @@ def test_streamed_peak_grows_with_one_block_not_the_model(tiny_dir, tmp_path):
     assert in_memory - large > n * block, (large, in_memory, block)
 
 
+@pytest.mark.slow
 def test_parity_json_records_reference_dtype_and_mode(tiny_gguf, monkeypatch, tmp_path):
     from edgekit import api
 

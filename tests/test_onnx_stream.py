@@ -107,6 +107,7 @@ def deep(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_path):
     ckpt = deep(family)
@@ -121,6 +122,7 @@ def test_streamed_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_pa
     assert s_notes.quantization["edgekit_requantization"]["requantized"] >= DEPTH * 5
 
 
+@pytest.mark.slow
 def test_streamed_bundle_runs_in_plain_genai(deep, tmp_path):
     import numpy as np
     import onnxruntime_genai as og
@@ -136,6 +138,7 @@ def test_streamed_bundle_runs_in_plain_genai(deep, tmp_path):
     assert np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_layer_built_unlike_the_template_takes_the_whole_model_path(deep, tmp_path):
     # The builder leaves out the Add of an all-zero bias: layer 4 has one, no template layer does.
     ckpt = deep("qwen2", zero_bias_layers=(4,))
