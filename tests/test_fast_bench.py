@@ -1,6 +1,6 @@
 """bench and its budget gates on the fake format (tests/fakeformat.py): the benchmark child opens
 the plugin format through the protocol, records land in the manifest, and a budget the bundle
-breaks exits 3, from `edgekit bench` and as a build gate. No runtime."""
+breaks exits 3 (the build's budget gate: tests/test_fast_build.py). No runtime."""
 
 from __future__ import annotations
 
@@ -41,19 +41,3 @@ def test_bench_records_and_the_budget_gate(tiny_phi3, tmp_path):
     (rec,) = json.loads(r.stdout)
     assert not rec["passed"] and rec["budget_failures"], rec
     assert "peak" in r.stderr.strip().splitlines()[-1], r.stderr
-
-
-def test_build_budget_gate_fails_the_entry(tiny_phi3, tmp_path):
-    cfg = tmp_path / "edgekit.toml"
-    cfg.write_text(
-        f'[build]\nformats = ["{NAME}"]\nprofiles = ["fake-cpu"]\nreps = 1\nwarmup = 0\n\n'
-        "[budgets.fake-cpu]\nmax_peak_rss_mb = 1  # no process fits: the gate must fail\n\n"
-        f'[[model]]\nsource = "{tiny_phi3}"\nname = "t"\n'
-    )
-    r = cli("build", "--config", cfg, "--out", tmp_path / "dist", "--json", "-q")
-    assert r.returncode == 3, r.stderr[-2000:]
-    (entry,) = json.loads(r.stdout)["entries"]
-    assert entry["status"] == "gate_failed"
-    failed = [g for g in entry["gates"] if not g["passed"]]
-    assert failed and all(g["kind"] == "budget" for g in failed), entry["gates"]
-    assert entry["bench"], entry  # the figures that broke the budget are kept

@@ -86,11 +86,15 @@ def test_build_gates_reuse_baseline_and_outputs(tiny_phi3, tmp_path):
 
     # The next release spreads "good"'s logits a little, into the same directory (so "bad" is reused)
     # against the first release as baseline: good's KLD stays inside the (relaxed) parity threshold
-    # but moves past the baseline's 25 % margin, so only its regression gate fails.
+    # but moves past the baseline's 25 % margin, so its regression gate fails. It is also benched
+    # now, on the fake format's profile with a peak-RSS budget no process meets: a budget gate fails.
     previous = tmp_path / "v1"
     previous.mkdir()
     shutil.copy(out / "summary.json", previous / "summary.json")  # what a release download gives
-    loose = f"thresholds.{NAME} = {{ kld_mean_max = 100.0, ppl_ratio_max = 1e30 }}\nrecipe.{NAME} = {{ scale = 3.0 }}"
+    loose = (
+        f"thresholds.{NAME} = {{ kld_mean_max = 100.0, ppl_ratio_max = 1e30 }}\nrecipe.{NAME} = {{ scale = 3.0 }}\n"
+        'profiles = ["fake-cpu"]\nbudgets.fake-cpu = { max_peak_rss_mb = 1 }'
+    )
     v2 = write_config(tmp_path / "v2.toml", tiny_phi3, loose)
     r = cli("build", "--config", v2, "--out", out, "--baseline", previous, "--json", "-q")
     assert r.returncode == 3, r.stderr[-2000:]
@@ -101,4 +105,8 @@ def test_build_gates_reuse_baseline_and_outputs(tiny_phi3, tmp_path):
     assert not regressions["kld_mean"]["passed"], regressions
     kld_before = next(g["figure"] for g in by["good-fake-int4"]["gates"] if g["name"] == "kld_mean")
     assert regressions["kld_mean"]["baseline"] == pytest.approx(kld_before)
-    assert all(g["passed"] for g in entry["gates"] if g["kind"] != "regression")  # only the regression failed
+    budgets = [g for g in entry["gates"] if g["kind"] == "budget"]
+    assert budgets and not all(g["passed"] for g in budgets), entry["gates"]
+    assert entry["bench"], entry  # the figures that broke the budget are kept
+    parity = [g for g in entry["gates"] if g["kind"] not in ("regression", "budget")]
+    assert parity and all(g["passed"] for g in parity), parity  # the relaxed parity gates held
