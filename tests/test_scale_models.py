@@ -120,3 +120,33 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         sm.write_checkpoint(TINY_PHI3, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_watchdog_stops_a_tree_past_the_limit(tmp_path):
+    """The memory watchdog kills the whole tree (here a grandchild holding 400 MiB) once the
+    tree's RSS passes the limit, and the row says so; a step under the limit runs to the end."""
+    import os
+    import subprocess
+
+    import scale
+
+    hog = "import time; b = bytearray(400 * 2**20); time.sleep(60)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {hog!r}])"
+    run = scale.run_watched([sys.executable, "-c", parent], dict(os.environ), tmp_path / "hog.log", tmp_path,
+                            rss_limit=200 * 2**20)
+    assert run["watchdog"] and run["returncode"] == -9 and run["wall_s"] < 30
+    assert run["peak_rss_gib"] * 2**30 > 200 * 2**20
+    ok = scale.run_watched([sys.executable, "-c", "open('out.bin', 'wb').write(bytes(8 * 2**20))"],
+                           dict(os.environ), tmp_path / "ok.log", tmp_path, rss_limit=2**30)
+    assert not ok["watchdog"] and ok["returncode"] == 0 and ok["disk_growth_gib"] > 0
+    assert subprocess.run(["pgrep", "-f", "bytearray\\(400"], capture_output=True).returncode == 1
+
+
+def test_results_merge_by_model_step_tool():
+    import scale
+
+    doc = {"rows": []}
+    for wall in (1, 2):
+        doc = scale.merge_row(doc, {"model": "m", "step": "export-gguf", "tool": "raw", "wall_s": wall})
+    doc = scale.merge_row(doc, {"model": "m", "step": "export-gguf", "tool": "edgekit", "wall_s": 3})
+    assert sorted((r["tool"], r["wall_s"]) for r in doc["rows"]) == [("edgekit", 3), ("raw", 2)]
