@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, RESULTS, host_facts, host_line  # noqa: E402
-from _scale_models import MODELS, checkpoint_bytes, get_model, parameter_count  # noqa: E402
+from _scale_models import MODELS, checkpoint_bytes, get_model, parameter_count, shard, tensor_layout  # noqa: E402
 
 os.environ.setdefault("EDGEKIT_CACHE", str(ROOT / ".cache" / "edgekit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -468,7 +468,8 @@ def _bench_line(row: dict) -> str | None:
 
 
 def render(doc: dict) -> str:
-    rows = doc.get("rows", [])
+    # The smoke rows only prove the script; they are kept in the json, not shown.
+    rows = [r for r in doc.get("rows", []) if not r["model"].startswith("smoke")]
     by = {(r["model"], r["step"], r["tool"]): r for r in rows}
     models = [m for m in MODELS if not m.startswith("smoke") and any(r["model"] == m for r in rows)]
     lines = ["# Scale: edgekit and the raw tools at real model sizes", "",
@@ -488,7 +489,14 @@ def render(doc: dict) -> str:
         lines += [f"Measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
                   + f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} on 2 cores during the runs "
                   "(other helpers' jobs shared the machine, so wall times are noisier than CPU times).", ""]
-    lines += ["| model | params | step | edgekit | raw tool(s) | edgekit / raw |", "|---|---|---|---|---|---|"]
+    lines += ["| model | shapes of | params | bf16 checkpoint |", "|---|---|---|---|"]
+    for m in DEFAULT_MODELS:
+        spec = MODELS[m]
+        lines.append(f"| {m} | {spec.real} | {parameter_count(spec) / 1e9:.2f}B | "
+                     f"{checkpoint_bytes(spec) / GiB:.1f} GiB in {len(shard(tensor_layout(spec)))} shard(s) |")
+    lines += ["", "The checkpoint row's \"edgekit\" cell is the writer (`_scale_models.py`), which the raw tools "
+              "do not have.", "",
+              "| model | params | step | edgekit | raw tool(s) | edgekit / raw |", "|---|---|---|---|---|---|"]
     for m in models:
         params = next(r["params"] for r in rows if r["model"] == m)
         for step in STEP_ORDER:
@@ -513,7 +521,7 @@ def render(doc: dict) -> str:
             notes.append(f"- {r['model']} {r['step']}: {b}")
     if notes:
         lines += ["", "Notes:", ""] + notes
-    walls = doc.get("model_wall_s") or {}
+    walls = {m: w for m, w in (doc.get("model_wall_s") or {}).items() if not m.startswith("smoke")}
     if walls:
         lines += ["", "Whole run per model (all steps asked for, including the checkpoint): "
                   + ", ".join(f"{m} {s / 60:.0f} min" for m, s in walls.items()) + "."]
