@@ -412,7 +412,10 @@ def run_models(args) -> None:
         run = ModelRun(name, work, logs, args.rss_limit_gib, args.seed)
         run.dir.mkdir(parents=True, exist_ok=True)
         run.prepare()
-        for step_id in steps:
+        # Without --keep the checkpoint went with the model's last run: write it again rather
+        # than overwrite good rows with "no checkpoint" skips.
+        todo = steps if "checkpoint" in steps or (run.ckpt / "config.json").is_file() else ["checkpoint", *steps]
+        for step_id in todo:
             row = run.run(step_id)
             doc = merge_row(load_results() | {"host": doc["host"], "tools": doc["tools"]}, row)
             save_results(doc)
