@@ -19,11 +19,17 @@ if TYPE_CHECKING:
     from ...checkpoint import Checkpoint
     from ...progress import Progress
 
-# What preflight (edgekit.preflight) reserves for an export, fitted on measured ones.
-# The genai builder loads the checkpoint in fp32 through torch and keeps quantized copies
-# while it writes: SmolLM2-135M (538 MB fp32) peaked at 2692 MiB (export_overhead, build_matrix).
-# Output int4 + int8 is ~0.23x the fp32 bytes; 0.5x leaves room for the builder's temp files.
-PREFLIGHT_COST = ExportCost(ram_fixed_mb=1200, ram_per_fp32_byte=3.2, disk_fixed_mb=100, disk_per_fp32_byte=0.5)
+# What preflight (edgekit.preflight) reserves for an export, fitted on measured ones: the
+# streamed path (3-layer builder template, then one tensor at a time), process-tree peak,
+# default recipe, imatrix in memory (the layerwise policy keeps it resident when the bf16 model
+# is under 40 % of available RAM, as on a 24 GB host at 3.8B; the mmapped safetensors pages
+# count in RSS, so the peak is about twice the bf16 bytes): SmolLM2-135M (538 MB fp32) 1.81 GiB
+# (benchmarks/onnx_memory.py), Phi-3-mini shape (15.3 GB fp32) 15.4 GiB (benchmarks/scale.py).
+# A line through both: 1345 MiB + 0.945 x fp32 MiB. The old whole-model builder path needed
+# 3.2 x. Not yet fitted: a host that streams the imatrix too (16 GB runner at 3.8B), whose
+# peak is lower, so the estimate is a ceiling there. Output int4 + int8 is ~0.23x the fp32
+# bytes; 0.5x leaves room for the template's files.
+PREFLIGHT_COST = ExportCost(ram_fixed_mb=1345, ram_per_fp32_byte=0.945, disk_fixed_mb=100, disk_per_fp32_byte=0.5)
 
 # A rebuild of the same checkpoint with the same tool versions reproduces every file of the
 # bundle byte for byte. Measured on this machine: tiny Phi-3 (builder and optimum paths) and
