@@ -80,7 +80,11 @@ def test_signal_during_export_leaves_nothing_and_a_rerun_succeeds(tiny_phi3, tmp
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     left = _temps(dest.parent)
-    assert not dest.exists(), "a partial bundle was published"
+    if dest.exists():
+        # The signal landed after the atomic publish (a tiny export can finish inside 3 s once its
+        # importance matrix is cached): what is there must be the complete bundle, never a part.
+        validate(dest)
+        return
     if sig != signal.SIGKILL:
         assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted; nothing was written"], err
         assert not left, left  # cleaned up on the way out
