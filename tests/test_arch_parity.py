@@ -223,7 +223,7 @@ def test_a_width_the_builder_mistakes_for_the_lm_head_is_routed_to_optimum(tmp_p
     )
     monkeypatch.setattr(tiny, "runtime_shape_problems", lambda settings: [])
     (tmp_path / "ckpt").mkdir()
-    tiny._build(fam, tmp_path / "ckpt", 0)  # qkv_proj: (4 + 2 x 2) x 64 = 512 outputs
+    tiny.build(fam, tmp_path / "ckpt", 0)  # qkv_proj: (4 + 2 x 2) x 64 = 512 outputs
     res, rep = _export_verify(tmp_path / "ckpt", "onnx-int4", tmp_path / "b")
     assert res.path_taken == "optimum+MatMulNBits"
     assert any("qkv_proj has as many outputs as the vocabulary" in n for n in res.notes)
