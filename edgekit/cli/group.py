@@ -37,12 +37,7 @@ def err(text: str) -> None:
 
 
 def json_option(f: CommandFn) -> CommandFn:
-    return click.option(
-        "--json",
-        "as_json",
-        is_flag=True,
-        help="Print one JSON document on stdout (progress stays on stderr; -q silences it).",
-    )(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
 
 
 def model_options(f: CommandFn) -> CommandFn:

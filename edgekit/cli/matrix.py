@@ -116,7 +116,7 @@ def eval_(
         bundles,
         output=output,
         write_manifest=not no_manifest,
-        progress=progress_for(quiet),
+        progress=progress_for(quiet or as_json),
         **_eval_kwargs(kw),
     )
     if not quiet and not as_json:
@@ -179,7 +179,7 @@ def select_(
         extra = {}
     else:
         extra = {k: v for k, v in ekw.items() if k not in ("tasks", "limit")}
-        extra["progress"] = progress_for(quiet)
+        extra["progress"] = progress_for(quiet or as_json)
     _select_and_print(
         lambda: api.select(
             bundles=bundles,
