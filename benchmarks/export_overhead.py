@@ -80,7 +80,7 @@ RAW_GGUF_RECIPE = {"intermediate": "f16", "quant_type": "Q4_K_M", "quant_threads
 # sides to the raw tools' recipe with these overrides (passed to edgekit as --set KEY=VALUE).
 RAW_OVERRIDES = {
     "gguf-q4_k_m": {"imatrix": "none"},
-    "onnx-int4": {"weight_search": "builder", "int8_matmuls": "", "int8_block_size": 0},
+    "onnx-int4": {"weight_search": "builder", "int8_matmuls": "", "int8_block_size": 0, "zero_points": "integer"},
 }
 
 QUANTIZE_SNIPPET = (

@@ -121,8 +121,12 @@ def requantize_node(
     nodes, tensors, outputs = [], [], []
     for label, r0, r1, rbits in runs:
         rblock = int8_block if rbits == 8 else block
-        q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance)
+        # float zero points for int4 only: onnxruntime's kernel dequantizes no other width with them
+        zero_points = spec.get("zero_points", "integer") if rbits == 4 else "integer"
+        q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance, zero_points, scale_dtype)
         pb, ps, pz = pack_matmulnbits(q, scale, zp, rbits)
+        if zero_points == "float":
+            pz = pz.astype(scale_dtype)  # MatMulNBits: float zero points have the scales' type
         tag = f".{label}" if label else ""
         names = (f"{prefix}{tag}_Q{rbits}G{rblock}", f"{prefix}{tag}_scale", f"{prefix}{tag}_zp")
         if len(runs) == 1 and rbits == bits and rblock == block:  # same node and names: only the codes change
@@ -193,6 +197,7 @@ def new_report(spec: dict[str, Any], imatrix: Imatrix | None) -> dict[str, Any]:
     return {
         "weight_search": spec["weight_search"],
         "int8_matmuls": list(spec.get("int8", [])),
+        "zero_points": spec.get("zero_points", "integer"),
         "requantized": 0,
         "split": 0,
         "kept": [],

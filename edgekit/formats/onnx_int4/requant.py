@@ -17,18 +17,35 @@ if TYPE_CHECKING:
 LAYER_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/MatMul$")
 
 
+# zero_points of a MatMulNBits node: "integer" (uint8 codes, 4-bit packed two a byte) or
+# "float" (one float per block, same dtype as the scales: Q4_1 / Q4_K's float minimum).
+ZERO_POINTS = ("integer", "float")
+
+
 def quantize_blocks(
-    w: np.ndarray, bits: int, block: int, importance: np.ndarray | None = None
+    w: np.ndarray,
+    bits: int,
+    block: int,
+    importance: np.ndarray | None = None,
+    zero_points: str = "integer",
+    stored: str | np.dtype = "float32",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric blockwise quantization of w [N, K] along K, as MatMulNBits stores it.
 
-    Returns (q uint8 [N, blocks, block], scale float32 [N, blocks], zero_point uint8 [N, blocks])
-    with w ~ (q - zero_point) * scale. Each block keeps the candidate with the least weighted
-    squared error measured after the zero point is rounded to an integer; weights are
-    importance[k] * sqrt(mean(x^2) + x^2) with an imatrix, sqrt(mean(x^2)) + |x| without.
+    Returns (q uint8 [N, blocks, block], scale float32 [N, blocks], zero_point [N, blocks]) with
+    w ~ (q - zero_point) * scale. zero_points "integer": uint8 zero points; "float": float32 ones
+    (any real offset, so w ~ q * scale + min with min = -zero_point * scale). Each block keeps the
+    candidate with the least weighted squared error of the form stored: scale and a float zero
+    point rounded to `stored` (the scales' dtype in the graph), an integer one rounded to an
+    integer. Weights are importance[k] * sqrt(mean(x^2) + x^2) with an imatrix, sqrt(mean(x^2)) + |x|
+    without.
     """
     import numpy as np
 
+    if zero_points not in ZERO_POINTS:
+        raise ValueError(f"zero_points must be one of {ZERO_POINTS}, not {zero_points!r}")
+    float_zp = zero_points == "float"
+    sdt = np.dtype(stored)
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
     nb = -(-k // block)
@@ -41,11 +58,32 @@ def quantize_blocks(
         imp = np.maximum(imp, 1e-12 * max(float(imp.max()), 1e-30))  # no column may weigh exactly 0
     x_all = w.reshape(n * nb, block)
     maxq = float(2**bits - 1)
+    tiny = float(np.finfo(sdt).tiny)
     q_out = np.empty((n * nb, block), dtype=np.uint8)
     s_out = np.empty(n * nb, dtype=np.float32)
-    z_out = np.empty(n * nb, dtype=np.uint8)
+    z_out = np.empty(n * nb, dtype=np.float32 if float_zp else np.uint8)
     rows_per_chunk = max(1, 65536 // nb) * nb  # whole rows, so importance tiles line up
     factors = [None] + [maxq - 1 + 0.1 * i for i in range(21)]
+
+    def stored_form(scale, mn):
+        """(scale, zero point) as the initializers hold them, back in float64."""
+        s = np.maximum(scale, tiny).astype(sdt).astype(np.float64)
+        if float_zp:
+            return s, (-mn / s).astype(sdt).astype(np.float64)
+        return s, np.clip(np.round(-mn / s), 0, maxq)
+
+    def fit(x, wts, lv):
+        """Weighted least squares x ~ scale * lv + mn per block: (scale, mn, ok)."""
+        sw, sx = wts.sum(1, keepdims=True), (wts * x).sum(1, keepdims=True)
+        wl = wts * lv
+        sl, sl2, sxl = wl.sum(1, keepdims=True), (wl * lv).sum(1, keepdims=True), (wl * x).sum(1, keepdims=True)
+        d = sw * sl2 - sl * sl
+        ok = d > 0
+        safe_d = np.where(ok, d, 1.0)
+        scale = (sw * sxl - sx * sl) / safe_d
+        mn = (sl2 * sx - sl * sxl) / safe_d
+        return scale, mn, ok & (scale > 0)
+
     for start in range(0, n * nb, rows_per_chunk):
         x = x_all[start : start + rows_per_chunk].astype(np.float64)
         sigma2 = (x * x).mean(1, keepdims=True)
@@ -55,19 +93,18 @@ def quantize_blocks(
             wts = np.sqrt(sigma2) + np.abs(x)
         rmin, rmax = x.min(1, keepdims=True), x.max(1, keepdims=True)
         rng = np.where(rmax > rmin, rmax - rmin, 1.0)
-        sw, sx = wts.sum(1, keepdims=True), (wts * x).sum(1, keepdims=True)
         best_err = np.full((len(x), 1), np.inf)
         best_s = np.ones((len(x), 1))
         best_z = np.zeros((len(x), 1))
 
         def consider(scale, mn, x=x, wts=wts):  # bound per chunk: the loop rebinds x and wts
             nonlocal best_err, best_s, best_z
-            zp = np.clip(np.round(-mn / scale), 0, maxq)
-            lq = np.clip(np.round(x / scale + zp), 0, maxq)
-            err = (wts * ((lq - zp) * scale - x) ** 2).sum(1, keepdims=True)
+            s, zp = stored_form(scale, mn)
+            lq = np.clip(np.round(x / s + zp), 0, maxq)
+            err = (wts * ((lq - zp) * s - x) ** 2).sum(1, keepdims=True)
             better = err < best_err
             best_err = np.where(better, err, best_err)
-            best_s = np.where(better, scale, best_s)
+            best_s = np.where(better, s, best_s)
             best_z = np.where(better, zp, best_z)
 
         for factor in factors:
@@ -76,30 +113,28 @@ def quantize_blocks(
                 consider(1 / iscale, rmin)
                 continue
             lv = np.clip(np.round(iscale * (x - rmin)), 0, maxq)
-            wl = wts * lv
-            sl, sl2, sxl = wl.sum(1, keepdims=True), (wl * lv).sum(1, keepdims=True), (wl * x).sum(1, keepdims=True)
-            d = sw * sl2 - sl * sl
-            ok = d > 0
-            safe_d = np.where(ok, d, 1.0)
-            scale = (sw * sxl - sx * sl) / safe_d
-            mn = (sl2 * sx - sl * sxl) / safe_d
-            ok &= scale > 0
+            scale, mn, ok = fit(x, wts, lv)
             consider(np.where(ok, scale, 1 / iscale), np.where(ok, mn, rmin))
-        # refit the scale with the chosen levels and zero point fixed
-        lq = np.clip(np.round(x / best_s + best_z), 0, maxq) - best_z
-        num, den = (wts * x * lq).sum(1, keepdims=True), (wts * lq * lq).sum(1, keepdims=True)
-        refit = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1.0), best_s)
-        consider(refit, -best_z * refit)
-        # constant blocks are exact: c = (maxq - 0) * c/maxq, or (0 - maxq) * (-c/maxq)
+        lq = np.clip(np.round(x / best_s + best_z), 0, maxq)
+        if float_zp:  # refit scale and minimum with the chosen levels fixed
+            scale, mn, ok = fit(x, wts, lq)
+            consider(np.where(ok, scale, best_s), np.where(ok, mn, -best_z * best_s))
+        else:  # refit the scale with the chosen levels and zero point fixed
+            lq -= best_z
+            num, den = (wts * x * lq).sum(1, keepdims=True), (wts * lq * lq).sum(1, keepdims=True)
+            refit = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1.0), best_s)
+            consider(refit, -best_z * refit)
+        # constant blocks are exact: c = (maxq - 0) * c/maxq, or (0 - maxq) * (-c/maxq); with a
+        # float zero point, c = (0 - (-c/s)) * s
         flat = (rmax <= rmin)[:, 0]
         if flat.any():
             c = rmin[flat]
-            best_s[flat] = np.where(c != 0, np.abs(c) / maxq, 1.0)
-            best_z[flat] = np.where(c < 0, maxq, 0.0)
-        scale32 = best_s.astype(np.float32)
-        lq = np.clip(np.round(x / scale32 + best_z), 0, maxq)
+            best_s[flat], best_z[flat] = stored_form(
+                np.where(c != 0, np.abs(c) / maxq, 1.0), np.where(c < 0, c, 0.0) if not float_zp else c
+            )
+        lq = np.clip(np.round(x / best_s + best_z), 0, maxq)
         sl = slice(start, start + len(x))
-        q_out[sl], s_out[sl], z_out[sl] = lq.astype(np.uint8), scale32[:, 0], best_z[:, 0].astype(np.uint8)
+        q_out[sl], s_out[sl], z_out[sl] = lq.astype(np.uint8), best_s[:, 0], best_z[:, 0]
     return q_out.reshape(n, nb, block), s_out.reshape(n, nb), z_out.reshape(n, nb)
 
 
@@ -107,12 +142,18 @@ def pack_matmulnbits(
     q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q [N, blocks, block], scale [N, blocks], zp [N, blocks]) -> the B, scales and
-    zero_points arrays of MatMulNBits: 4-bit pairs low nibble first, zero points per row."""
+    zero_points arrays of MatMulNBits: 4-bit pairs low nibble first, integer zero points packed
+    per row the same way; float zero points stay one per block, as they are."""
     import numpy as np
 
     n, nb, block = q.shape
+    if zp.dtype.kind == "f" and bits != 4:
+        # onnxruntime 1.32's CPU kernel dequantizes float zero points for 4 bits only
+        raise ValueError(f"float zero points need 4-bit codes, not {bits}")
     if bits == 4:
         b = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+        if zp.dtype.kind == "f":
+            return b, scale, zp
         zpp = np.zeros((n, (nb + 1) // 2), dtype=np.uint8)
         zpp[:, : (nb + 1) // 2] |= zp[:, 0::2]
         zpp[:, : nb // 2] |= zp[:, 1::2] << 4
@@ -131,6 +172,11 @@ def dequantize_matmulnbits(
     b = np.asarray(b).reshape(n, nb, block * bits // 8)
     q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, nb, -1) if bits == 4 else b
     scales = np.asarray(scales, dtype=np.float32).reshape(n, nb)
+    if zp is not None and np.asarray(zp).dtype.kind == "f":
+        # the kernel's own order: q * scale + (-scale * zero_point), in float32
+        z = np.asarray(zp, dtype=np.float32).reshape(n, nb)
+        w = q.astype(np.float32) * scales[..., None] + (-(scales * z))[..., None]
+        return w.reshape(n, -1)[:, :k]
     if zp is None:
         z = np.full((n, nb), 2 ** (bits - 1), dtype=np.float32)
     elif bits == 4:

@@ -47,6 +47,7 @@ def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | 
         "int8": list(recipe.int8_matmuls),
         "qkv_sizes": qkv,
         "int8_block_size": recipe.int8_block_size,
+        "zero_points": recipe.zero_points,
         "checkpoint": str(checkpoint.path),
         "config": checkpoint.config,
         "trust_remote_code": checkpoint.trust_remote_code,
@@ -105,6 +106,7 @@ def requant_notes(report: dict[str, Any]) -> list[str]:
     notes = [
         f"edgekit re-quantized {report['requantized']} MatMuls (weight_search={report['weight_search']}"
         + (f", int8: {', '.join(report['int8_matmuls'])}" if report["int8_matmuls"] else "")
+        + (", int4 blocks with float minimums" if report.get("zero_points") == "float" else "")
         + ")"
     ]
     if report["split"]:
