@@ -1,7 +1,8 @@
 """Unit tests of onnx-int4's pure-numpy re-quantization (edgekit.formats.onnx_int4.requant).
 
-No model is exported and no runtime loaded: the functions take numpy arrays. The kernel's own
-reading of the packed arrays is pinned separately (tests/test_recipes.py, through onnxruntime).
+No model is exported: the functions take numpy arrays. The kernel's own reading of the packed
+arrays is pinned through onnxruntime in tests/test_recipes.py (integer zero points) and here
+(float zero points), on one-node graphs.
 """
 
 from __future__ import annotations
@@ -148,6 +149,128 @@ def test_int8_is_more_accurate_than_int4(n, k, block):
         q, scale, zp = quantize_blocks(w, bits, block)
         rms[bits] = float(np.sqrt(np.mean((_dequantized(q, scale, zp) - x) ** 2)))
     assert 0 < rms[8] < rms[4] / 10
+
+
+# --- float zero points (zero_points = "float": a float minimum per block) --------------------
+
+
+def _stored(q, scale, zp) -> np.ndarray:
+    """What MatMulNBits computes from float zero points: q * scale - scale * zero_point."""
+    s = scale.astype(np.float64)[..., None]
+    return q.astype(np.float64) * s - s * zp.astype(np.float64)[..., None]
+
+
+@pytest.mark.parametrize("n, k, block", SHAPES)
+def test_float_minimums_stay_within_half_a_step(n, k, block):
+    """Min-max with a float minimum puts every weight within half a step of the grid, and the
+    search keeps a candidate only when its weighted error is smaller: half the integer bound."""
+    w = _weights(n + k, n, k)
+    q, scale, zp = quantize_blocks(w, 4, block, zero_points="float")
+    assert zp.dtype == np.float32 and zp.shape == scale.shape and q.max() <= 15 and (scale > 0).all()
+    x = _blocks(w, block)
+    err = _stored(q, scale, zp) - x
+    wts = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)
+    weighted_rms = np.sqrt((wts * err**2).sum(-1) / wts.sum(-1))
+    half_step = (x.max(-1) - x.min(-1)) / 15 / 2
+    assert (weighted_rms <= half_step * (1 + 1e-4) + 1e-7).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_float_minimums_are_never_worse_than_integer_zero_points(seed, weighted):
+    """Heavy-tailed rows with outliers, with and without an imatrix: the matrix's weighted
+    squared error with float minimums is at most the integer zero points' (and in practice
+    well below: the minimum is no longer rounded to a multiple of the scale)."""
+    rng = np.random.default_rng(200 + seed)
+    n, k = 64, 192
+    w = _weights(2 * seed + 1, n, k)
+    w[rng.integers(0, n, 12), rng.integers(0, k, 12)] *= 8  # a few outliers
+    importance = (rng.uniform(0.01, 1.0, k) ** 3).astype(np.float32) if weighted else None
+    x = _blocks(w, 32)
+    col = np.ones(k) if importance is None else importance.astype(np.float64)
+
+    def error(**kw):
+        q, scale, zp = quantize_blocks(w, 4, 32, importance, **kw)
+        got = _stored(q, scale, zp) if zp.dtype.kind == "f" else _dequantized(q, scale, zp)
+        return float((col * (got - x).reshape(n, -1)[:, :k] ** 2).sum())
+
+    assert error(zero_points="float") <= error(zero_points="integer")
+
+
+def test_float_minimums_are_rounded_to_the_stored_dtype():
+    """With fp16 scales (a float16 graph) scale and minimum are fp16 values, and the error is
+    still bounded by the min-max grid."""
+    w = _weights(5, 16, 128)
+    q, scale, zp = quantize_blocks(w, 4, 32, zero_points="float", stored="float16")
+    for a in (scale, zp):
+        np.testing.assert_array_equal(a.astype(np.float16).astype(np.float32), a)
+    x = _blocks(w, 32)
+    step = (x.max(-1) - x.min(-1)) / 15
+    assert (np.sqrt(np.mean((_stored(q, scale, zp) - x) ** 2, -1)) <= step).all()
+
+
+def test_float_minimums_keep_constant_blocks_exact():
+    const = np.full((3, 64), -0.37, dtype=np.float32)
+    const[1] = 0.0
+    const[2] = 1.25
+    q, scale, zp = quantize_blocks(const, 4, 32, zero_points="float")
+    np.testing.assert_allclose(_stored(q, scale, zp), const.reshape(3, 2, 32), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n, k, block", SHAPES)
+def test_float_zero_points_pack_unpacked_and_round_trip(n, k, block):
+    """Float zero points are one per block, the scales' shape (not two a byte), and
+    dequantize(pack(...)) is exactly the kernel's q * s + (-s * z) in float32."""
+    rng = np.random.default_rng(k)
+    nb = -(-k // block)
+    q = rng.integers(0, 16, (n, nb, block), dtype=np.uint8)
+    scale = rng.uniform(1e-3, 2.0, (n, nb)).astype(np.float32)
+    zp = rng.uniform(-2.0, 17.0, (n, nb)).astype(np.float32)
+    b, s, z = pack_matmulnbits(q, scale, zp, 4)
+    assert z.dtype == np.float32 and z.shape == (n, nb)
+    got = dequantize_matmulnbits(b, s, z, 4, block, n, k)
+    expected = (q.astype(np.float32) * scale[..., None] + (-(scale * zp))[..., None]).reshape(n, -1)[:, :k]
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="4-bit"):
+        pack_matmulnbits(q, scale, zp, 8)
+
+
+@pytest.mark.parametrize("n, k, block", [(24, 128, 32), (16, 96, 32), (8, 576, 64), (6, 100, 16)])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_onnxruntime_float_zero_points_match_numpy(n, k, block, accuracy_level):
+    """A one-node MatMulNBits graph with float zero points computes A @ W.T for the W numpy
+    dequantizes (odd block counts and a padded K included)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = _weights(n * k, n, k)
+    b, s, z = pack_matmulnbits(*quantize_blocks(w, 4, block, zero_points="float"), 4)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "S", "Z"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(k).standard_normal((5, k)).astype(np.float32)
+    expected = a.astype(np.float64) @ dequantize_matmulnbits(b, s, z, 4, block, n, k).astype(np.float64).T
+    got = sess.run(None, {"A": a})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
 
 def test_the_module_imports_no_onnx_or_torch():
