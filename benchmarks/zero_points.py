@@ -69,7 +69,9 @@ def session(k: int, n: int, bits: int, block: int, b, scales, zp, accuracy_level
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

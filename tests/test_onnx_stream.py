@@ -123,6 +123,30 @@ def test_streamed_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_streamed_bundle_with_float_minimums_is_the_builder_paths_byte_for_byte(family, deep, tmp_path):
+    """zero_points = "float" on both paths, beside int8 MatMuls (which keep integer zero
+    points) and, in Phi-3's fused qkv_proj, a split by width."""
+    import onnx
+
+    ckpt = deep(family)
+    keys = dict(zero_points="float", weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"])
+    streamed, s_notes = export(ckpt, tmp_path / "streamed", **keys)
+    whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True, **keys)
+    assert s_notes.quantization["path_taken"] == STREAMED
+    assert digests(streamed) == digests(whole)
+    assert s_notes.quantization["edgekit_requantization"]["zero_points"] == "float"
+    graph = onnx.load(str(streamed / "model.onnx"), load_external_data=False).graph
+    zp_type = {t.name: t.data_type for t in graph.initializer}
+    by_bits: dict[int, set[int]] = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) > 3:
+            bits = next(a.i for a in node.attribute if a.name == "bits")
+            by_bits.setdefault(bits, set()).add(zp_type[node.input[3]])
+    assert by_bits[4] == {onnx.TensorProto.FLOAT} and by_bits[8] == {onnx.TensorProto.UINT8}
+
+
+@pytest.mark.slow
 def test_streamed_bundle_runs_in_plain_genai(deep, tmp_path):
     import numpy as np
     import onnxruntime_genai as og
@@ -153,7 +177,8 @@ def test_a_layer_built_unlike_the_template_takes_the_whole_model_path(deep, tmp_
 def test_refusals_name_the_reason():
     cfg = {"num_hidden_layers": 30}
     assert why_not_streamed("LlamaForCausalLM", cfg, recipe()) is None
-    assert "builder's own quantization" in why_not_streamed("LlamaForCausalLM", cfg, recipe(weight_search="builder"))
+    builder = recipe(weight_search="builder", zero_points="integer")
+    assert "builder's own quantization" in why_not_streamed("LlamaForCausalLM", cfg, builder)
     assert "sliding" in why_not_streamed("Gemma3ForCausalLM", cfg, recipe())
     assert "not in the streaming table" in why_not_streamed("OlmoForCausalLM", cfg, recipe())
     small = why_not_streamed("LlamaForCausalLM", {"num_hidden_layers": TEMPLATE_LAYERS}, recipe())
