@@ -186,6 +186,12 @@ CANDIDATES: list[tuple[str, str, dict, str]] = [
         "the same with a float minimum per int4 block",
     ),
     (
+        "onnx imatrix, all int4, lm_head int8, float min matmul",
+        "onnx-int4",
+        {"algorithm": "k_quant_last", "weight_search": "imatrix", "zero_points": "float_matmul"},
+        "the same minimums beside symmetric int4 codes: block sums of the input times a float matrix",
+    ),
+    (
         "onnx imatrix, all int4, lm_head int4, float min",
         "onnx-int4",
         {"algorithm": "k_quant", "weight_search": "imatrix", "zero_points": "float"},
@@ -196,6 +202,12 @@ CANDIDATES: list[tuple[str, str, dict, str]] = [
         "onnx-int4",
         {"algorithm": "k_quant_last", "weight_search": "imatrix", "zero_points": "float", "block_size": 64},
         "float minimums per 64 weights",
+    ),
+    (
+        "onnx imatrix, all int4, lm_head int8, float min matmul, block 64",
+        "onnx-int4",
+        {"algorithm": "k_quant_last", "weight_search": "imatrix", "zero_points": "float_matmul", "block_size": 64},
+        "float_matmul minimums per 64 weights",
     ),
     (
         "onnx imatrix, all int4, lm_head int8, integer zp, block 64",
@@ -386,14 +398,14 @@ def main() -> int:
         kept = [r for r in old["rows"] if r["name"] not in new and r["name"] in names]
         for r in kept:  # an older row's date is the document's, unless it carries its own
             r.setdefault("date", old["date"])
-            target = r["target"]
-            r["default"] = is_default(target, full_recipe(target, {}) | r["recipe"])
         doc["rows"] = sorted(kept + rows, key=lambda r: names.index(r["name"]))
     _publish(name, doc)
     return 0
 
 
 def _publish(name: str, doc: dict) -> None:
+    for r in doc["rows"]:  # "default" means today's targets/*.toml (rows older than the toml have no zero_points key)
+        r["default"] = is_default(r["target"], full_recipe(r["target"], {}) | r["recipe"])
     md = markdown(doc)
     print(md)
     write_results(name, doc, md)

@@ -123,27 +123,34 @@ def test_streamed_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_streamed_bundle_with_float_minimums_is_the_builder_paths_byte_for_byte(family, deep, tmp_path):
-    """zero_points = "float" on both paths, beside int8 MatMuls (which keep integer zero
-    points) and, in Phi-3's fused qkv_proj, a split by width."""
+@pytest.mark.parametrize("family, zero_points", [("llama", "float"), ("phi3", "float_matmul")])
+def test_streamed_bundle_with_float_minimums_is_the_builder_paths_byte_for_byte(family, zero_points, deep, tmp_path):
+    """Float block minimums on both paths, beside int8 MatMuls (which keep integer zero
+    points) and, in Phi-3's fused qkv_proj, a split by width (two int4 runs, one int8)."""
     import onnx
 
     ckpt = deep(family)
-    keys = dict(zero_points="float", weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"])
+    keys = dict(zero_points=zero_points, weight_search="imatrix", int8_matmuls=["v_proj", "down_proj"])
     streamed, s_notes = export(ckpt, tmp_path / "streamed", **keys)
     whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True, **keys)
     assert s_notes.quantization["path_taken"] == STREAMED
     assert digests(streamed) == digests(whole)
-    assert s_notes.quantization["edgekit_requantization"]["zero_points"] == "float"
+    assert s_notes.quantization["edgekit_requantization"]["zero_points"] == zero_points
     graph = onnx.load(str(streamed / "model.onnx"), load_external_data=False).graph
-    zp_type = {t.name: t.data_type for t in graph.initializer}
-    by_bits: dict[int, set[int]] = {}
+    dtype = {t.name: t.data_type for t in graph.initializer}
+    zp_types: dict[int, set] = {4: set(), 8: set()}
     for node in graph.node:
-        if node.op_type == "MatMulNBits" and len(node.input) > 3:
+        if node.op_type == "MatMulNBits":
             bits = next(a.i for a in node.attribute if a.name == "bits")
-            by_bits.setdefault(bits, set()).add(zp_type[node.input[3]])
-    assert by_bits[4] == {onnx.TensorProto.FLOAT} and by_bits[8] == {onnx.TensorProto.UINT8}
+            zp_types[bits].add(dtype[node.input[3]] if len(node.input) > 3 and node.input[3] else None)
+    assert zp_types[8] == {onnx.TensorProto.UINT8}
+    if zero_points == "float":
+        assert zp_types[4] == {onnx.TensorProto.FLOAT}
+    else:  # symmetric int4 codes, the minimums in one float MatMul per int4 run
+        assert zp_types[4] == {None}
+        sides = [n for n in graph.node if n.name.endswith("/BlockMinimums/MatMul")]
+        int4 = [n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) == 3]
+        assert len(sides) == len(int4) > 0
 
 
 @pytest.mark.slow

@@ -167,6 +167,74 @@ def test_search_beats_rtn_and_k_quant_and_keeps_constant_blocks_exact():
         )
 
 
+@pytest.mark.parametrize("zero_points", ["integer", "float", "float_matmul"])
+@pytest.mark.parametrize("k, block", [(96, 32), (576, 64), (100, 16)])
+def test_requantized_node_computes_its_dequantized_weight(zero_points, k, block):
+    """requantize_node on a one-MatMulNBits graph, each zero_points form, run by onnxruntime on
+    a rank-3 input (as in the builder's graphs): x @ W.T for the W the search chose, with float
+    minimums on both float forms (a K that is not a multiple of the block keeps integer zero
+    points in float_matmul: its block sums need whole blocks)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.formats.onnx_int4.nodequant import requantize_node
+    from edgekit.formats.onnx_int4.requant import block_minimums
+
+    n = 24
+    rng = np.random.default_rng(k)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.1, 2.0, (n, 1)) + rng.normal(0, 0.5, (n, 1))).astype(np.float32)
+    b, s, z = pack_matmulnbits(*quantize_blocks(w, 4, block), 4)  # the builder's codes, to be replaced
+    inits = {t.name: t for t in (numpy_helper.from_array(b, "B"), numpy_helper.from_array(s.astype(np.float32), "S"))}
+    base = "/model/layers.0/mlp/up_proj/MatMul"
+    node = helper.make_node(
+        "MatMulNBits",
+        ["X", "B", "S"],
+        ["Y"],
+        name=base + "_Q4",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block,
+        accuracy_level=0,  # fp32 activations: 4 (int8 activations) would blur the comparison
+    )
+    source = type("Source", (), {"weight_for": lambda self, base_, n_, k_: w})()
+    spec = {"weight_search": "edgekit", "zero_points": zero_points, "int8": []}
+    result = requantize_node(node, inits.get, {"B": 1, "S": 1}, source, spec, None, None)
+    tensors = dict(result.tensors)
+    graph = helper.make_graph(
+        list(result.nodes),
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, None, n])],
+        [numpy_helper.from_array(a, name) for name, a in result.tensors],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 7, k)).astype(np.float32)
+    q, scale, zp = quantize_blocks(w, 4, block, zero_points="integer" if zero_points == "integer" else "float")
+    whole = k % block == 0
+    if zero_points == "float_matmul" and whole:
+        mq = pack_matmulnbits(q, scale, zp, 4)[0]
+        assert not any(name.endswith("_zp") for name in tensors)  # symmetric codes: no zero_points input
+        np.testing.assert_array_equal(tensors["B"], mq)
+        mins = next(a for name, a in tensors.items() if name.endswith("_min"))
+        np.testing.assert_array_equal(mins, block_minimums(scale, zp, 4))
+    if zero_points == "float_matmul" and not whole:
+        q, scale, zp = quantize_blocks(w, 4, block)
+    dq = dequantize_matmulnbits(*pack_matmulnbits(q, scale, zp, 4), 4, block, n, k)
+    expected = x.astype(np.float64) @ dq.astype(np.float64).T
+    got = sess.run(None, {"X": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()))
+    # the float forms store what the search chose: closer to w than integer zero points
+    if zero_points != "integer" and whole:
+        qi, si, zi = quantize_blocks(w, 4, block)
+        integer = dequantize_matmulnbits(*pack_matmulnbits(qi, si, zi, 4), 4, block, n, k)
+        assert np.mean((dq - w) ** 2) < np.mean((integer - w) ** 2)
+
+
 # --- imatrix ---------------------------------------------------------------------------------
 
 

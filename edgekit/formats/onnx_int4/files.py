@@ -193,6 +193,8 @@ def weight_summary(model_path: Path) -> dict[str, Any]:
         if node.op_type == "MatMulNBits":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             summary[f"matmul_int{bits}"] = summary.get(f"matmul_int{bits}", 0) + 1
+        elif node.op_type == "MatMul" and node.name.endswith("/BlockMinimums/MatMul"):
+            pass  # the float minimums of an int4 MatMulNBits (zero_points = "float_matmul"), not a weight
         elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
             summary["matmul_float"].append(node.name)
         elif node.op_type == "GatherBlockQuantized":

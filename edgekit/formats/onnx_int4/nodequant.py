@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
-from .requant import dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
+from .requant import block_minimums, dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
 
 if TYPE_CHECKING:
     import onnx
@@ -119,31 +119,71 @@ def requantize_node(
     scale_dtype = helper.tensor_dtype_to_np_dtype(tensor_of(s_name).data_type)
     prefix = b_name.rsplit("_Q", 1)[0] if "_Q" in b_name else b_name
     nodes, tensors, outputs = [], [], []
+    block_sums: dict[int, str] = {}  # block size -> the input's block sums (float_matmul), made once per node
     for label, r0, r1, rbits in runs:
         rblock = int8_block if rbits == 8 else block
-        # float zero points for int4 only: onnxruntime's kernel dequantizes no other width with them
-        zero_points = spec.get("zero_points", "integer") if rbits == 4 else "integer"
-        q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance, zero_points, scale_dtype)
+        # float zero points for int4 only: onnxruntime's kernel refuses them with 8-bit codes
+        mode = spec.get("zero_points", "integer") if rbits == 4 else "integer"
+        if mode == "float_matmul" and k % rblock:
+            mode = "integer"  # the block sums reshape the input into whole blocks
+        search = "integer" if mode == "integer" else "float"
+        q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance, search, scale_dtype)
         pb, ps, pz = pack_matmulnbits(q, scale, zp, rbits)
-        if zero_points == "float":
-            pz = pz.astype(scale_dtype)  # MatMulNBits: float zero points have the scales' type
         tag = f".{label}" if label else ""
         names = (f"{prefix}{tag}_Q{rbits}G{rblock}", f"{prefix}{tag}_scale", f"{prefix}{tag}_zp")
         if len(runs) == 1 and rbits == bits and rblock == block:  # same node and names: only the codes change
             names = (b_name, s_name, zp_name or f"{prefix}_zp")
-        tensors += [(names[0], pb), (names[1], ps.astype(scale_dtype)), (names[2], pz)]
         out = node.output[0] if len(runs) == 1 else f"{node.output[0]}/{label}"
         outputs.append(out)
-        nodes.append(
+        node_attrs = {**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock}
+        node_name = f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}"
+        if mode != "float_matmul":
+            if mode == "float":
+                pz = pz.astype(scale_dtype)  # MatMulNBits: float zero points have the scales' type
+            tensors += [(names[0], pb), (names[1], ps.astype(scale_dtype)), (names[2], pz)]
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits", [node.input[0], *names], [out], name=node_name, domain="com.microsoft", **node_attrs
+                )
+            )
+            continue
+        # float_matmul: symmetric codes on the packed int4 kernel, plus the block minimums as
+        # block_sums(x) @ mins, a float MatMul 1/block the size of the weight (a float
+        # zero_points input would send MatMulNBits to its unpacked path: benchmarks/zero_points.py)
+        if rblock not in block_sums:
+            shape, axes, sums = f"{prefix}_G{rblock}_shape", f"{prefix}_G{rblock}_axes", f"{base}/BlockSums{rblock}"
+            # [batch, sequence, K] -> [batch, sequence, K / block, block]: the builder's and
+            # optimum's MatMul inputs are rank 3
+            tensors += [(shape, np.array([0, 0, k // rblock, rblock], dtype=np.int64)), (axes, np.array([-1], dtype=np.int64))]
+            nodes += [
+                helper.make_node(
+                    "Reshape", [node.input[0], shape], [f"{sums}/Reshape/output_0"], name=f"{sums}/Reshape"
+                ),
+                helper.make_node(
+                    "ReduceSum", [f"{sums}/Reshape/output_0", axes], [f"{sums}/output_0"], name=sums, keepdims=0
+                ),
+            ]
+            block_sums[rblock] = f"{sums}/output_0"
+        mins = f"{prefix}{tag}_min"
+        tensors += [
+            (names[0], pb),
+            (names[1], ps.astype(scale_dtype)),
+            (mins, block_minimums(scale, zp, rbits).astype(scale_dtype)),
+        ]
+        nodes += [
             helper.make_node(
                 "MatMulNBits",
-                [node.input[0], *names],
-                [out],
-                name=f"{base}_Q{rbits}" if len(runs) == 1 else f"{base}_{label}_Q{rbits}",
+                [node.input[0], *names[:2]],
+                [f"{out}/codes"],
+                name=node_name,
                 domain="com.microsoft",
-                **{**attrs, "N": r1 - r0, "bits": rbits, "block_size": rblock},
-            )
-        )
+                **node_attrs,
+            ),
+            helper.make_node(
+                "MatMul", [block_sums[rblock], mins], [f"{out}/minimums"], name=f"{node_name}/BlockMinimums/MatMul"
+            ),
+            helper.make_node("Add", [f"{out}/codes", f"{out}/minimums"], [out], name=f"{node_name}/BlockMinimums/Add"),
+        ]
     if len(runs) > 1:
         nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/Concat", axis=-1))
     return NodeResult(

@@ -14,9 +14,14 @@ EMBEDDINGS = ("auto", "float", "int4")
 PRECISIONS = ("int4", "fp32")
 # How the int4/int8 codes of each MatMul are chosen (see requantize() below).
 WEIGHT_SEARCHES = ("builder", "edgekit", "imatrix")
-# How a re-quantized int4 block stores its offset (see quantize_blocks): "integer" uint8 zero
-# points, or "float" minimums (w ~ q * scale + min, llama.cpp's Q4_1 / Q4_K form).
-ZERO_POINTS = ("integer", "float")
+# How a re-quantized int4 block stores its offset (w ~ (q - zero point) * scale):
+ZERO_POINTS = (
+    "integer",  # uint8 zero points: MatMulNBits' packed int4 kernel
+    "float",  # float zero points in MatMulNBits: any offset (Q4_1 / Q4_K's float minimum), but
+    # onnxruntime 1.32 runs them on its unpacked path (dequantize, then float GEMM), far slower
+    "float_matmul",  # the same float minimums, beside a symmetric MatMulNBits: block sums of the
+    # input times the minimums, a float MatMul 1/block the weight's size; the packed kernel's speed
+)
 # Per-layer projections int8_matmuls may name (builder and optimum node names).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,7 +55,7 @@ class OnnxRecipe:
     )
     int8_matmuls: tuple[str, ...] = ()  # projections raised to int8 in every layer, on top of the algorithm's choice
     int8_block_size: int = 0  # block size of the int8 MatMuls edgekit writes; 0: block_size
-    zero_points: str = "integer"  # int4 blocks' offset: "integer" zero points or "float" minimums
+    zero_points: str = "integer"  # int4 blocks' offset: "integer", "float" or "float_matmul" (ZERO_POINTS)
     context_length: int = 0  # longest sequence the bundle accepts; 0: the model's, capped where
     # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
 
@@ -101,11 +106,11 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
             f'{where}: embeddings = "int4" needs algorithm = "default"',
             f"The {recipe.algorithm} quantizer leaves the embedding Gather in float",
         )
-    if recipe.zero_points == "float" and recipe.weight_search == "builder" and recipe.precision == "int4":
+    if recipe.zero_points != "integer" and recipe.weight_search == "builder" and recipe.precision == "int4":
         # Float minimums are written by edgekit's search only; the builder's quantizers store
         # integer zero points. (An fp32 bundle quantizes nothing, so there the key is moot.)
         raise BadInput(
-            f'{where}: zero_points = "float" needs weight_search = "edgekit" or "imatrix"',
+            f'{where}: zero_points = {recipe.zero_points!r} needs weight_search = "edgekit" or "imatrix"',
             'Set weight_search = "imatrix", or zero_points = "integer"',
         )
     return recipe

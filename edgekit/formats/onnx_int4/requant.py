@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 LAYER_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/MatMul$")
 
 
-# zero_points of a MatMulNBits node: "integer" (uint8 codes, 4-bit packed two a byte) or
-# "float" (one float per block, same dtype as the scales: Q4_1 / Q4_K's float minimum).
+# What quantize_blocks fits per block: "integer" zero points (uint8, 4-bit packed two a byte)
+# or "float" ones (any real offset: Q4_1 / Q4_K's float minimum). The recipe's "float_matmul"
+# searches "float" and stores it with block_minimums().
 ZERO_POINTS = ("integer", "float")
 
 
@@ -160,6 +161,16 @@ def pack_matmulnbits(
     else:
         b, zpp = q.astype(np.uint8), zp.astype(np.uint8)
     return b, scale, zpp
+
+
+def block_minimums(scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    """Float zero points [N, blocks] -> the per-block addend [blocks, N] of a symmetric
+    MatMulNBits (no zero_points input: the kernel subtracts 2^(bits-1)):
+    (q - z) * s = (q - 2^(bits-1)) * s + (2^(bits-1) - z) * s. Transposed, as a MatMul's B."""
+    import numpy as np
+
+    mid = float(2 ** (bits - 1))
+    return ((mid - zp.astype(np.float64)) * scale.astype(np.float64)).T.astype(np.float32)
 
 
 def dequantize_matmulnbits(

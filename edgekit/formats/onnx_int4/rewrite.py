@@ -106,7 +106,11 @@ def requant_notes(report: dict[str, Any]) -> list[str]:
     notes = [
         f"edgekit re-quantized {report['requantized']} MatMuls (weight_search={report['weight_search']}"
         + (f", int8: {', '.join(report['int8_matmuls'])}" if report["int8_matmuls"] else "")
-        + (", int4 blocks with float minimums" if report.get("zero_points") == "float" else "")
+        + (
+            f", int4 float minimums ({report['zero_points']})"
+            if report.get("zero_points", "integer") != "integer"
+            else ""
+        )
         + ")"
     ]
     if report["split"]:
