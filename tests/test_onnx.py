@@ -146,7 +146,7 @@ def session(built):
 
 def test_recipe_from_targets_toml():
     r = recipe()
-    assert (r.engine, r.block_size, r.accuracy_level, r.algorithm) == ("auto", 32, 4, "k_quant_mixed")
+    assert (r.engine, r.block_size, r.accuracy_level, r.algorithm) == ("auto", 32, 4, "k_quant_last")
     assert r.is_symmetric and not r.float_lm_head and r.embeddings == "auto"
 
 
@@ -288,7 +288,7 @@ def test_builder_bundle_files(built):
     template = json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"]
     assert template == (bundle / "chat_template.jinja").read_text()
     assert notes.path_taken == "genai-builder"
-    assert notes.quantization["builder_extra_options"]["algo_config"] == "k_quant_mixed"
+    assert notes.quantization["builder_extra_options"]["algo_config"] == "k_quant_last"
     weights = notes.quantization["weights"]
     assert weights["matmul_int4"] > 0 and weights["matmul_int8"] > 0 and weights["matmul_float"] == []
     assert {"onnxruntime", "onnxruntime-genai", "onnx", "transformers"} <= set(notes.tools)

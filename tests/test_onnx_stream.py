@@ -3,7 +3,7 @@
 The streamed path builds a 3-layer template with the genai builder and grows it to N layers; a
 bundle it writes must be the builder path's byte for byte, so the parity and reproducibility
 tests of the builder path hold for it by construction. Checked on tiny checkpoints made 9
-layers deep (k_quant_mixed then raises layers 0, 1, 3, 6 and 8 to int8, so both template
+layers deep (with k_quant_mixed, layers 0, 1, 3, 6 and 8 are raised to int8, so both template
 variants are used), every layer with its own random values.
 """
 
@@ -30,6 +30,7 @@ from edgekit.targets import load_targets
 
 DEPTH = 9
 FAMILIES = ["llama", "mistral", "qwen2", "phi3", "phi3-longrope", "phi4-mini", "phi3-medium"]
+MIXED = "k_quant_mixed"  # raises llama.cpp's use_more_bits layers to int8: two template variants
 
 
 class Progress:
@@ -111,8 +112,9 @@ def deep(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_path):
     ckpt = deep(family)
-    streamed, s_notes = export(ckpt, tmp_path / "streamed")
-    whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True)
+    # k_quant_mixed (not the default) so that both template variants are cloned
+    streamed, s_notes = export(ckpt, tmp_path / "streamed", algorithm=MIXED)
+    whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True, algorithm=MIXED)
     assert s_notes.quantization["path_taken"] == STREAMED
     assert w_notes.quantization["path_taken"] == WHOLE_MODEL
     assert any(n.startswith("streamed export:") for n in s_notes.notes)

@@ -189,16 +189,17 @@ def test_smollm2_gguf_passes_the_gate(smol_gguf):
 
 @pytest.mark.slow
 def test_smollm2_onnx_passes_and_meets_the_int4_goal_against_gguf(smol_onnx, smol_gguf):
-    """The issue's goal as a regression test: default onnx-int4 within 1.5x the default
-    gguf-q4_k_m's mean KLD at no more than 1.2x its model size, both passing the gate."""
+    """Issue 14's goal as a regression test: default onnx-int4's mean KLD at most the default
+    gguf-q4_k_m's, at no more than 1.1x its model size, both passing the gate. (This checkpoint
+    sits on a Q4_1 grid that float block minimums store exactly: see benchmarks/recipes.py.)"""
     from edgekit.bundle import read_manifest
 
     onnx, gguf = api.verify(smol_onnx, write=False), api.verify(smol_gguf, write=False)
     assert onnx.passed, onnx.failed
-    assert onnx.kld_mean <= 1.5 * gguf.kld_mean, (onnx.kld_mean, gguf.kld_mean)
+    assert onnx.kld_mean <= gguf.kld_mean, (onnx.kld_mean, gguf.kld_mean)
 
     def model_bytes(bundle, names):
         return sum(f["size"] for f in read_manifest(bundle)["files"] if f["path"] in names)
 
     size_onnx = model_bytes(smol_onnx, {"model.onnx", "model.onnx.data", "genai_config.json"})
-    assert size_onnx <= 1.2 * model_bytes(smol_gguf, {"model.gguf"})
+    assert size_onnx <= 1.1 * model_bytes(smol_gguf, {"model.gguf"})

@@ -43,15 +43,25 @@ def test_new_onnx_keys_parse_and_validate():
     for bad in (48, True, "64"):
         with pytest.raises(BadInput, match="int8_block_size"):
             onnx_recipe(int8_block_size=bad)
+    for value in ("integer", "float", "float_matmul"):
+        assert onnx_recipe(zero_points=value).zero_points == value
+    with pytest.raises(BadInput, match="zero_points = 'fp16' is not allowed"):
+        onnx_recipe(zero_points="fp16")
+    # float minimums are edgekit's search's; the builder's quantizers write integer zero points
+    with pytest.raises(BadInput, match="zero_points = 'float' needs weight_search"):
+        onnx_recipe(zero_points="float", weight_search="builder")
+    assert onnx_recipe(zero_points="float", weight_search="builder", precision="fp32").precision == "fp32"
 
 
 def test_defaults_are_the_measured_winners():
-    """benchmarks/recipes.py chose these on SmolLM2-135M (see benchmarks/results/recipes.md)."""
+    """benchmarks/recipes.py chose these on SmolLM2-135M (see benchmarks/results/recipes.md):
+    every layer MatMul int4 with float block minimums, lm_head int8."""
     r = onnx_recipe()
-    assert (r.weight_search, r.int8_matmuls, r.int8_block_size) == (
+    assert (r.algorithm, r.weight_search, r.int8_matmuls, r.zero_points) == (
+        "k_quant_last",
         "imatrix",
-        ("k_proj", "v_proj", "o_proj", "down_proj"),
-        64,
+        (),
+        "float_matmul",
     )
     spec = load_targets().format("gguf-q4_k_m")
     assert gguf_fmt.parse_recipe(spec.recipe, spec.source).imatrix == "calibration"
@@ -59,7 +69,7 @@ def test_defaults_are_the_measured_winners():
 
 def test_new_onnx_keys_never_reach_the_builder():
     """They are edgekit's own pass: the builder's extra_options do not change with them."""
-    plain = onnx_recipe(weight_search="builder", int8_matmuls=[])
+    plain = onnx_recipe(weight_search="builder", int8_matmuls=[], zero_points="integer")
     tuned = onnx_recipe(weight_search="imatrix", int8_matmuls=["k_proj", "v_proj", "down_proj"])
     assert builder_extra_options(plain, False) == builder_extra_options(tuned, False)
 
@@ -71,7 +81,7 @@ class FakeCheckpoint:
 
 def test_requant_job():
     cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
-    keep = dict(weight_search="builder", int8_matmuls=[], int8_block_size=0)
+    keep = dict(weight_search="builder", int8_matmuls=[], int8_block_size=0, zero_points="integer")
     assert requant_job(FakeCheckpoint(cfg), onnx_recipe(**keep)) is None
     assert requant_job(FakeCheckpoint(cfg), onnx_recipe(precision="fp32", weight_search="imatrix")) is None
     job = requant_job(FakeCheckpoint(cfg), onnx_recipe(**{**keep, "int8_matmuls": ["v_proj"]}))
@@ -412,7 +422,9 @@ def test_requantized_bundle_is_closer_to_the_reference(requantized, tiny_phi3, t
     onnx_int4.export(
         resolve(str(tiny_phi3)),
         plain,
-        onnx_recipe(weight_search="builder", int8_matmuls=[], int8_block_size=0, algorithm="k_quant"),
+        onnx_recipe(
+            weight_search="builder", int8_matmuls=[], int8_block_size=0, algorithm="k_quant", zero_points="integer"
+        ),
         NullProgress(),
     )
     klds = {}

@@ -154,7 +154,10 @@ def requantize_node(
             shape, axes, sums = f"{prefix}_G{rblock}_shape", f"{prefix}_G{rblock}_axes", f"{base}/BlockSums{rblock}"
             # [batch, sequence, K] -> [batch, sequence, K / block, block]: the builder's and
             # optimum's MatMul inputs are rank 3
-            tensors += [(shape, np.array([0, 0, k // rblock, rblock], dtype=np.int64)), (axes, np.array([-1], dtype=np.int64))]
+            tensors += [
+                (shape, np.array([0, 0, k // rblock, rblock], dtype=np.int64)),
+                (axes, np.array([-1], dtype=np.int64)),
+            ]
             nodes += [
                 helper.make_node(
                     "Reshape", [node.input[0], shape], [f"{sums}/Reshape/output_0"], name=f"{sums}/Reshape"
