@@ -192,16 +192,10 @@ CANDIDATES: list[tuple[str, str, dict, str]] = [
         "the same minimums beside symmetric int4 codes: block sums of the input times a float matrix",
     ),
     (
-        "onnx imatrix, all int4, lm_head int4, float min",
+        "onnx imatrix, all int4, lm_head int4, float min matmul",
         "onnx-int4",
-        {"algorithm": "k_quant", "weight_search": "imatrix", "zero_points": "float"},
-        "lm_head (shared with the embedding) int4 with float minimums too",
-    ),
-    (
-        "onnx imatrix, all int4, lm_head int8, float min, block 64",
-        "onnx-int4",
-        {"algorithm": "k_quant_last", "weight_search": "imatrix", "zero_points": "float", "block_size": 64},
-        "float minimums per 64 weights",
+        {"algorithm": "k_quant", "weight_search": "imatrix", "zero_points": "float_matmul"},
+        "lm_head (shared with the embedding) int4 too, the builder's k_quant codes",
     ),
     (
         "onnx imatrix, all int4, lm_head int8, float min matmul, block 64",
@@ -355,12 +349,11 @@ def main() -> int:
         return 0
 
     from edgekit.embedded import ensure_checkpoint
-    from edgekit.imatrix import calibration_text
-    from edgekit.reference import default_eval_text, load_tokenizer
 
     ckpt = ensure_checkpoint(args.model)
     wanted = [w.strip() for w in (args.only or "").split(",") if w.strip()]
-    chosen = [c for c in CANDIDATES if not wanted or any(w in c[0] for w in wanted)]
+    chosen = [c for c in CANDIDATES if not wanted] + [c for w in wanted for c in CANDIDATES if w in c[0]]
+    chosen = [c for i, c in enumerate(chosen) if c not in chosen[:i]]  # in the order asked, once each
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgekit-recipes-", dir=ROOT / "benchmarks") as tmp:
         for i, (cname, target, overrides, why) in enumerate(chosen, 1):
@@ -371,12 +364,28 @@ def main() -> int:
             rows.append(row)
             keys = ("model_bytes", "kld_mean", "top1_agreement", "ppl_ratio", "decode_tok_s", "export_s", "error")
             print(f"[{name}]   " + json.dumps({k: row.get(k) for k in keys}), file=sys.stderr, flush=True)
+            if args.merge:  # each row saved as it comes, so a stopped run keeps what it measured
+                _merged(name, {**_header(args.model, ckpt), "rows": [row]}, write=True)
+    if args.only and not args.merge:
+        print(markdown({**_header(args.model, ckpt), "rows": rows}))
+        return 0
+    doc = {**_header(args.model, ckpt), "rows": rows}
+    if args.merge:
+        doc = _merged(name, doc, write=False)
+    _publish(name, doc)
+    return 0
+
+
+def _header(model: str, ckpt: Path) -> dict:
+    from edgekit.imatrix import calibration_text
+    from edgekit.reference import default_eval_text, load_tokenizer
+
     eval_text = default_eval_text()
-    doc = {
+    return {
         "date": dt.date.today().isoformat(),
         "host": host_facts(),
         "host_line": host_line(host_facts()),
-        "model": args.model,
+        "model": model,
         "checkpoint": str(ckpt),
         "eval_text_sha256": hashlib.sha256(eval_text.encode()).hexdigest(),
         "eval_tokens": len(load_tokenizer(ckpt)(eval_text, add_special_tokens=False).input_ids),
@@ -384,23 +393,30 @@ def main() -> int:
         "prompt": PROMPT,
         "max_tokens": MAX_TOKENS,
         "runs": RUNS,
-        "rows": rows,
     }
-    if args.only and not args.merge:
-        print(markdown(doc))
-        return 0
-    if args.merge and (RESULTS / f"{name}.json").exists():
-        old = json.loads((RESULTS / f"{name}.json").read_text())
-        if old["eval_text_sha256"] != doc["eval_text_sha256"]:
-            raise SystemExit(f"[{name}] the evaluation text changed since results/{name}.json: rerun every row")
-        new = {r["name"]: r for r in rows}
-        names = [c[0] for c in CANDIDATES]
-        kept = [r for r in old["rows"] if r["name"] not in new and r["name"] in names]
-        for r in kept:  # an older row's date is the document's, unless it carries its own
-            r.setdefault("date", old["date"])
-        doc["rows"] = sorted(kept + rows, key=lambda r: names.index(r["name"]))
-    _publish(name, doc)
-    return 0
+
+
+def _merged(name: str, doc: dict, write: bool) -> dict:
+    """doc's rows replacing or joining those of results/<name>.json, in CANDIDATES order."""
+    from _common import RESULTS
+
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        if write:
+            path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return doc
+    old = json.loads(path.read_text())
+    if old["eval_text_sha256"] != doc["eval_text_sha256"]:
+        raise SystemExit(f"[{name}] the evaluation text changed since results/{name}.json: rerun every row")
+    new = {r["name"]: r for r in doc["rows"]}
+    names = [c[0] for c in CANDIDATES]
+    kept = [r for r in old["rows"] if r["name"] not in new and r["name"] in names]
+    for r in kept:  # an older row's date is the document's, unless it carries its own
+        r.setdefault("date", old["date"])
+    doc = {**doc, "rows": sorted(kept + doc["rows"], key=lambda r: names.index(r["name"]))}
+    if write:
+        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return doc
 
 
 def _publish(name: str, doc: dict) -> None:
