@@ -7,9 +7,10 @@ installed onnxruntime:
 1. the arithmetic: a one-node MatMulNBits model (A = identity, so the output is the dequantized
    weight) against numpy's q * scale - scale * zero_point and (q - zero_point) * scale, for
    accuracy_level 0 and 4, and whether 8-bit codes accept float zero points;
-2. the speed of one K x N = 3072 x 8192 MatMul (Phi-3-mini's up projection) with uint8 and with
-   float zero points, accuracy_level 4, for one row (decode) and 128 rows (prefill): median of
-   --reps runs after a warm-up, 2 intra-op threads.
+2. the speed of one K x N = 3072 x 8192 MatMul (Phi-3-mini's up projection) with uint8 zero
+   points, float zero points, and the float_matmul form (symmetric codes + block sums of the
+   input times a float [K/block, N] matrix, as edgekit writes it), accuracy_level 4, for one row
+   (decode) and 128 rows (prefill): median of --reps runs after a warm-up, 2 intra-op threads.
 
 Writes benchmarks/results/zero_points.{json,md} and the docs section between
 <!-- zero-points:start --> and <!-- zero-points:end -->.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import statistics
 import sys
@@ -42,7 +44,9 @@ ROWS = (1, 128)
 THREADS = 2
 
 
-def session(k: int, n: int, bits: int, block: int, b, scales, zp, accuracy_level: int):
+def session(k: int, n: int, bits: int, block: int, b, scales, zp, accuracy_level: int, mins=None):
+    """One MatMulNBits; with `mins` [K/block, N] the float_matmul form: no zero points, plus
+    ReduceSum(Reshape(A, [0, K/block, block])) @ mins added to its output."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,19 +55,24 @@ def session(k: int, n: int, bits: int, block: int, b, scales, zp, accuracy_level
     if zp is not None:
         inits.append(numpy_helper.from_array(zp, "Z"))
         inputs.append("Z")
-    node = helper.make_node(
-        "MatMulNBits",
-        inputs,
-        ["Y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=block,
-        accuracy_level=accuracy_level,
-    )
+    attrs = dict(K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
+    if mins is None:
+        nodes = [helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", **attrs)]
+    else:
+        inits += [
+            numpy_helper.from_array(mins, "M"),
+            numpy_helper.from_array(np.array([0, k // block, block], dtype=np.int64), "shape"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"),
+        ]
+        nodes = [
+            helper.make_node("MatMulNBits", inputs, ["codes"], domain="com.microsoft", **attrs),
+            helper.make_node("Reshape", ["A", "shape"], ["blocks"]),
+            helper.make_node("ReduceSum", ["blocks", "axes"], ["sums"], keepdims=0),
+            helper.make_node("MatMul", ["sums", "M"], ["minimums"]),
+            helper.make_node("Add", ["codes", "minimums"], ["Y"]),
+        ]
     graph = helper.make_graph(
-        [node],
+        nodes,
         "g",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
@@ -118,10 +127,15 @@ def speed(reps: int) -> list[dict]:
     zp_int = rng.integers(0, 16, (N, nb), dtype=np.uint8)
     zp_packed = (zp_int[:, 0::2] | (zp_int[:, 1::2] << 4)).astype(np.uint8)
     zp_float = rng.uniform(0.0, 15.0, (N, nb)).astype(np.float32)
+    mins = rng.standard_normal((nb, N)).astype(np.float32) * 0.01
     rows = []
-    for label, zp in (("uint8 zero points", zp_packed), ("float zero points", zp_float)):
+    for label, zp, m_ in (
+        ("uint8 zero points", zp_packed, None),
+        ("float zero points", zp_float, None),
+        ("float_matmul (symmetric + block sums @ minimums)", None, mins),
+    ):
         t0 = time.perf_counter()
-        sess = session(K, N, 4, BLOCK, b, scales, zp, 4)
+        sess = session(K, N, 4, BLOCK, b, scales, zp, 4, m_)
         load_s = time.perf_counter() - t0
         for m in ROWS:
             a = rng.standard_normal((m, K)).astype(np.float32)
@@ -184,8 +198,17 @@ def markdown(doc: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--render", action="store_true", help="tables again from results/zero_points.json")
     args = ap.parse_args()
     import onnxruntime as ort
+
+    if args.render:
+        from _common import RESULTS
+
+        md = markdown(json.loads((RESULTS / f"{NAME}.json").read_text()))
+        print(md)
+        update_doc(MARKER, md)
+        return 0
 
     load_before = os.getloadavg()[0]
     doc = {
