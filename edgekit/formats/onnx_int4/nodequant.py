@@ -86,7 +86,7 @@ def requantize_node(
     initializer); old_codes(name) its array, or None when the data is not at hand (a streamed
     layer), which skips the check that the checkpoint tensor is this node's weight."""
     import numpy as np
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     if (planned := node_plan(node, tensor_of, uses, spec)) is not None:
         return planned
@@ -151,19 +151,24 @@ def requantize_node(
         # block_sums(x) @ mins, a float MatMul 1/block the size of the weight (a float
         # zero_points input would send MatMulNBits to its unpacked path: benchmarks/zero_points.py)
         if rblock not in block_sums:
-            shape, axes, sums = f"{prefix}_G{rblock}_shape", f"{prefix}_G{rblock}_axes", f"{base}/BlockSums{rblock}"
-            # [batch, sequence, K] -> [batch, sequence, K / block, block]: the builder's and
-            # optimum's MatMul inputs are rank 3
-            tensors += [
-                (shape, np.array([0, 0, k // rblock, rblock], dtype=np.int64)),
-                (axes, np.array([-1], dtype=np.int64)),
-            ]
+            sums = f"{base}/BlockSums{rblock}"
+            # [batch, sequence, K] -> [batch, sequence, K / block, block] (the builder's and
+            # optimum's MatMul inputs are rank 3). Shape and axes are Constant nodes, not
+            # initializers: those go to model.onnx.data, where shape inference cannot read them.
+            shape = numpy_helper.from_array(np.array([0, 0, k // rblock, rblock], dtype=np.int64))
+            axes = numpy_helper.from_array(np.array([-1], dtype=np.int64))
             nodes += [
+                helper.make_node("Constant", [], [f"{sums}/shape"], name=f"{sums}/shape", value=shape),
+                helper.make_node("Constant", [], [f"{sums}/axes"], name=f"{sums}/axes", value=axes),
                 helper.make_node(
-                    "Reshape", [node.input[0], shape], [f"{sums}/Reshape/output_0"], name=f"{sums}/Reshape"
+                    "Reshape", [node.input[0], f"{sums}/shape"], [f"{sums}/Reshape/output_0"], name=f"{sums}/Reshape"
                 ),
                 helper.make_node(
-                    "ReduceSum", [f"{sums}/Reshape/output_0", axes], [f"{sums}/output_0"], name=sums, keepdims=0
+                    "ReduceSum",
+                    [f"{sums}/Reshape/output_0", f"{sums}/axes"],
+                    [f"{sums}/output_0"],
+                    name=sums,
+                    keepdims=0,
                 ),
             ]
             block_sums[rblock] = f"{sums}/output_0"
