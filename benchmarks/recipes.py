@@ -192,6 +192,12 @@ CANDIDATES: list[tuple[str, str, dict, str]] = [
         "the same minimums beside symmetric int4 codes: block sums of the input times a float matrix",
     ),
     (
+        "onnx imatrix, all int4, lm_head int8 block 64, float min matmul",
+        "onnx-int4",
+        {"algorithm": "k_quant_last", "weight_search": "imatrix", "zero_points": "float_matmul", "int8_block_size": 64},
+        "lm_head's int8 scales per 64 weights",
+    ),
+    (
         "onnx imatrix, all int4, lm_head int4, float min matmul",
         "onnx-int4",
         {"algorithm": "k_quant", "weight_search": "imatrix", "zero_points": "float_matmul"},
