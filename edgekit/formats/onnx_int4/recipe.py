@@ -49,6 +49,7 @@ class OnnxRecipe:
     int8_block_size: int = 0  # block size of the int8 MatMuls edgekit writes; 0: block_size
     context_length: int = 0  # longest sequence the bundle accepts; 0: the model's, capped where
     # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
+    mobile: bool = False  # phone bundle: model.ort (ORT format) + required_operators.config (mobile.py)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
