@@ -17,6 +17,7 @@ from edgekit.formats.onnx_int4 import mobile
 from edgekit.targets import load_targets
 
 ROOT = Path(__file__).resolve().parent.parent
+EDGEKIT = str(Path(sys.executable).parent / "edgekit")  # the console script users run
 
 
 def recipe(**overrides):
@@ -57,7 +58,7 @@ def test_mobile_is_off_by_default_and_typed():
 def test_cli_refuses_a_bad_mobile_value_in_one_line(tiny_phi3, tmp_path):
     out = tmp_path / "x"
     r = subprocess.run(
-        [sys.executable, "-m", "edgekit", "export", str(tiny_phi3), "--target", "onnx-int4", "--set", "mobile=yes"]
+        [EDGEKIT, "export", str(tiny_phi3), "--target", "onnx-int4", "--set", "mobile=yes"]
         + ["--out", str(out), "--no-verify"],
         capture_output=True,
         text=True,
@@ -110,11 +111,11 @@ def test_usability_verdict_in_the_manifest(manifest):
     verdict = manifest["quantization"]["mobile_usability"]
     # The builder's decoder leans on ONNX Runtime's own ops, which neither NNAPI nor CoreML has.
     assert {"MatMulNBits", "GroupQueryAttention"} <= set(verdict["contrib_ops"])
-    for ep in ("nnapi", "coreml"):
-        assert "com.microsoft:MatMulNBits" in verdict[ep]["unsupported_ops"]
-        assert verdict[ep]["supported_nodes"] < verdict[ep]["nodes"]
-        assert verdict[ep]["suitability"] in ("YES", "MAYBE", "NO")
-    assert verdict["recommended"][-1] == "CPU"
+    assert set(verdict["eps"]) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"}
+    for ep in verdict["eps"].values():
+        assert "com.microsoft:MatMulNBits" in ep["unsupported_ops"]
+        assert ep["supported_nodes"] < ep["nodes"] and ep["suitability"] == "NO"
+    assert verdict["recommended"] == ["CPU"]
     assert any("partitions" in line for line in verdict["log"])
     assert any(n.startswith("mobile usability") for n in manifest["export"]["notes"])
 
@@ -133,10 +134,19 @@ def test_ort_logits_equal_the_onnx(tiny_phi3, tmp_path):
     mobile.convert_to_ort(staging / "model.onnx", staging / "model.ort")
     diff = mobile.max_logit_diff(staging / "model.onnx", staging / "model.ort", 8)
     assert diff <= mobile.MAX_LOGIT_DIFF
-    # and the check has teeth: another model's logits are far off
+    # and the check has teeth: the same graph with its float embedding scaled by 1.1 is far off
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.formats.onnx_int4.files import save_onnx
+
+    model = onnx.load(str(staging / "model.onnx"))
+    embedding = next(t for t in model.graph.initializer if "embed" in t.name and t.data_type == onnx.TensorProto.FLOAT)
+    embedding.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(embedding) * 1.1, embedding.name))
     other = tmp_path / "other"
     other.mkdir()
-    onnx_int4.export(resolve(str(tiny_phi3)), other, recipe(block_size=64), RecordingProgress())
+    save_onnx(model, other / "model.onnx")
+    (other / "genai_config.json").write_text((staging / "genai_config.json").read_text())
     assert mobile.max_logit_diff(other / "model.onnx", staging / "model.ort", 8) > mobile.MAX_LOGIT_DIFF
 
 
@@ -190,9 +200,13 @@ def test_rebuild_reproduces_the_declared_files(phone, manifest, tiny_phi3, tmp_p
     again = tmp_path / "again"
     api.export(str(tiny_phi3), "onnx-int4", again, verify=False, recipe={"mobile": True})
     declared = manifest["reproducible_files"]
-    assert "model.ort" in declared and "required_operators.config" in declared
+    assert "required_operators.config" in declared and "genai_config.json" in declared
     for name in declared:
         assert sha(again / name) == sha(phone / name), name
+    # ONNX Runtime writes model.ort's bytes differently on each conversion, so it is not
+    # declared; the rebuilt one computes the same logits.
+    assert "model.ort" not in declared
+    assert mobile.max_logit_diff(phone / "model.ort", again / "model.ort", 8) == 0.0
 
 
 def test_over_the_ort_cap_keeps_the_onnx(tmp_path, monkeypatch):
@@ -214,4 +228,4 @@ def test_over_the_ort_cap_keeps_the_onnx(tmp_path, monkeypatch):
     assert result.quantization["model_file"] == "model.onnx"
     assert any("over the ORT format's 2 GiB cap" in n for n in result.notes)
     assert (tmp_path / "model.onnx").exists() and not (tmp_path / "model.ort").exists()
-    assert result.quantization["mobile_usability"]["nnapi"]["partitions"] == 1
+    assert result.quantization["mobile_usability"]["eps"]["NNAPI"]["partitions"] == 1
