@@ -229,3 +229,15 @@ def test_over_the_ort_cap_keeps_the_onnx(tmp_path, monkeypatch):
     assert any("over the ORT format's 2 GiB cap" in n for n in result.notes)
     assert (tmp_path / "model.onnx").exists() and not (tmp_path / "model.ort").exists()
     assert result.quantization["mobile_usability"]["eps"]["NNAPI"]["partitions"] == 1
+
+
+@pytest.mark.slow
+def test_bench_measures_the_phone_bundle_against_the_mobile_budgets(phone, manifest):
+    from edgekit import api
+
+    [r] = api.bench([phone], profile="mobile-onnx", prompt_tokens=8, gen_tokens=2, reps=1, write_manifest=False)
+    ort_bytes = next(e["size"] for e in manifest["files"] if e["path"] == "model.ort")
+    assert r.model_bytes == ort_bytes  # the weights bench counts per decoded token are model.ort's
+    assert r.kv_bytes_per_token > 0 and r.context == 2048
+    # the tiny bundle is far inside every mobile-onnx budget (peak RSS, size, decode speed)
+    assert r.passed and r.budget_failures == ()
