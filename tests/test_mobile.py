@@ -120,17 +120,27 @@ def test_usability_verdict_in_the_manifest(manifest):
     assert any(n.startswith("mobile usability") for n in manifest["export"]["notes"])
 
 
-@pytest.mark.slow
-def test_ort_logits_equal_the_onnx(tiny_phi3, tmp_path):
-    """The check export runs, on a fresh pair: the .onnx kept beside its .ort."""
+@pytest.fixture(scope="module")
+def desktop(tiny_phi3, tmp_path_factory) -> Path:
+    """A plain onnx-int4 export (model.onnx + model.onnx.data), no manifest: what mobile starts from."""
     from test_onnx import RecordingProgress
 
     from edgekit.checkpoint import resolve
     from edgekit.formats import onnx_int4
 
-    staging = tmp_path / "b"
+    staging = tmp_path_factory.mktemp("mobile") / "desktop"
     staging.mkdir()
     onnx_int4.export(resolve(str(tiny_phi3)), staging, recipe(), RecordingProgress())
+    return staging
+
+
+@pytest.mark.slow
+def test_ort_logits_equal_the_onnx(desktop, tmp_path):
+    """The check export runs, on a fresh pair: the .onnx kept beside its .ort."""
+    import shutil
+
+    staging = tmp_path / "b"
+    shutil.copytree(desktop, staging)
     mobile.convert_to_ort(staging / "model.onnx", staging / "model.ort")
     diff = mobile.max_logit_diff(staging / "model.onnx", staging / "model.ort", 8)
     assert diff <= mobile.MAX_LOGIT_DIFF
@@ -148,6 +158,23 @@ def test_ort_logits_equal_the_onnx(tiny_phi3, tmp_path):
     save_onnx(model, other / "model.onnx")
     (other / "genai_config.json").write_text((staging / "genai_config.json").read_text())
     assert mobile.max_logit_diff(other / "model.onnx", staging / "model.ort", 8) > mobile.MAX_LOGIT_DIFF
+
+
+@pytest.mark.slow
+def test_a_failed_check_keeps_the_onnx(desktop, tmp_path, monkeypatch):
+    import shutil
+
+    from test_onnx import RecordingProgress
+
+    staging = tmp_path / "b"
+    shutil.copytree(desktop, staging)
+    monkeypatch.setattr(mobile, "MAX_LOGIT_DIFF", -1.0)  # any difference, even 0, now fails
+    result = mobile.make_mobile(staging, RecordingProgress())
+    assert result.quantization["model_file"] == "model.onnx" and not result.quantization["ort_format"]["converted"]
+    assert any(n.startswith("model.ort was not kept: its logits differ") for n in result.notes)
+    assert {"model.onnx", "model.onnx.data"} <= {p.name for p in staging.iterdir()}
+    assert not (staging / "model.ort").exists() and not (staging / "required_operators.config").exists()
+    assert json.loads((staging / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
 
 
 @pytest.mark.slow

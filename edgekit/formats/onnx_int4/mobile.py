@@ -71,33 +71,39 @@ def make_mobile(staging: Path, progress: Progress) -> MobileResult:
         return MobileResult(quantization, tuple(notes))
 
     ort_file = staging / ORT_MODEL
-    with progress.step("converting to ORT format"):
-        convert_to_ort(onnx_file, ort_file)
-        write_operators_config(ort_file, staging / OPERATORS_CONFIG)
     record: dict[str, Any] = {
-        "converted": True,
+        "converted": False,
         "kv_element_bytes": kv_cache_element_bytes(staging),  # bench reads it here once model.onnx is gone
         "optimization_level": OPTIMIZATION_LEVEL,
         "onnx_bytes": size,
-        "ort_bytes": ort_file.stat().st_size,
+        "check_tokens": CHECK_TOKENS,
     }
-    with progress.step("checking model.ort against model.onnx"):
-        record["check_tokens"] = CHECK_TOKENS
-        record["max_abs_logit_diff"] = max_logit_diff(onnx_file, ort_file, CHECK_TOKENS)
-        failure = None
-        if record["max_abs_logit_diff"] > MAX_LOGIT_DIFF:
-            failure = f"its logits differ from model.onnx's by {record['max_abs_logit_diff']:.3g} (> {MAX_LOGIT_DIFF})"
-        else:
-            failure = genai_failure(staging)
-    record["genai_generates"] = failure is None
+    failure = None
+    try:
+        with progress.step("converting to ORT format"):
+            convert_to_ort(onnx_file, ort_file)
+            write_operators_config(ort_file, staging / OPERATORS_CONFIG)
+        record["ort_bytes"] = ort_file.stat().st_size
+        with progress.step("checking model.ort against model.onnx"):
+            record["max_abs_logit_diff"] = max_logit_diff(onnx_file, ort_file, CHECK_TOKENS)
+            if record["max_abs_logit_diff"] > MAX_LOGIT_DIFF:
+                failure = (
+                    f"its logits differ from model.onnx's by {record['max_abs_logit_diff']:.3g} (> {MAX_LOGIT_DIFF})"
+                )
+            else:
+                failure = genai_failure(staging)
+                record["genai_generates"] = failure is None
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        # A graph ONNX Runtime cannot convert or run in ORT format is still a working .onnx bundle.
+        failure = f"ONNX Runtime could not convert or run it ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
     if failure:
         _use_decoder_file(staging, onnx_file.name)
-        ort_file.unlink()
-        (staging / OPERATORS_CONFIG).unlink()
-        record["converted"] = False
+        ort_file.unlink(missing_ok=True)
+        (staging / OPERATORS_CONFIG).unlink(missing_ok=True)
         quantization["ort_format"] = record
         notes.append(f"model.ort was not kept: {failure}; the bundle ships model.onnx")
         return MobileResult(quantization, tuple(notes))
+    record["converted"] = True
     onnx_file.unlink()
     data_file.unlink(missing_ok=True)
     quantization.update(ort_format=record, model_file=ORT_MODEL)
