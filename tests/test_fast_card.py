@@ -126,14 +126,17 @@ def test_the_license_comes_from_the_source_card_or_nowhere(tiny_phi3, tmp_path):
     src = tmp_path / "ck"
     shutil.copytree(tiny_phi3, src)
     (src / "README.md").write_text(
-        "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\nlanguage: en\n---\n# tiny\n"
+        "---\nlicense: other\nlicense_name: 'tiny: 1.0'\nlicense_link: LICENSE\nlanguage: en\n---\n# tiny\n"
     )
     meta, _ = card(export(src, tmp_path / "b"))
-    # "other" comes with its name; the relative link points into the source repo, not the bundle
-    assert (meta["license"], meta["license_name"]) == ("other", "tiny-license")
+    # "other" comes with its name (quoted again in the bundle's card: it holds ": "); the
+    # relative link points into the source repo, not the bundle; other keys are not the bundle's
+    assert (meta["license"], meta["license_name"]) == ("other", "tiny: 1.0")
     assert "license_link" not in meta and "language" not in meta
 
-    assert card_metadata(src, {}) == {"license": "other", "license_name": "tiny-license"}
+    assert card_metadata(src, {}) == {"license": "other", "license_name": "tiny: 1.0"}
+    (src / "README.md").write_text("---\nlicense: other\nlicense_link: https://example.org/l\n---\n")
+    assert card_metadata(src, {}) == {"license": "other", "license_link": "https://example.org/l"}
     (src / "README.md").write_text("---\nlicense: [unclosed\n---\n")
     assert card_metadata(src, {}) == {}  # a card that does not parse says nothing
     assert card_metadata(src, {"license": "apache-2.0"}) == {"license": "apache-2.0"}  # config.json's
