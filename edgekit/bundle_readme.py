@@ -17,7 +17,7 @@ never a stale or invented one.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -57,7 +57,8 @@ def render(name: str, manifest: dict[str, Any]) -> str:
     fmt = backend(manifest["format"])
     fields = {
         "name": name,
-        "model": source.get("alias") or source.get("hub_id") or source.get("requested"),
+        # A local checkpoint is named by its directory, not its full path: the card may be published.
+        "model": source.get("alias") or source.get("hub_id") or PurePath(str(source.get("requested", ""))).name,
         "version": manifest.get("edgekit_version"),
         "sha": source.get("content_sha256", "")[:16],
         "figures": figures(manifest),

@@ -216,3 +216,14 @@ def test_the_embedded_checkpoint_states_the_license_its_gguf_states(tmp_path):
     silent.mkdir()
     write_card(gguf_file(tmp_path / "s.gguf", license_name="only a name"), silent)
     assert not (silent / "README.md").exists() and card_metadata(silent, {}) == {}
+
+
+def test_a_local_checkpoint_is_named_by_its_directory_not_its_path(bundle):
+    # The card may be published: it must not carry the exporting machine's file system layout.
+    manifest = read_manifest(bundle)
+    manifest["source"] = {k: v for k, v in manifest["source"].items() if k not in ("alias", "hub_id")} | {
+        "requested": "/home/someone/private/ckpts/my-phi"
+    }
+    text = render("my-phi-onnx", manifest)
+    assert "my-phi" in text and "/home/someone" not in text
+    assert "base_model" not in front_matter(manifest)
