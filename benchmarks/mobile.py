@@ -9,9 +9,9 @@
    parity, load time, peak RSS, decode speed and the profile's budgets.
 2. A tiny untied Phi-3 (edgekit.tiny, 2 layers, 512-token vocabulary) exported as a phone
    bundle with `algorithm = "default"` and the token embedding in float, then in int4
-   (GatherBlockQuantized, `embeddings = "int4"`): bytes and parity, to show the quantized
-   embedding converts to ORT format and runs. Its sizes are a tiny model's: at 64 wide the
-   embedding is a small share of the file.
+   (GatherBlockQuantized, `embeddings = "int4"`): which model file each bundle ships (onnxruntime
+   1.32.0 cannot load an int4 tensor from ORT format, so the int4 one keeps model.onnx), bytes
+   and parity. Its sizes are a tiny model's: at 64 wide the embedding is a small share.
 
 Writes benchmarks/results/mobile.{json,md} and the section of docs/mobile.md between
 <!-- mobile:start --> and <!-- mobile:end -->.

@@ -268,3 +268,25 @@ def test_bench_measures_the_phone_bundle_against_the_mobile_budgets(phone, manif
     assert r.kv_bytes_per_token > 0 and r.context == 2048
     # the tiny bundle is far inside every mobile-onnx budget (peak RSS, size, decode speed)
     assert r.passed and r.budget_failures == ()
+
+
+@pytest.mark.slow
+def test_an_int4_embedding_keeps_the_onnx(tiny_phi3, tmp_path):
+    """GatherBlockQuantized's 4-bit tensor has no ORT-format type in onnxruntime 1.32.0: the .ort
+    it writes does not load, so the check catches it and the phone bundle keeps its .onnx."""
+    from edgekit import api
+
+    out = tmp_path / "emb"
+    api.export(
+        str(tiny_phi3),
+        "onnx-int4",
+        out,
+        verify=False,
+        recipe={"mobile": True, "algorithm": "default", "embeddings": "int4"},
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantization"]["weights"]["embedding"] == "int4"
+    assert m["quantization"]["model_file"] == "model.onnx" and not m["quantization"]["ort_format"]["converted"]
+    assert any("model.ort was not kept" in n and "Invalid ORT format model" in n for n in m["export"]["notes"])
+    assert {"model.onnx", "model.onnx.data"} <= {e["path"] for e in m["files"]}
+    assert "model.ort" not in {e["path"] for e in m["files"]}
