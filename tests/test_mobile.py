@@ -104,6 +104,8 @@ def test_phone_bundle_files(phone, manifest):
     assert ort["converted"] and ort["genai_generates"] and ort["ort_bytes"] == (phone / "model.ort").stat().st_size
     assert 0 <= ort["max_abs_logit_diff"] <= mobile.MAX_LOGIT_DIFF
     assert ort["kv_element_bytes"] == 4
+    # the weights once, as in the .onnx files: no optimizer may store a second copy of any
+    assert ort["ort_bytes"] < 1.05 * ort["onnx_bytes"]
 
 
 @pytest.mark.slow
