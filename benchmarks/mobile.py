@@ -16,9 +16,14 @@
 Writes benchmarks/results/mobile.{json,md} and the section of docs/mobile.md between
 <!-- mobile:start --> and <!-- mobile:end -->.
 
+`--folding BUNDLE` measures instead why the conversion leaves constant folding out: the
+desktop bundle's model.onnx converted to ORT format with and without it (sizes and the ops
+each graph ends with), into benchmarks/results/mobile_folding.{json,md}.
+
 Usage:
-    .venv/bin/python benchmarks/mobile.py            # ~6 min on 2 cores
+    .venv/bin/python benchmarks/mobile.py            # ~10 min on 2 cores
     .venv/bin/python benchmarks/mobile.py --render   # tables again from results/mobile.json
+    .venv/bin/python benchmarks/mobile.py --folding dist/smollm2-135m-onnx-int4
 """
 
 from __future__ import annotations
@@ -186,10 +191,59 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def folding(bundle: Path) -> tuple[dict, str]:
+    import tempfile
+    from collections import Counter
+
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    source = json.loads((bundle / "manifest.json").read_text())["source"]
+    model = source.get("alias") or source.get("hub_id") or Path(source.get("path", str(bundle))).name
+    doc: dict = {"date": dt.date.today().isoformat(), "host": host_facts(), "model": model, "rows": {}}
+    onnx_bytes = sum((bundle / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+    with tempfile.TemporaryDirectory(prefix="edgekit-folding-") as tmp:
+        for name, disabled in (("with constant folding", []), ("without (what edgekit does)", ["ConstantFolding"])):
+            out = Path(tmp) / "model.ort"
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.optimized_model_filepath = str(out)
+            options.add_session_config_entry("session.save_model_format", "ORT")
+            options.log_severity_level = 3
+            ort.InferenceSession(
+                str(bundle / "model.onnx"), options, ["CPUExecutionProvider"], disabled_optimizers=disabled
+            )
+            graph = InferenceSession.InferenceSession.GetRootAs(out.read_bytes(), 0).Model().Graph()
+            ops = Counter(graph.Nodes(i).OpType().decode() for i in range(graph.NodesLength()))
+            doc["rows"][name] = {"ort_bytes": out.stat().st_size, "ops": dict(sorted(ops.items()))}
+    doc["onnx_bytes"] = onnx_bytes
+    lines = [
+        f"Measured on {doc['date']} on {host_line(doc['host'])}: the model.onnx of a desktop onnx-int4 bundle of "
+        f"{doc['model']} (`edgekit export {doc['model']} --target onnx-int4`; model.onnx + model.onnx.data "
+        f"{mib(onnx_bytes)} MiB) converted to ORT format at ORT_ENABLE_EXTENDED. "
+        "Rerun: `.venv/bin/python benchmarks/mobile.py --folding BUNDLE`.",
+        "",
+        "| conversion | model.ort MiB | ops that differ |",
+        "|---|---|---|",
+    ]
+    a, b = (r["ops"] for r in doc["rows"].values())
+    differing = sorted(op for op in {*a, *b} if a.get(op) != b.get(op))
+    for name, row in doc["rows"].items():
+        differ = ", ".join(f"{op} {row['ops'].get(op, 0)}" for op in differing) or "-"
+        lines.append(f"| {name} | {mib(row['ort_bytes'])} | {differ} |")
+    return doc, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="re-render the tables from results/mobile.json")
+    ap.add_argument("--folding", type=Path, metavar="BUNDLE", help="ORT conversion with and without constant folding")
     args = ap.parse_args()
+    if args.folding:
+        doc, markdown = folding(args.folding)
+        write_results(f"{NAME}_folding", doc, markdown)
+        print(markdown)
+        return
     doc = json.loads((RESULTS / f"{NAME}.json").read_text()) if args.render else measure()
     markdown = render(doc)
     write_results(NAME, doc, markdown)

@@ -39,7 +39,7 @@ OPTIMIZATION_LEVEL = "extended"
 # Constant folding is left out: the builder writes its constants folded already, and for a tied
 # embedding (GatherBlockQuantized reading lm_head's codes through a Reshape) folding stores a
 # second copy of those codes. Measured on SmolLM2-135M: model.ort 145.6 MiB with it, 118.6
-# without (the .onnx files: 118.4), the same fusions otherwise.
+# without (the .onnx files: 118.4), the same fusions otherwise (benchmarks/mobile.py --folding).
 DISABLED_OPTIMIZERS = ("ConstantFolding",)
 # Prompt tokens fed to the .onnx and the .ort for the logits check, and the largest difference
 # accepted: the same kernels run on the same weights, so only the fusions the optimizer made
