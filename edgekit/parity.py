@@ -404,12 +404,13 @@ def verify_session(
 
 
 def write_report(bundle: Path, report: ParityReport) -> None:
-    """parity.json into the bundle, its summary into manifest.json, file list re-hashed."""
+    """parity.json into the bundle, its summary into manifest.json and README.md, file list re-hashed."""
     from .bundle import read_manifest, write_manifest
+    from .bundle_readme import write_readme
 
     tmp = bundle / "parity.json.tmp"
     tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(bundle / "parity.json")
     manifest = read_manifest(bundle)
     manifest["parity"] = report.summary()
-    write_manifest(bundle, manifest)
+    write_manifest(bundle, write_readme(bundle, manifest))

@@ -251,6 +251,10 @@ README_TEMPLATE = """\
 
 {model} exported by edgekit {version} to fake-int4, the test suite's format (no weights; seed {seed},
 logit spread {scale}). Checkpoint sha256: `{sha}`. Files and hashes: `manifest.json`.
+
+## Measured
+
+{figures}
 """
 KV_ELEMENT_BYTES = 4  # what the fake would hold per K/V element, were it a model: float32
 
@@ -258,6 +262,10 @@ KV_ELEMENT_BYTES = 4  # what the fake would hold per K/V element, were it a mode
 def readme_fields(manifest: dict[str, Any]) -> dict[str, str]:
     q = manifest.get("quantization", {})
     return {"seed": str(q.get("seed", 0)), "scale": str(q.get("scale", 0.0))}
+
+
+def card_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"library_name": "fake", "tags": [NAME, "int4"]}
 
 
 def config_problems(config: dict[str, Any]) -> list[str]:

@@ -165,7 +165,11 @@ class FormatBackend(Protocol):
         checkpoints avoid them and fail only where a real model would."""
 
     def readme_fields(self, manifest: dict[str, Any]) -> dict[str, str]:
-        """Fields README_TEMPLATE needs beyond name, model, version and sha."""
+        """Fields README_TEMPLATE needs beyond name, model, version, sha and figures."""
+
+    def card_metadata(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The bundle README's Hugging Face model-card keys this format decides: `library_name`
+        (what the hub files the repo under) and `tags` (format, quantization, runtime)."""
 
     def bench_setup(self, bundle: Path, manifest: dict[str, Any], profile: Profile) -> BenchSetup:
         """Cheap, runtime-free facts bench needs to plan a run (parent process)."""

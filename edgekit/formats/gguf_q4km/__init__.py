@@ -13,7 +13,7 @@ files are also copied beside it as the reference for users and for the parity ch
 from .benching import bench_runtime, bench_session, bench_setup
 from .export import PREFLIGHT_COST, config_problems, export, tool_versions
 from .limits import KNOWN_DIFFERENCES, LONG_CONTEXT_LIMITS
-from .readme import PLOT_COLOR, README_TEMPLATE, readme_fields
+from .readme import PLOT_COLOR, README_TEMPLATE, card_metadata, readme_fields
 from .recipe import FALLBACK_ARCHITECTURES, SUPPORTED_ARCHITECTURES, parse_recipe
 from .session import open_session
 
@@ -30,6 +30,7 @@ __all__ = [
     "open_session",
     "tool_versions",
     "readme_fields",
+    "card_metadata",
     "config_problems",
     "bench_setup",
     "bench_runtime",

@@ -7,12 +7,21 @@ from typing import Any
 # The format's colour in report plots (matplotlib's tab:red); each format keeps its own.
 PLOT_COLOR = "#d62728"
 
-# str.format fields: name, model, version, sha (edgekit.bundle_readme) and those of readme_fields.
+# What the hub files a GGUF repo under: its library filter for GGUF files is `gguf`
+# (hf.co/models?library=gguf, hub-docs docs/hub/gguf.md).
+LIBRARY_NAME = "gguf"
+RUNTIME_TAG = "llama.cpp"
+
+# str.format fields: name, model, version, sha, figures (edgekit.bundle_readme) and those of readme_fields.
 README_TEMPLATE = """\
 # {name}
 
 {model} exported by edgekit {version} to GGUF ({quant}) for llama.cpp.
 Checkpoint sha256: `{sha}`. Files and hashes: `manifest.json`.
+
+## Measured
+
+{figures}
 
 ## Run it without edgekit
 
@@ -34,5 +43,14 @@ With edgekit: `edgekit run . --prompt "What is the capital of France?"`
 """
 
 
+def _quant(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("quantization", {}).get("quant_type", "Q4_K_M"))
+
+
 def readme_fields(manifest: dict[str, Any]) -> dict[str, str]:
-    return {"quant": manifest.get("quantization", {}).get("quant_type", "Q4_K_M")}
+    return {"quant": _quant(manifest)}
+
+
+def card_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    # The quant type as recorded: a `--set quant_type=...` bundle is tagged with what it holds.
+    return {"library_name": LIBRARY_NAME, "tags": ["gguf", _quant(manifest).lower(), RUNTIME_TAG]}

@@ -21,7 +21,7 @@ projection int8. The graph the tool built is kept; only weights, widths and bloc
 from .architectures import FALLBACK_ARCHITECTURES, KNOWN_DIFFERENCES, LONG_CONTEXT_LIMITS, SUPPORTED_ARCHITECTURES
 from .benching import bench_runtime, bench_session, bench_setup
 from .export import PREFLIGHT_COST, config_problems, export, tool_versions
-from .readme import PLOT_COLOR, README_TEMPLATE, readme_fields
+from .readme import PLOT_COLOR, README_TEMPLATE, card_metadata, readme_fields
 from .recipe import parse_recipe
 from .session import open_session
 
@@ -38,6 +38,7 @@ __all__ = [
     "open_session",
     "tool_versions",
     "readme_fields",
+    "card_metadata",
     "config_problems",
     "bench_setup",
     "bench_runtime",

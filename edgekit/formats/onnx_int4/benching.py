@@ -55,7 +55,9 @@ def bench_setup(bundle: Path, manifest: dict[str, Any], profile: Profile) -> Ben
         )
     return BenchSetup(
         context_limit=context,
-        kv_element_bytes=kv_cache_element_bytes(bundle),
+        # a phone bundle has no model.onnx to read; its export recorded the size before converting
+        kv_element_bytes=kv_cache_element_bytes(bundle)
+        or manifest.get("quantization", {}).get("ort_format", {}).get("kv_element_bytes"),
         gpu_layers=0,
         accuracy_level=accuracy,
         substitutions=tuple(subs),

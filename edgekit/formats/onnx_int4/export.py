@@ -11,6 +11,7 @@ from .. import ExportCost, ExportNotes
 from .architectures import BUILDER_EXCLUDED, FALLBACK_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 from .childlog import ChildOutput, run_child
 from .files import complete_bundle_files, set_context_length, weight_notes, weight_summary, write_genai_config
+from .mobile import make_mobile
 from .recipe import ALGORITHMS, OnnxRecipe, builder_extra_options
 from .rewrite import requant_job, requant_notes
 from .stream import WHOLE_MODEL, streaming_notes, why_not_streamed
@@ -96,6 +97,12 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
     if requant:
         quantization["edgekit_requantization"] = requant
         notes += requant_notes(requant)
+    unreproducible: tuple[str, ...] = ()
+    if recipe.mobile:  # last: everything above reads model.onnx, which this may replace
+        mobile = make_mobile(staging, progress)
+        quantization.update(mobile.quantization)
+        notes += mobile.notes
+        unreproducible = mobile.unreproducible
     tools = tool_versions()
     if engine == "optimum":
         tools.update(package_versions("optimum", "optimum-onnx"))
@@ -104,7 +111,9 @@ def export(checkpoint: Checkpoint, staging: Path, recipe: OnnxRecipe, progress: 
         tools=tools,
         path_taken=path_taken,
         notes=tuple(notes),
-        reproducible_files=tuple(sorted(p.name for p in staging.iterdir() if p.is_file())),
+        reproducible_files=tuple(
+            sorted(p.name for p in staging.iterdir() if p.is_file() and p.name not in unreproducible)
+        ),
     )
 
 

@@ -58,6 +58,7 @@ class OnnxRecipe:
     zero_points: str = "integer"  # int4 blocks' offset: "integer", "float" or "float_matmul" (ZERO_POINTS)
     context_length: int = 0  # longest sequence the bundle accepts; 0: the model's, capped where
     # the runtime stops matching transformers (LONG_CONTEXT_LIMITS)
+    mobile: bool = False  # phone bundle: model.ort (ORT format) + required_operators.config (mobile.py)
 
 
 def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
