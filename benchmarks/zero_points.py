@@ -116,7 +116,8 @@ def arithmetic() -> dict:
         )
         out["bits_8"] = "accepted"
     except Exception as e:  # noqa: BLE001 - the refusal is the result
-        out["bits_8"] = f"refused: {str(e).splitlines()[0][:200]}"
+        # onnxruntime's message ends with the reason, after the failed enforce's expression
+        out["bits_8"] = f"refused ({str(e).splitlines()[0].split(' was false. ')[-1][:200]})"
     return out
 
 
