@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...layerwise import read_tensors, tensor_files
+from ...memory import release_memory
 from .expand import NotStreamable, layer_of
 
 if TYPE_CHECKING:
@@ -22,26 +24,25 @@ _CKPT_LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 # Float tensors of a layer the builder builds from several checkpoint tensors, as
 # (checkpoint suffixes concatenated in order): the packed q/k/v bias of Qwen2-style attention.
 _PACKED = (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),)
+# Re-quantized tensors between two release_memory() calls: the two quantizing threads free
+# each float weight and its search buffers into their own malloc arenas, which glibc keeps;
+# handed back every few tensors the RSS stays near what is live (a call costs a few ms).
+RELEASE_EVERY = 8
 
 
 class CheckpointTensors:
-    """The checkpoint's safetensors by name, read one tensor at a time (torch, own dtype)."""
+    """The checkpoint's safetensors by name, read one tensor at a time (torch, own dtype); each
+    read opens its file and closes it (layerwise.read_tensors says why)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._handles = [safe_open(str(f), framework="pt") for f in sorted(Path(path).glob("*.safetensors"))]
-        self.where: dict[str, Any] = {}
-        for h in self._handles:
-            for name in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable; keys() is its API
-                self.where.setdefault(name, h)
+        self.where = tensor_files(path)
         self.by_layer: dict[int, list[str]] = {}
         for name in self.where:
             if m := _CKPT_LAYER.match(name):
                 self.by_layer.setdefault(int(m.group(2)), []).append(name)
 
     def get(self, name: str) -> Any:
-        return self.where[name].get_tensor(name)
+        return read_tensors(self.where, [name])[0]
 
 
 def _layer_pattern(name: str, layer: int) -> str:
@@ -207,6 +208,8 @@ class Filler:
                     t = numpy_helper.from_array(array, name)
                     data.put(t, t.raw_data)
                     added.append(t)
+                if done % RELEASE_EVERY == 0:
+                    release_memory()
         finally:
             data.close()
         os.chmod(out / "model.onnx.data", 0o644)
