@@ -49,9 +49,15 @@ def _layer_pattern(name: str, layer: int) -> str:
     return re.sub(rf"layers\.{layer}\.", "layers.{L}.", name, count=1)
 
 
+class TemplateCodesKept(Exception):
+    """A node keeps the builder's codes, but the template was quantized more cheaply than the
+    recipe says (stream.template_options): raised before model.onnx.data is written."""
+
+
 class Filler:
-    def __init__(self, template: Path, graph: onnx.GraphProto, checkpoint: Path) -> None:
+    def __init__(self, template: Path, graph: onnx.GraphProto, checkpoint: Path, final_codes: bool = True) -> None:
         self.template = template
+        self.final_codes = final_codes  # False: the template's codes must not reach the bundle
         self.tensors = CheckpointTensors(checkpoint)
         self.template_inits = {t.name: t for t in graph.initializer}
         self._rules: dict[str, tuple[str, ...]] = {}
@@ -167,10 +173,14 @@ class Filler:
             if kept is not None:
                 if cloned and kept.kept:
                     raise NotStreamable(kept.kept)
+                if not self.final_codes:
+                    raise TemplateCodesKept(kept.kept or f"{node.name} keeps the builder's codes")
                 continue
             if not cloned:
                 early[node.name] = requantize_node(node, inits.get, uses, source, spec, imatrix, old_codes)
                 drop.update(early[node.name].drop)
+                if early[node.name].kept and not self.final_codes:
+                    raise TemplateCodesKept(early[node.name].kept)
             else:
                 drop.update(x for x in node.input[1:4] if x)
         data = _DataFile(out / "model.onnx.data")
