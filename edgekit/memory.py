@@ -2,10 +2,11 @@
 
 Python and numpy free large arrays to glibc's malloc, which keeps the pages of its arenas
 (one per thread) for reuse instead of returning them, so a process that reads, quantizes and
-drops tensors one after another keeps its high-water mark in RSS although little is live.
-malloc_trim(0) returns those free pages. Measured on the streamed onnx-int4 export
-(tests/test_memory.py names the figures' script): without it the writing phase of a
-Phi-3-mini-sized export kept growing as the two quantizing threads' arenas filled.
+drops tensors one after another on two threads keeps its high-water mark in RSS although
+little is live. malloc_trim(0) returns those free pages; gc.collect() first frees what only
+reference cycles still hold. Callers: the importance-matrix and reference passes (their model
+is gone when they return) and the streamed export's writer (every few tensors); what it saves
+there is measured by benchmarks/onnx_memory.py --code (benchmarks/results/onnx_memory.md).
 """
 
 from __future__ import annotations
