@@ -21,8 +21,9 @@ down. Results go to benchmarks/results/onnx_memory.md with the machine and its l
 DIR first on PYTHONPATH, each with a fresh cache (so its importance-matrix pass runs), the
 checkpoint shared. Per tree: wall, the export process tree's peak RSS and, sampled from
 /proc/<pid>/status, its peak RssAnon (heap) and RssFile (mapped files, such as the checkpoint's
-safetensors); then whether every tree wrote the same model files. Make the trees with
-`git archive <commit> | tar -x -C DIR`.
+safetensors); then whether every tree wrote the same model files. --warm-imatrix computes the
+importance matrix once beforehand so every run finds it cached and the peak is the export's
+own (template, re-quantization, writing). Make the trees with `git archive <commit> | tar -x -C DIR`.
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float) ->
     }
 
 
-def compare_trees(model: str, codes: list[str], work: Path, cap_gb: float) -> tuple[list[dict], str]:
+def compare_trees(
+    model: str, codes: list[str], work: Path, cap_gb: float, warm_imatrix: bool = False
+) -> tuple[list[dict], str]:
     if model == "smollm2-135m":
         from edgekit.embedded import ensure_checkpoint
 
@@ -163,12 +166,22 @@ def compare_trees(model: str, codes: list[str], work: Path, cap_gb: float) -> tu
         ckpt = work / "checkpoint"
         if not (ckpt / "config.json").is_file():
             write_checkpoint(get_model(model), ckpt)
+    warm = None
+    if warm_imatrix:  # computed here once, copied into each fresh cache: the writing phase alone
+        from edgekit.checkpoint import CheckpointFiles
+        from edgekit.imatrix import load_or_compute
+        from edgekit.paths import cache_dir
+
+        load_or_compute(CheckpointFiles(ckpt, json.loads((ckpt / "config.json").read_text())))
+        warm = cache_dir() / "imatrix"
     rows, digests = [], {}
     for code in codes:
         label, _, tree = code.partition("=")
         out, cache = work / f"code-{label}", work / f"cache-{label}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
+        if warm is not None:
+            shutil.copytree(warm, cache / "imatrix")
         env = {"PYTHONPATH": str(Path(tree).resolve()), "EDGEKIT_CACHE": str(cache)}
         rows.append(run_split(label, [sys.executable, "-c", EXPORT_ONLY, str(ckpt), str(out)], env, cap_gb))
         if rows[-1]["returncode"] == 0:
@@ -176,7 +189,10 @@ def compare_trees(model: str, codes: list[str], work: Path, cap_gb: float) -> tu
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
     same = len(set(map(tuple, digests.values()))) == 1 and len(digests) == len(codes)
-    return rows, f"model files byte-identical across the trees: {same}"
+    imatrix = (
+        "importance matrix cached (computed before the runs)" if warm else "importance matrix computed in each run"
+    )
+    return rows, f"{imatrix}; model files byte-identical across the trees: {same}"
 
 
 def machine() -> str:
@@ -195,13 +211,14 @@ def main() -> int:
     ap.add_argument("--cap-gb", type=float, default=16.0, help="kill a step whose process tree passes this")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-onnx-memory"))
     ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR", help="compare source trees")
+    ap.add_argument("--warm-imatrix", action="store_true", help="with --code: every run finds the imatrix cached")
     args = ap.parse_args()
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
     where = machine()
     rows = []
     if args.code:
-        rows, extra = compare_trees(args.model, args.code, work, args.cap_gb)
+        rows, extra = compare_trees(args.model, args.code, work, args.cap_gb, args.warm_imatrix)
         return _publish(args.model, where, rows, extra, split=True)
     if args.model == "smollm2-135m":
         rows.append(edgekit_export("edgekit streamed", "smollm2-135m", work / "streamed", args.cap_gb))
