@@ -205,20 +205,27 @@ def test_the_template_skips_the_search_only_when_edgekit_searches_every_code():
     from edgekit.formats.onnx_int4.recipe import builder_extra_options
     from edgekit.formats.onnx_int4.stream import template_options
 
+    untied = {"tie_word_embeddings": False}
     opts = builder_extra_options(recipe(), False)
-    cheap = template_options(opts, "imatrix")
+    cheap = template_options(opts, "imatrix", untied)
     assert cheap is not None and cheap["algo_config"] == "rtn" and cheap["is_symmetric"] == "false"
     # the int8 placement shapes the graph: it stays
     assert cheap["matmul_mixed_precision"] == "last_matmul:int8,mixed_layers:int8"
     assert {k: v for k, v in cheap.items() if k not in ("algo_config", "is_symmetric", "matmul_mixed_precision")} == {
         k: v for k, v in opts.items() if k not in ("algo_config", "is_symmetric")
     }
-    assert template_options(opts, "edgekit") == cheap
-    plain = template_options(builder_extra_options(recipe(algorithm="k_quant"), False), "edgekit")
+    assert template_options(opts, "edgekit", untied) == cheap
+    plain = template_options(builder_extra_options(recipe(algorithm="k_quant"), False), "edgekit", untied)
     assert plain is not None and "matmul_mixed_precision" not in plain  # no int8 placement to keep
-    assert template_options(opts, "builder") is None  # the builder's codes are the bundle's
+    assert template_options(opts, "builder", untied) is None  # the builder's codes are the bundle's
     for cheap_already in ("default", "rtn", "rtn_last"):
-        assert template_options(builder_extra_options(recipe(algorithm=cheap_already), False), "imatrix") is None
+        assert (
+            template_options(builder_extra_options(recipe(algorithm=cheap_already), False), "imatrix", untied) is None
+        )
+    # tied embeddings: the lm_head keeps the builder's codes (shared with the embedding)
+    assert template_options(opts, "imatrix", {"tie_word_embeddings": True}) is None
+    assert template_options(opts, "imatrix", {}) is None  # transformers' default ties
+    assert template_options(opts, "imatrix", {"text_config": untied}) == cheap
 
 
 @pytest.mark.slow

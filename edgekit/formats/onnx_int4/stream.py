@@ -134,17 +134,25 @@ def child_stream(job: dict[str, Any], whole_model: Callable[[dict[str, Any]], An
     return report
 
 
-def template_options(extra_options: dict[str, str], weight_search: str) -> dict[str, str] | None:
+def template_options(
+    extra_options: dict[str, str], weight_search: str, config: dict[str, Any]
+) -> dict[str, str] | None:
     """The builder options of a cheaper template, or None to build it as the recipe says.
 
     Only the codes of MatMuls edgekit keeps (filling.TemplateCodesKept) reach the bundle; when
     edgekit re-searches every code, the template's search is wasted work. The int8 placement
-    (last_matmul, mixed_layers, ...) shapes the graph, so it stays, as matmul_mixed_precision."""
+    (last_matmul, mixed_layers, ...) shapes the graph, so it stays, as matmul_mixed_precision.
+    A model that ties its embeddings gets the recipe's template: the builder shares the
+    lm_head's codes with the embedding, edgekit keeps them (measured on SmolLM2-135M), so the
+    cheap template would only be built to be rebuilt."""
     from .recipe import ALGORITHMS
 
     algorithm = extra_options.get("algo_config", "default")
     method, groups = ALGORITHMS.get(algorithm, (algorithm, ()))
     if weight_search not in ("edgekit", "imatrix") or method not in EXPENSIVE_METHODS:
+        return None
+    # transformers' default when config.json does not say, as the builder reads it
+    if (config.get("text_config") or config).get("tie_word_embeddings", True):
         return None
     cheap = {**extra_options, **CHEAP_TEMPLATE}
     if groups:
@@ -173,7 +181,7 @@ def _stream(job: dict[str, Any]) -> dict[str, Any]:
     template, out = Path(job["template"]), Path(job["output"])
     spec = job["requant"]
     n = num_layers(spec["config"])
-    cheap = template_options(job["extra_options"], spec["weight_search"])
+    cheap = template_options(job["extra_options"], spec["weight_search"], spec["config"])
     _build_template(job, template, cheap or job["extra_options"])
     imatrix = load_imatrix(spec)
     try:
