@@ -124,7 +124,7 @@ def _last_child_line(out: Path) -> str:
     return ""
 
 
-def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float, bundle: Path) -> dict:
+def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float, out: Path) -> dict:
     """run(), with the tree's RssAnon and RssFile sampled apart (their peaks need not coincide),
     and the peak while the streamed writer fills model.onnx.data (its "Saving /model/..." lines)."""
     import psutil
@@ -149,7 +149,7 @@ def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float, bu
                 now["RssAnon"] += kb["RssAnon"] * 1024
                 now["RssFile"] += kb["RssFile"] * 1024
             peaks = {k: max(v, now[k]) for k, v in peaks.items()}
-            if _last_child_line(bundle).startswith("Saving /model/"):
+            if _last_child_line(out).startswith("Saving /model/"):
                 writing = {k: max(v, now[k]) for k, v in writing.items()}
             if peaks["rss"] > cap_gb * 2**30 and not killed:
                 for child in root.children(recursive=True):
