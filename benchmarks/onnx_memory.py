@@ -112,26 +112,12 @@ def _status_kb(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
     return found
 
 
-def _last_child_line(out: Path) -> str:
-    """The last line of the export child's log (in the staging directory's work dir beside out)."""
-    for log in out.parent.glob(f".{out.name}*-onnx-work/*.log"):
-        try:
-            lines = log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            continue
-        if lines:
-            return lines[-1]
-    return ""
-
-
-def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float, out: Path) -> dict:
-    """run(), with the tree's RssAnon and RssFile sampled apart (their peaks need not coincide),
-    and the peak while the streamed writer fills model.onnx.data (its "Saving /model/..." lines)."""
+def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float) -> dict:
+    """run(), with the tree's RssAnon and RssFile sampled apart (their peaks need not coincide)."""
     import psutil
 
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"onnx_memory-{name}.log"
     peaks = {"rss": 0, "RssAnon": 0, "RssFile": 0}
-    writing = {"rss": 0, "RssAnon": 0, "RssFile": 0}
     t0 = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
@@ -149,8 +135,6 @@ def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float, ou
                 now["RssAnon"] += kb["RssAnon"] * 1024
                 now["RssFile"] += kb["RssFile"] * 1024
             peaks = {k: max(v, now[k]) for k, v in peaks.items()}
-            if _last_child_line(out).startswith("Saving /model/"):
-                writing = {k: max(v, now[k]) for k, v in writing.items()}
             if peaks["rss"] > cap_gb * 2**30 and not killed:
                 for child in root.children(recursive=True):
                     child.kill()
@@ -163,9 +147,6 @@ def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float, ou
         "peak_mib": round(peaks["rss"] / 2**20),
         "peak_anon_mib": round(peaks["RssAnon"] / 2**20),
         "peak_file_mib": round(peaks["RssFile"] / 2**20),
-        "writing_peak_mib": round(writing["rss"] / 2**20),
-        "writing_anon_mib": round(writing["RssAnon"] / 2**20),
-        "writing_file_mib": round(writing["RssFile"] / 2**20),
         "returncode": proc.returncode,
         "killed_at_cap": killed,
         "log": str(log),
@@ -202,7 +183,7 @@ def compare_trees(
         if warm is not None:
             shutil.copytree(warm, cache / "imatrix")
         env = {"PYTHONPATH": str(Path(tree).resolve()), "EDGEKIT_CACHE": str(cache)}
-        rows.append(run_split(label, [sys.executable, "-c", EXPORT_ONLY, str(ckpt), str(out)], env, cap_gb, out))
+        rows.append(run_split(label, [sys.executable, "-c", EXPORT_ONLY, str(ckpt), str(out)], env, cap_gb))
         if rows[-1]["returncode"] == 0:
             digests[label] = [sha256_file(out / f) for f in MODEL_FILES]
         shutil.rmtree(out, ignore_errors=True)
@@ -296,13 +277,12 @@ def _publish(model: str, where: str, rows: list[dict], extra: str, split: bool =
     ]
     if split:
         lines += [
-            "| source tree | wall s | export tree peak MiB | peak RssAnon MiB | peak RssFile MiB "
-            "| writing: peak MiB (RssAnon, RssFile) | exit |",
-            "|---|---|---|---|---|---|---|",
+            "| source tree | wall s | export tree peak MiB | peak RssAnon MiB | peak RssFile MiB | exit |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['step']} | {r['wall_s']} | {r['peak_mib']} | {r['peak_anon_mib']} | {r['peak_file_mib']} "
-            f"| {r['writing_peak_mib']} ({r['writing_anon_mib']}, {r['writing_file_mib']}) | {r['returncode']} |"
+            f"| {r['returncode']} |"
             for r in rows
         ]
     else:
