@@ -68,8 +68,8 @@ def read_tensors(file_of: Mapping[str, Path], names: Sequence[str]) -> list[Any]
     """Tensors `names` (torch, in their stored dtype) from the safetensors files `file_of` maps
     them to, each file opened for this call only. Every page a read touches stays in the
     process's RSS (as RssFile) for as long as the file's safe_open handle, and so its mapping,
-    lives: a handle held over a whole export counts the checkpoint's size again on top of the
-    peak (benchmarks/onnx_memory.py). Opening per read costs one header parse."""
+    lives: a handle held over a whole export ends up counting every tensor it read, up to the
+    checkpoint's size, on top of what is live. Opening per read costs one header parse."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}

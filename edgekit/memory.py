@@ -5,8 +5,8 @@ Python and numpy free large arrays to glibc's malloc, which keeps the pages of i
 drops tensors one after another on two threads keeps its high-water mark in RSS although
 little is live. malloc_trim(0) returns those free pages; gc.collect() first frees what only
 reference cycles still hold. Callers: the importance-matrix and reference passes (their model
-is gone when they return) and the streamed export's writer (every few tensors); what it saves
-there is measured by benchmarks/onnx_memory.py --code (benchmarks/results/onnx_memory.md).
+is gone when they return) and the streamed export's writer (every few tensors).
+benchmarks/onnx_memory.py --code compares source trees with and without it.
 """
 
 from __future__ import annotations

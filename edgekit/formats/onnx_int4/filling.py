@@ -26,7 +26,8 @@ _CKPT_LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 _PACKED = (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),)
 # Re-quantized tensors between two release_memory() calls: the two quantizing threads free
 # each float weight and its search buffers into their own malloc arenas, which glibc keeps;
-# handed back every few tensors the RSS stays near what is live (a call costs a few ms).
+# handed back every few tensors the RSS stays near what is live (a call is cheap next to
+# searching the codes of 8 tensors).
 RELEASE_EVERY = 8
 
 
