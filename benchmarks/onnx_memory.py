@@ -14,6 +14,16 @@ edgekit's default-recipe export (importance matrix included).
 Each step runs in a fresh process; its whole process tree is sampled every 0.1 s
 (edgekit.measure.PeakRSS) and killed when it passes --cap-gb, so a run never takes the machine
 down. Results go to benchmarks/results/onnx_memory.md with the machine and its load.
+
+    python benchmarks/onnx_memory.py smollm2-135m --code before=/tmp/a --code after=/tmp/b
+
+--code LABEL=DIR (repeated): the streamed export alone (no verify) once per edgekit source tree,
+DIR first on PYTHONPATH, each with a fresh cache (so its importance-matrix pass runs), the
+checkpoint shared. Per tree: wall, the export process tree's peak RSS and, sampled from
+/proc/<pid>/status, its peak RssAnon (heap) and RssFile (mapped files, such as the checkpoint's
+safetensors); then whether every tree wrote the same model files. --warm-imatrix computes the
+importance matrix once beforehand so every run finds it cached and the peak is the export's
+own (template, re-quantization, writing). Make the trees with `git archive <commit> | tar -x -C DIR`.
 """
 
 from __future__ import annotations
@@ -82,6 +92,109 @@ def edgekit_export(name: str, ckpt: str, out: Path, cap_gb: float, whole_model: 
     return run(name, [sys.executable, "-c", code, ckpt, str(out), "{}"], cap_gb)
 
 
+EXPORT_ONLY = (
+    "import sys; from edgekit import api; "
+    "r = api.export(sys.argv[1], 'onnx-int4', sys.argv[2], force=True, verify=False); "
+    "print('path_taken', r[0].path_taken)"
+)
+
+
+def _status_kb(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    found = dict.fromkeys(keys, 0)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in found:
+                    found[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return found
+
+
+def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float) -> dict:
+    """run(), with the tree's RssAnon and RssFile sampled apart (their peaks need not coincide)."""
+    import psutil
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"onnx_memory-{name}.log"
+    peaks = {"rss": 0, "RssAnon": 0, "RssFile": 0}
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        root = psutil.Process(proc.pid)
+        killed = False
+        while proc.poll() is None:
+            try:
+                pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
+            except psutil.Error:
+                pids = []
+            now = {"rss": 0, "RssAnon": 0, "RssFile": 0}
+            for pid in pids:
+                kb = _status_kb(pid, ("VmRSS", "RssAnon", "RssFile"))
+                now["rss"] += kb["VmRSS"] * 1024
+                now["RssAnon"] += kb["RssAnon"] * 1024
+                now["RssFile"] += kb["RssFile"] * 1024
+            peaks = {k: max(v, now[k]) for k, v in peaks.items()}
+            if peaks["rss"] > cap_gb * 2**30 and not killed:
+                for child in root.children(recursive=True):
+                    child.kill()
+                proc.kill()
+                killed = True
+            time.sleep(0.1)
+    return {
+        "step": name,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "peak_mib": round(peaks["rss"] / 2**20),
+        "peak_anon_mib": round(peaks["RssAnon"] / 2**20),
+        "peak_file_mib": round(peaks["RssFile"] / 2**20),
+        "returncode": proc.returncode,
+        "killed_at_cap": killed,
+        "log": str(log),
+    }
+
+
+def compare_trees(
+    model: str, codes: list[str], work: Path, cap_gb: float, warm_imatrix: bool = False
+) -> tuple[list[dict], str]:
+    if model == "smollm2-135m":
+        from edgekit.embedded import ensure_checkpoint
+
+        ckpt = ensure_checkpoint(model)
+    else:
+        from _scale_models import get_model, write_checkpoint
+
+        ckpt = work / "checkpoint"
+        if not (ckpt / "config.json").is_file():
+            write_checkpoint(get_model(model), ckpt)
+    warm = None
+    if warm_imatrix:  # computed here once, copied into each fresh cache: the writing phase alone
+        from edgekit.checkpoint import CheckpointFiles
+        from edgekit.imatrix import load_or_compute
+        from edgekit.paths import cache_dir
+
+        load_or_compute(CheckpointFiles(ckpt, json.loads((ckpt / "config.json").read_text())))
+        warm = cache_dir() / "imatrix"
+    rows, digests = [], {}
+    for code in codes:
+        label, _, tree = code.partition("=")
+        out, cache = work / f"code-{label}", work / f"cache-{label}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        if warm is not None:
+            shutil.copytree(warm, cache / "imatrix")
+        env = {"PYTHONPATH": str(Path(tree).resolve()), "EDGEKIT_CACHE": str(cache)}
+        rows.append(run_split(label, [sys.executable, "-c", EXPORT_ONLY, str(ckpt), str(out)], env, cap_gb))
+        if rows[-1]["returncode"] == 0:
+            digests[label] = [sha256_file(out / f) for f in MODEL_FILES]
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    same = len(set(map(tuple, digests.values()))) == 1 and len(digests) == len(codes)
+    imatrix = (
+        "importance matrix cached (computed before the runs)" if warm else "importance matrix computed in each run"
+    )
+    return rows, f"{imatrix}; model files byte-identical across the trees: {same}"
+
+
 def machine() -> str:
     import psutil
 
@@ -97,11 +210,16 @@ def main() -> int:
     ap.add_argument("model", help="smollm2-135m, or a model of benchmarks/_scale_models.py (llama-3.2-1b, ...)")
     ap.add_argument("--cap-gb", type=float, default=16.0, help="kill a step whose process tree passes this")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-onnx-memory"))
+    ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR", help="compare source trees")
+    ap.add_argument("--warm-imatrix", action="store_true", help="with --code: every run finds the imatrix cached")
     args = ap.parse_args()
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
     where = machine()
     rows = []
+    if args.code:
+        rows, extra = compare_trees(args.model, args.code, work, args.cap_gb, args.warm_imatrix)
+        return _publish(args.model, where, rows, extra, split=True)
     if args.model == "smollm2-135m":
         rows.append(edgekit_export("edgekit streamed", "smollm2-135m", work / "streamed", args.cap_gb))
         rows.append(
@@ -146,17 +264,33 @@ def main() -> int:
         shutil.rmtree(raw_out, ignore_errors=True)
         rows.append(edgekit_export("edgekit default recipe", str(ckpt), work / "edgekit", args.cap_gb))
         extra = ""
+    return _publish(args.model, where, rows, extra)
+
+
+def _publish(model: str, where: str, rows: list[dict], extra: str, split: bool = False) -> int:
+    load = os.getloadavg()[0]
     lines = [
-        f"## onnx-int4 export, {args.model} ({time.strftime('%Y-%m-%d %H:%M')})",
+        f"## onnx-int4 export, {model} ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"Machine: {where}.",
+        f"Machine: {where}; load {load:.1f} at the end.",
         "",
-        "| step | wall s | process-tree peak GiB | exit | killed at cap |",
-        "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['step']} | {r['wall_s']} | {r['peak_gib']} | {r['returncode']} | {r['killed_at_cap']} |" for r in rows
-    ]
+    if split:
+        lines += [
+            "| source tree | wall s | export tree peak MiB | peak RssAnon MiB | peak RssFile MiB | exit |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['step']} | {r['wall_s']} | {r['peak_mib']} | {r['peak_anon_mib']} | {r['peak_file_mib']} "
+            f"| {r['returncode']} |"
+            for r in rows
+        ]
+    else:
+        lines += ["| step | wall s | process-tree peak GiB | exit | killed at cap |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['step']} | {r['wall_s']} | {r['peak_gib']} | {r['returncode']} | {r['killed_at_cap']} |"
+            for r in rows
+        ]
     if extra:
         lines += ["", extra]
     text = "\n".join(lines) + "\n"

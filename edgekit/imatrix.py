@@ -33,6 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .memory import release_memory
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -115,6 +117,7 @@ def load_or_compute(
         return Imatrix(values, tokens, text_sha, key, cached=True, budget=budget, dtype=dtype, mode=stored_mode)
     mode = mode_for(checkpoint.path, dtype, mode)
     values, tokens = compute(checkpoint, text, dtype, progress, mode=mode, budget=budget)
+    release_memory()  # the model is gone; an export runs next in this process, give its pages back
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npz"
     np.savez(tmp, __tokens__=np.int64(tokens), __mode__=np.str_(mode), **values)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,39 @@ def safetensors_headers(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         yield file, header
+
+
+def read_tensors(file_of: Mapping[str, Path], names: Sequence[str]) -> list[Any]:
+    """Tensors `names` (torch, in their stored dtype) from the safetensors files `file_of` maps
+    them to, each file opened for this call only. Every page a read touches stays in the
+    process's RSS (as RssFile) for as long as the file's safe_open handle, and so its mapping,
+    lives: a handle held over a whole export ends up counting every tensor it read, up to the
+    checkpoint's size, on top of what is live. Opening per read costs one header parse."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(file_of[name], []).append(name)
+    found: dict[str, Any] = {}
+    for file, group in by_file.items():
+        with safe_open(str(file), framework="pt") as h:
+            for name in group:
+                found[name] = h.get_tensor(name)
+    return [found[name] for name in names]
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Which .safetensors file of a checkpoint directory holds each tensor (the first file, in
+    name order, for a name that two files hold), from the headers only."""
+    file_of: dict[str, Path] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name in sorted(header):  # the order safe_open's keys() gives
+            file_of.setdefault(name, file)
+    return file_of
 
 
 def _numel(shape: Sequence[int]) -> int:

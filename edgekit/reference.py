@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
+from .memory import release_memory
 from .paths import cache_dir
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ def _compute(
             greedy = _compute_streamed(checkpoint, windows, prompt_ids, greedy_tokens, dtype, save, progress)
         else:
             greedy = _compute_resident(checkpoint, windows, prompt_ids, greedy_tokens, dtype, save, progress)
+        release_memory()  # the model is gone; the runtime under test loads next in this process
         (tmp / "meta.json").write_text(
             json.dumps({"greedy": greedy, "dtype": dtype, "mode": mode, "windows": len(windows)})
         )

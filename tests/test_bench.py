@@ -211,8 +211,10 @@ def test_mobile_budget_exceeded_exits_3_after_reporting(tiny_onnx):
     [r] = json.loads(result.stdout)
     assert not r["passed"] and "max_peak_rss_mb" in r["budget_failures"][0]
     assert r["context"] == 2048
+    # progress stays on stderr under --json; the error is its last line
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: bench budget exceeded")
+    assert lines[-1].startswith("error: bench budget exceeded"), result.stderr
+    assert not any(ln.startswith("error:") for ln in lines[:-1]), result.stderr
 
 
 @pytest.mark.slow

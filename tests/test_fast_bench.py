@@ -41,3 +41,27 @@ def test_bench_records_and_the_budget_gate(tiny_phi3, tmp_path):
     (rec,) = json.loads(r.stdout)
     assert not rec["passed"] and rec["budget_failures"], rec
     assert "peak" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_json_keeps_progress_on_stderr_and_quiet_silences_it(tiny_phi3, tmp_path):
+    """--json: stdout is exactly one JSON document, progress stays on stderr (a CI log of a long
+    step shows it is alive), an error is stderr's last line; -q leaves stderr empty."""
+    b = tmp_path / "b"
+    assert cli("export", tiny_phi3, "--target", NAME, "--no-verify", "--out", b, "-q").returncode == 0
+    args = ("bench", b, "--profile", "fake-cpu", "--reps", "1", "--no-manifest", "--json")
+
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (rec,) = json.loads(r.stdout)  # json.loads takes one document and nothing else
+    assert rec["format"] == NAME
+    progress = [ln for ln in r.stderr.splitlines() if ln.startswith("bench b")]
+    assert progress[0] == "bench b ..." and progress[-1].startswith("bench b: done in"), r.stderr
+
+    quiet = cli(*args, "-q")
+    assert quiet.returncode == 0 and len(json.loads(quiet.stdout)) == 1
+    assert quiet.stderr == "", quiet.stderr
+
+    failed = cli(*args, "--set", "max_peak_rss_mb=1")
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 3 and len(json.loads(failed.stdout)) == 1
+    assert any(ln.startswith("bench b ...") for ln in lines) and lines[-1].startswith("error: "), failed.stderr

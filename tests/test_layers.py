@@ -22,8 +22,12 @@ DOC = ROOT / "docs" / "architecture.md"
 # (layer, module prefixes), lowest first. A module may import its own layer and the ones above it in this list.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # helpers with no knowledge of models or bundles: errors, where files go, progress, atomic
-    # writes, the child-process protocol, the Gate record, signals, KEY=VALUE parsing, locks
-    ("utilities", ("errors", "paths", "progress", "fileio", "childjob", "gates", "signals", "overrides", "lock")),
+    # writes, the child-process protocol, the Gate record, signals, KEY=VALUE parsing, locks,
+    # giving freed memory back to the OS
+    (
+        "utilities",
+        ("errors", "paths", "progress", "fileio", "childjob", "gates", "signals", "overrides", "lock", "memory"),
+    ),
     # what edgekit reads and writes: target files, checkpoints, bundles, tarballs, host facts,
     # measurements, metrics and scoring maths, task files, aliases, the cached test models
     (

@@ -233,3 +233,82 @@ def test_ordered_map_keeps_order_on_two_threads_with_few_in_flight():
 
     assert list(ordered_map(work, range(20))) == [i * i for i in range(20)]
     assert peak <= 2 and len(threads) == 2
+
+
+def test_the_template_skips_the_search_only_when_edgekit_searches_every_code():
+    from edgekit.formats.onnx_int4.recipe import builder_extra_options
+    from edgekit.formats.onnx_int4.stream import template_options
+
+    untied = {"tie_word_embeddings": False}
+    opts = builder_extra_options(recipe(), False)
+    cheap = template_options(opts, "imatrix", untied)
+    assert cheap is not None and cheap["algo_config"] == "rtn" and cheap["is_symmetric"] == "false"
+    # the int8 placement shapes the graph: it stays
+    assert cheap["matmul_mixed_precision"] == "last_matmul:int8,mixed_layers:int8"
+    assert {k: v for k, v in cheap.items() if k not in ("algo_config", "is_symmetric", "matmul_mixed_precision")} == {
+        k: v for k, v in opts.items() if k not in ("algo_config", "is_symmetric")
+    }
+    assert template_options(opts, "edgekit", untied) == cheap
+    plain = template_options(builder_extra_options(recipe(algorithm="k_quant"), False), "edgekit", untied)
+    assert plain is not None and "matmul_mixed_precision" not in plain  # no int8 placement to keep
+    assert template_options(opts, "builder", untied) is None  # the builder's codes are the bundle's
+    for cheap_already in ("default", "rtn", "rtn_last"):
+        assert (
+            template_options(builder_extra_options(recipe(algorithm=cheap_already), False), "imatrix", untied) is None
+        )
+    # tied embeddings: the lm_head keeps the builder's codes (shared with the embedding)
+    assert template_options(opts, "imatrix", {"tie_word_embeddings": True}) is None
+    assert template_options(opts, "imatrix", {}) is None  # transformers' default ties
+    assert template_options(opts, "imatrix", {"text_config": untied}) == cheap
+
+
+@pytest.mark.slow
+def test_a_node_keeping_the_builders_codes_gets_the_recipes_template(deep, tmp_path, monkeypatch, capsys):
+    """Every MatMul outside the cloned layers is made to keep the builder's codes (MISMATCH < 0:
+    no checkpoint tensor "matches" its node). The cheap template is then rebuilt with the
+    recipe's algorithm, and the bundle is the one the recipe's template gives; kept from the
+    cheap template, those codes would differ (so the algorithm does matter there)."""
+    from edgekit.formats.onnx_int4 import filling, nodequant, stream
+    from edgekit.formats.onnx_int4.recipe import ALGORITHMS, builder_extra_options
+    from edgekit.formats.onnx_int4.rewrite import requant_job
+
+    ckpt = resolve(str(deep("llama")))
+    r = recipe(weight_search="edgekit")  # no imatrix pass: the template is what is under test
+
+    def streamed(name: str) -> tuple[dict[str, str], dict]:
+        out = tmp_path / name
+        out.mkdir()
+        job = {
+            "input": str(ckpt.path),
+            "output": str(out),
+            "cache_dir": str(tmp_path / "cache"),
+            "extra_options": builder_extra_options(r, False),
+            "precision": "int4",
+            "requant": requant_job(ckpt, r),
+            "template": str(tmp_path / f"{name}-template"),
+            "mixed_layers": "mixed_layers" in ALGORITHMS[r.algorithm][1],
+        }
+        report = stream.child_stream(job, lambda job: pytest.fail("took the whole-model path"))
+        assert report["path_taken"] == STREAMED
+        return {k: v for k, v in digests(out).items() if k.startswith("model.onnx")}, report
+
+    monkeypatch.setattr(nodequant, "MISMATCH", -1.0)
+    retried, report = streamed("retried")
+    assert "rebuilding the template with k_quant_mixed" in capsys.readouterr().out
+    assert any("does not match" in k for k in report["kept"]) and report["requantized"] > 0
+
+    released = []
+    with monkeypatch.context() as m:
+        m.setattr(stream, "template_options", lambda *a: None)
+        m.setattr(filling, "release_memory", lambda: released.append(1))
+        recipes, report = streamed("recipes")
+    assert retried == recipes
+    # the writer hands memory back every RELEASE_EVERY MatMuls it writes (kept ones included)
+    matmuls = report["requantized"] + len(report["kept"])
+    assert len(released) == matmuls // filling.RELEASE_EVERY > 0
+
+    with monkeypatch.context() as m:  # the cheap template's codes let through
+        init = filling.Filler.__init__
+        m.setattr(filling.Filler, "__init__", lambda self, *a: init(self, *a[:3], True))
+        cheap, _ = streamed("cheap")
+    assert cheap["model.onnx.data"] != recipes["model.onnx.data"]

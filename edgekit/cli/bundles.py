@@ -139,7 +139,7 @@ def export(
         eval_text=eval_text,
         long_context=long_context,
         thresholds=threshold_overrides(max_kld, min_top1, max_ppl_ratio),
-        progress=progress_for(quiet or as_json),
+        progress=progress_for(quiet),
     )
     # a tuned bundle was verified while tuning (its parity.json is inside); as before, only the
     # plain export prints and gates its reports here
@@ -191,7 +191,7 @@ def verify(
         edgekit verify dist/phi3-mini-onnx-int4
         edgekit verify dist/x --eval-text my_domain.txt --json
     """
-    progress = progress_for(quiet or as_json)
+    progress = progress_for(quiet)
     reports = [
         api.verify(
             b,
@@ -311,7 +311,7 @@ def bench(
         overrides=parse_sets(profile_set),
         output=output,
         write_manifest=not no_manifest,
-        progress=progress_for(quiet or as_json),
+        progress=progress_for(quiet),
     )
     if as_json:
         emit_json([r.to_dict() for r in records])

@@ -2,7 +2,8 @@
 to one line and an exit code. Commands live in edgekit.cli.bundles and edgekit.cli.matrix;
 all of them are thin Click clients of edgekit.api. No logic lives here.
 
-Human text and progress go to stderr; `--json` prints exactly one JSON document on stdout.
+Human text and progress go to stderr; `--json` prints exactly one JSON document on stdout and
+leaves progress on stderr (`-q` silences it); an error is the last line of stderr.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ def err(text: str) -> None:
 
 
 def json_option(f: CommandFn) -> CommandFn:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+    # Progress stays on stderr with --json: a CI log of a 38-minute export step must show it
+    # is alive, and stdout holds only the document. -q is what silences it.
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print one JSON document on stdout (progress stays on stderr; -q silences it).",
+    )(f)
 
 
 def model_options(f: CommandFn) -> CommandFn:

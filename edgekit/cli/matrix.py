@@ -116,7 +116,7 @@ def eval_(
         bundles,
         output=output,
         write_manifest=not no_manifest,
-        progress=progress_for(quiet or as_json),
+        progress=progress_for(quiet),
         **_eval_kwargs(kw),
     )
     if not quiet and not as_json:
@@ -179,7 +179,7 @@ def select_(
         extra = {}
     else:
         extra = {k: v for k, v in ekw.items() if k not in ("tasks", "limit")}
-        extra["progress"] = progress_for(quiet or as_json)
+        extra["progress"] = progress_for(quiet)
     _select_and_print(
         lambda: api.select(
             bundles=bundles,
@@ -245,7 +245,7 @@ def build(
         raise BadInput("--merge combines finished shards; it takes no --shard, --force or --config", "Drop them")
     if merge_dirs and not out:
         raise BadInput("--merge needs --out DIR for the combined output", "Add --out")
-    progress = progress_for(quiet)  # a matrix runs for long: progress on stderr even with --json
+    progress = progress_for(quiet)
     error = None
     try:
         if merge_dirs and out:  # (--merge without --out was refused above)

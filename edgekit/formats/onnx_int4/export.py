@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 # small end (1600 MiB + 0.95 x: SmolLM2 2.06 GiB, Phi-3-mini 15.7 GiB). The old whole-model builder path needed
 # 3.2 x. Not yet fitted: a host that streams the imatrix too (16 GB runner at 3.8B), whose
 # peak is lower, so the estimate is a ceiling there. Output int4 + int8 is ~0.23x the fp32
-# bytes; 0.5x leaves room for the template's files.
+# bytes; 0.5x leaves room for the template's files. Not refitted since the checkpoint is read
+# per tensor (no mapping held), freed heap is handed back (edgekit.memory) and untied models get
+# an RTN template: at SmolLM2 the export's peak is unchanged by them (its imatrix pass or, cached,
+# its k-quant template; benchmarks/results/onnx_memory.md, 2026-12-07), and the Phi-3-mini peak
+# they were made for is to be measured again (benchmarks/scale.py) before these numbers move.
 PREFLIGHT_COST = ExportCost(ram_fixed_mb=1600, ram_per_fp32_byte=0.95, disk_fixed_mb=100, disk_per_fp32_byte=0.5)
 
 # A rebuild of the same checkpoint with the same tool versions reproduces every file of the

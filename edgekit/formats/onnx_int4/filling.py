@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...layerwise import read_tensors, tensor_files
+from ...memory import release_memory
 from .expand import NotStreamable, layer_of
 
 if TYPE_CHECKING:
@@ -22,35 +24,41 @@ _CKPT_LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 # Float tensors of a layer the builder builds from several checkpoint tensors, as
 # (checkpoint suffixes concatenated in order): the packed q/k/v bias of Qwen2-style attention.
 _PACKED = (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),)
+# Re-quantized tensors between two release_memory() calls: the two quantizing threads free
+# each float weight and its search buffers into their own malloc arenas, which glibc keeps;
+# handed back every few tensors the RSS stays near what is live (a call is cheap next to
+# searching the codes of 8 tensors).
+RELEASE_EVERY = 8
 
 
 class CheckpointTensors:
-    """The checkpoint's safetensors by name, read one tensor at a time (torch, own dtype)."""
+    """The checkpoint's safetensors by name, read one tensor at a time (torch, own dtype); each
+    read opens its file and closes it (layerwise.read_tensors says why)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._handles = [safe_open(str(f), framework="pt") for f in sorted(Path(path).glob("*.safetensors"))]
-        self.where: dict[str, Any] = {}
-        for h in self._handles:
-            for name in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable; keys() is its API
-                self.where.setdefault(name, h)
+        self.where = tensor_files(path)
         self.by_layer: dict[int, list[str]] = {}
         for name in self.where:
             if m := _CKPT_LAYER.match(name):
                 self.by_layer.setdefault(int(m.group(2)), []).append(name)
 
     def get(self, name: str) -> Any:
-        return self.where[name].get_tensor(name)
+        return read_tensors(self.where, [name])[0]
 
 
 def _layer_pattern(name: str, layer: int) -> str:
     return re.sub(rf"layers\.{layer}\.", "layers.{L}.", name, count=1)
 
 
+class TemplateCodesKept(Exception):
+    """A node keeps the builder's codes, but the template was quantized more cheaply than the
+    recipe says (stream.template_options): raised before model.onnx.data is written."""
+
+
 class Filler:
-    def __init__(self, template: Path, graph: onnx.GraphProto, checkpoint: Path) -> None:
+    def __init__(self, template: Path, graph: onnx.GraphProto, checkpoint: Path, final_codes: bool = True) -> None:
         self.template = template
+        self.final_codes = final_codes  # False: the template's codes must not reach the bundle
         self.tensors = CheckpointTensors(checkpoint)
         self.template_inits = {t.name: t for t in graph.initializer}
         self._rules: dict[str, tuple[str, ...]] = {}
@@ -166,10 +174,14 @@ class Filler:
             if kept is not None:
                 if cloned and kept.kept:
                     raise NotStreamable(kept.kept)
+                if not self.final_codes:
+                    raise TemplateCodesKept(kept.kept or f"{node.name} keeps the builder's codes")
                 continue
             if not cloned:
                 early[node.name] = requantize_node(node, inits.get, uses, source, spec, imatrix, old_codes)
                 drop.update(early[node.name].drop)
+                if early[node.name].kept and not self.final_codes:
+                    raise TemplateCodesKept(early[node.name].kept)
             else:
                 drop.update(x for x in node.input[1:4] if x)
         data = _DataFile(out / "model.onnx.data")
@@ -207,6 +219,8 @@ class Filler:
                     t = numpy_helper.from_array(array, name)
                     data.put(t, t.raw_data)
                     added.append(t)
+                if done % RELEASE_EVERY == 0:
+                    release_memory()
         finally:
             data.close()
         os.chmod(out / "model.onnx.data", 0o644)

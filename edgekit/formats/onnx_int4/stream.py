@@ -67,6 +67,16 @@ NOT_STREAMED: dict[str, str] = {
     "GptOssForCausalLM": "sliding and full attention layers alternate",
 }
 
+# Base methods whose search is worth skipping in the template. The builder's k-quant search of
+# a 128k-row lm_head took minutes and GBs at 1B, for codes edgekit re-searches anyway.
+EXPENSIVE_METHODS = ("k_quant",)
+# What the template is quantized with instead: round-to-nearest with zero points. k_quant writes
+# a zero point for every MatMul even when symmetric (the builder's naming table in
+# builders/base.py make_tied_embeddings_init), symmetric RTN writes none, asymmetric RTN writes
+# the same three inputs under the same names; tests/test_onnx_stream.py checks the bundle stays
+# byte for byte the same.
+CHEAP_TEMPLATE = {"algo_config": "rtn", "is_symmetric": "false"}
+
 # What the manifest's quantization.path_taken says.
 STREAMED = f"streamed: builder template of {TEMPLATE_LAYERS} layers, tensors filled one by one"
 WHOLE_MODEL = "whole model in the builder"
@@ -124,20 +134,73 @@ def child_stream(job: dict[str, Any], whole_model: Callable[[dict[str, Any]], An
     return report
 
 
-def _stream(job: dict[str, Any]) -> dict[str, Any]:
+def template_options(
+    extra_options: dict[str, str], weight_search: str, config: dict[str, Any]
+) -> dict[str, str] | None:
+    """The builder options of a cheaper template, or None to build it as the recipe says.
+
+    Only the codes of MatMuls edgekit keeps (filling.TemplateCodesKept) reach the bundle; when
+    edgekit re-searches every code, the template's search is wasted work. The int8 placement
+    (last_matmul, mixed_layers, ...) shapes the graph, so it stays, as matmul_mixed_precision.
+    A model that ties its embeddings gets the recipe's template: the builder shares the
+    lm_head's codes with the embedding, edgekit keeps them (measured on SmolLM2-135M), so the
+    cheap template would only be built to be rebuilt."""
+    from .recipe import ALGORITHMS
+
+    algorithm = extra_options.get("algo_config", "default")
+    method, groups = ALGORITHMS.get(algorithm, (algorithm, ()))
+    if weight_search not in ("edgekit", "imatrix") or method not in EXPENSIVE_METHODS:
+        return None
+    # transformers' default when config.json does not say, as the builder reads it
+    if (config.get("text_config") or config).get("tie_word_embeddings", True):
+        return None
+    cheap = {**extra_options, **CHEAP_TEMPLATE}
+    if groups:
+        cheap["matmul_mixed_precision"] = ",".join(f"{group}:int8" for group in groups)
+    return cheap
+
+
+def _build_template(job: dict[str, Any], template: Path, extra_options: dict[str, str]) -> None:
     from onnxruntime_genai.models.builder import check_extra_options, create_model
 
     from .childlog import PHASE
-    from .nodequant import load_imatrix, new_report
 
-    template, out = Path(job["template"]), Path(job["output"])
-    template.mkdir(parents=True, exist_ok=True)
-    opts = {**job["extra_options"], "num_hidden_layers": str(TEMPLATE_LAYERS)}
-    print(PHASE + f"building a {TEMPLATE_LAYERS}-layer template graph", flush=True)
+    shutil.rmtree(template, ignore_errors=True)
+    template.mkdir(parents=True)
+    opts = {**extra_options, "num_hidden_layers": str(TEMPLATE_LAYERS)}
+    print(PHASE + f"building a {TEMPLATE_LAYERS}-layer template graph ({opts.get('algo_config')})", flush=True)
     check_extra_options(None, job["input"], str(template), "int4", "cpu", job["cache_dir"], opts)
     create_model(None, job["input"], str(template), "int4", "cpu", job["cache_dir"], **opts)
+
+
+def _stream(job: dict[str, Any]) -> dict[str, Any]:
+    from .childlog import PHASE
+    from .filling import TemplateCodesKept
+    from .nodequant import load_imatrix
+
+    template, out = Path(job["template"]), Path(job["output"])
     spec = job["requant"]
     n = num_layers(spec["config"])
+    cheap = template_options(job["extra_options"], spec["weight_search"], spec["config"])
+    _build_template(job, template, cheap or job["extra_options"])
+    imatrix = load_imatrix(spec)
+    try:
+        return _fill(template, out, job, n, imatrix, final_codes=cheap is None)
+    except TemplateCodesKept as e:
+        # found before a byte of model.onnx.data was written: rebuild the template as the
+        # recipe says, so the codes kept are the builder path's
+        print(PHASE + f"{e}: rebuilding the template with {job['extra_options'].get('algo_config')}", flush=True)
+        _build_template(job, template, job["extra_options"])
+        return _fill(template, out, job, n, imatrix, final_codes=True)
+
+
+def _fill(
+    template: Path, out: Path, job: dict[str, Any], n: int, imatrix: Imatrix | None, final_codes: bool
+) -> dict[str, Any]:
+    from .childlog import PHASE
+    from .nodequant import new_report
+
+    spec = job["requant"]
     for p in sorted(template.iterdir()):
         if p.is_file() and not p.name.startswith("model.onnx"):
             shutil.copy2(p, out / p.name)
@@ -145,10 +208,9 @@ def _stream(job: dict[str, Any]) -> dict[str, Any]:
     text = genai.read_text(encoding="utf-8")
     # a text edit, so the file stays byte for byte what the builder writes for n layers
     genai.write_text(re.sub(r'("num_hidden_layers":\s*)\d+', rf"\g<1>{n}", text), encoding="utf-8")
-    imatrix = load_imatrix(spec)
     report = new_report(spec, imatrix)
     print(PHASE + "re-quantizing weights (edgekit, streamed)", flush=True)
-    write_streamed(template, out, spec, n, job["mixed_layers"], imatrix, report)
+    write_streamed(template, out, spec, n, job["mixed_layers"], imatrix, report, final_codes)
     return report
 
 
@@ -160,7 +222,10 @@ def write_streamed(
     mixed: bool,
     imatrix: Imatrix | None,
     report: dict[str, Any],
+    final_codes: bool = True,
 ) -> None:
+    """The N-layer bundle into `out`. final_codes: the template was quantized as the recipe
+    says (else a node that keeps the builder's codes raises TemplateCodesKept)."""
     import onnx
 
     from .filling import Filler
@@ -170,7 +235,7 @@ def write_streamed(
     model = onnx.load(str(template / "model.onnx"), load_external_data=False)
     graph = model.graph
     ckpt = Path(spec["checkpoint"])
-    filler = Filler(template, graph, ckpt)
+    filler = Filler(template, graph, ckpt, final_codes)
     choose = template_chooser(n, mixed, filler.signature)
     parts = {}
     for field, clone in (

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ...layerwise import read_tensors, tensor_files
 from .requant import LAYER_MATMUL
 
 if TYPE_CHECKING:
@@ -16,25 +17,15 @@ class CheckpointWeights:
     """Float weights [N, K] for builder node names, read from the checkpoint's safetensors."""
 
     def __init__(self, path: Path, qkv_sizes: Sequence[int] | None):
-        from safetensors import safe_open
-
         self.qkv_sizes = list(qkv_sizes) if qkv_sizes else None
-        self._files: dict[str, Path] = {}
-        self._open: dict[Path, Any] = {}
-        for f in sorted(Path(path).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():  # noqa: SIM118 - a safe_open handle is not iterable; keys() is its API
-                    self._files.setdefault(name, f)
+        self._files = tensor_files(path)
 
     def _get(self, name: str) -> np.ndarray | None:
-        f = self._files.get(name)
-        if f is None:
+        if name not in self._files:
             return None
-        if f not in self._open:
-            from safetensors import safe_open
-
-            self._open[f] = safe_open(str(f), framework="pt")
-        return self._open[f].get_tensor(name).float().numpy()
+        # opened per read, not held: a held mapping keeps every page read so far in RSS
+        [t] = read_tensors(self._files, [name])
+        return t.float().numpy()
 
     def weight_for(self, base: str, n: int, k: int) -> np.ndarray | None:
         import numpy as np
