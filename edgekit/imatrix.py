@@ -12,8 +12,9 @@ The result is keyed by Hugging Face module name ("model.layers.3.self_attn.q_pro
 cached on disk (checkpoint content hash + calibration text + token budget + dtype + format
 version). The budget is counted in tokens, as llama.cpp's imatrix counts chunks: the text is
 cut, or repeated, to CALIBRATION_TOKENS tokens, so the cost and the statistic do not depend on
-how finely a tokenizer splits it. The pass runs in the checkpoint's own dtype, block by block
-from the safetensors when the model would not fit comfortably in memory (edgekit.layerwise;
+how finely a tokenizer splits it. The pass runs in the checkpoint's own dtype where the CPU
+multiplies it natively, else in float32 block by block (layerwise.compute_dtype), and block by
+block from the safetensors when the model would not fit comfortably in memory (edgekit.layerwise;
 $EDGEKIT_REFERENCE=stream|memory forces it). Mappings to a
 format's own tensor names live here too: `gguf_entries` for llama.cpp (blk.N.attn_q.weight,
 checked against the tensors and row lengths of the GGUF being quantized) and
@@ -61,7 +62,7 @@ class Imatrix:
     key: str  # cache key
     cached: bool = False
     budget: int = CALIBRATION_TOKENS  # calibration tokens asked for (text cut or repeated to it)
-    dtype: str = "float32"  # what the model computed in: the checkpoint's own dtype
+    dtype: str = "float32"  # what the model computed in (layerwise.compute_dtype)
     mode: str = "memory"  # "memory" (whole model) or "stream" (block by block)
 
     def summary(self) -> dict[str, Any]:
@@ -90,12 +91,12 @@ def load_or_compute(
     import numpy as np
 
     from .checkpoint import content_hash
-    from .layerwise import checkpoint_dtype, mode_for
+    from .layerwise import checkpoint_dtype, compute_dtype, mode_for
     from .paths import cache_dir
 
     text = calibration_text() if text is None else text
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    dtype = checkpoint_dtype(checkpoint.path, checkpoint.config)
+    dtype = compute_dtype(checkpoint_dtype(checkpoint.path, checkpoint.config))
     key_src = json.dumps(
         {
             "v": IMATRIX_FORMAT,

@@ -59,13 +59,14 @@ def load_eval_text(path: str | Path | None) -> str:
 
 
 def reference_dtype(checkpoint: CheckpointLike | None = None) -> str:
-    """The dtype the reference computes in: the checkpoint's own (bf16/fp16 stay so: an fp32
-    copy of a 3.8B bf16 model is 15 GB), fp32 for fp32 checkpoints; fp32 without a checkpoint."""
+    """The dtype the reference computes in: the checkpoint's own where this CPU multiplies it
+    natively (an fp32 copy of a 3.8B bf16 model is 15 GB), else float32 streamed block by block
+    (layerwise.compute_dtype); fp32 for fp32 checkpoints and without a checkpoint."""
     if checkpoint is None:
         return "float32"
-    from .layerwise import checkpoint_dtype
+    from .layerwise import checkpoint_dtype, compute_dtype
 
-    return checkpoint_dtype(checkpoint.path, checkpoint.config)
+    return compute_dtype(checkpoint_dtype(checkpoint.path, checkpoint.config))
 
 
 def windows_of(ids: Sequence[int], window: int, bos: int | None) -> list[list[int]]:

@@ -134,6 +134,7 @@ def test_bf16_checkpoint_computes_in_bf16_close_to_fp32(tiny_dir, monkeypatch, t
     fp32 = resolve(str(tiny_dir("llama")))
     bf16 = resolve(str(to_bf16(fp32.path, tmp_path / "llama-bf16")))
     text = default_eval_text()
+    monkeypatch.setenv("EDGEKIT_COMPUTE_DTYPE", "checkpoint")  # bf16 kernels even on a CPU without them
     mem, streamed = both_modes(monkeypatch, tmp_path, lambda: build_reference(bf16, text, PROMPTS, 8, window=128))
     assert mem.dtype == streamed.dtype == "bfloat16"
     assert mem.logits(0).dtype == np.float32  # stored upcast
@@ -300,3 +301,64 @@ def test_parity_json_records_reference_dtype_and_mode(tiny_gguf, monkeypatch, tm
     parity = json.loads((bundle / "parity.json").read_text())
     assert parity["reference"]["mode"] == rep.reference["mode"] == "stream"
     assert parity["reference"]["dtype"] == "float32" and parity["reference"]["cached"] is False
+
+
+def test_compute_dtype_policy(tiny_dir, monkeypatch, tmp_path):
+    from edgekit import layerwise
+    from edgekit.errors import BadInput
+
+    monkeypatch.delenv("EDGEKIT_COMPUTE_DTYPE", raising=False)
+    monkeypatch.delenv("EDGEKIT_REFERENCE", raising=False)
+    monkeypatch.setattr(layerwise, "native_half", lambda dtype: False)
+    assert layerwise.compute_dtype("bfloat16") == "float32" and layerwise.compute_dtype("float16") == "float32"
+    assert layerwise.compute_dtype("float32") == "float32"
+    monkeypatch.setattr(layerwise, "native_half", lambda dtype: True)
+    assert layerwise.compute_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setenv("EDGEKIT_COMPUTE_DTYPE", "float32")
+    assert layerwise.compute_dtype("bfloat16") == "float32"
+    monkeypatch.setenv("EDGEKIT_COMPUTE_DTYPE", "half")
+    with pytest.raises(BadInput, match="EDGEKIT_COMPUTE_DTYPE"):
+        layerwise.compute_dtype("bfloat16")
+    # An upcast never holds the whole model in float32: it streams, however much memory is free.
+    bf16 = to_bf16(tiny_dir("llama"), tmp_path / "llama-bf16")
+    monkeypatch.setattr(layerwise, "available_bytes", lambda: 1 << 50)
+    assert layerwise.mode_for(bf16, "float32") == "stream"
+    assert layerwise.mode_for(bf16, "bfloat16") == "memory"
+    assert layerwise.mode_for(bf16, "float32", "memory") == "memory"  # asked for explicitly
+
+
+@pytest.mark.slow
+def test_bf16_checkpoint_on_a_cpu_without_bf16_streams_float32_blocks(tiny_dir, monkeypatch, tmp_path):
+    """Without native bf16 the reference is float32 arithmetic on the stored bf16 weights: the
+    same logits as a float32 checkpoint holding exactly those values, computed in memory."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgekit import layerwise
+    from edgekit.checkpoint import resolve
+    from edgekit.imatrix import load_or_compute
+    from edgekit.reference import build_reference, default_eval_text
+
+    monkeypatch.delenv("EDGEKIT_COMPUTE_DTYPE", raising=False)
+    monkeypatch.delenv("EDGEKIT_REFERENCE", raising=False)
+    monkeypatch.setattr(layerwise, "native_half", lambda dtype: False)
+    bf16_dir = to_bf16(tiny_dir("llama"), tmp_path / "llama-bf16")
+    rounded = tmp_path / "llama-rounded-fp32"  # the bf16 values, stored as float32
+    shutil.copytree(bf16_dir, rounded)
+    weights = load_file(str(bf16_dir / "model.safetensors"))
+    save_file({k: v.to(torch.float32) for k, v in weights.items()}, str(rounded / "model.safetensors"))
+    config = json.loads((rounded / "config.json").read_text())
+    config["torch_dtype"] = "float32"
+    (rounded / "config.json").write_text(json.dumps(config))
+    text = default_eval_text()
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache-bf16"))
+    got = build_reference(resolve(str(bf16_dir)), text, PROMPTS, 8, window=128)
+    assert got.dtype == "float32" and got.mode == "stream"
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache-fp32"))
+    monkeypatch.setenv("EDGEKIT_REFERENCE", "memory")
+    want = build_reference(resolve(str(rounded)), text, PROMPTS, 8, window=128)
+    assert max_abs_diff(got, want) <= 1e-5 and got.greedy == want.greedy
+    monkeypatch.delenv("EDGEKIT_REFERENCE")
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache-bf16"))
+    im = load_or_compute(resolve(str(bf16_dir)))
+    assert im.dtype == "float32" and im.mode == "stream"
