@@ -240,7 +240,7 @@ def test_the_template_skips_the_search_only_when_edgekit_searches_every_code():
     from edgekit.formats.onnx_int4.stream import template_options
 
     untied = {"tie_word_embeddings": False}
-    opts = builder_extra_options(recipe(), False)
+    opts = builder_extra_options(recipe(algorithm="k_quant_mixed"), False)  # an int8 placement to keep
     cheap = template_options(opts, "imatrix", untied)
     assert cheap is not None and cheap["algo_config"] == "rtn" and cheap["is_symmetric"] == "false"
     # the int8 placement shapes the graph: it stays
@@ -273,7 +273,8 @@ def test_a_node_keeping_the_builders_codes_gets_the_recipes_template(deep, tmp_p
     from edgekit.formats.onnx_int4.rewrite import requant_job
 
     ckpt = resolve(str(deep("llama")))
-    r = recipe(weight_search="edgekit")  # no imatrix pass: the template is what is under test
+    # no imatrix pass: the template is what is under test; k_quant_mixed, a searching algorithm
+    r = recipe(weight_search="edgekit", algorithm="k_quant_mixed")
 
     def streamed(name: str) -> tuple[dict[str, str], dict]:
         out = tmp_path / name
