@@ -110,31 +110,9 @@ def test_plan_splits_a_fused_qkv_by_width():
 
 def _kernel_weight(b, s, z, k, n, bits, block):
     """What onnxruntime's MatMulNBits computes with these initializers, as a [N, K] matrix."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from ortnode import matmulnbits_session
 
-    node = helper.make_node(
-        "MatMulNBits",
-        ["A", "B", "S", "Z"],
-        ["Y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=block,
-        accuracy_level=4,
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
-        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = matmulnbits_session(b, s, z, k, n, bits, block, accuracy_level=4)
     return sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T
 
 

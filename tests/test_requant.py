@@ -240,33 +240,11 @@ def test_float_zero_points_pack_unpacked_and_round_trip(n, k, block):
 def test_onnxruntime_float_zero_points_match_numpy(n, k, block, accuracy_level):
     """A one-node MatMulNBits graph with float zero points computes A @ W.T for the W numpy
     dequantizes (odd block counts and a padded K included)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from ortnode import matmulnbits_session
 
     w = _weights(n * k, n, k)
     b, s, z = pack_matmulnbits(*quantize_blocks(w, 4, block, zero_points="float"), 4)
-    node = helper.make_node(
-        "MatMulNBits",
-        ["A", "B", "S", "Z"],
-        ["Y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=4,
-        block_size=block,
-        accuracy_level=accuracy_level,
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
-        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    )
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = matmulnbits_session(b, s, z, k, n, 4, block, accuracy_level)
     a = np.random.default_rng(k).standard_normal((5, k)).astype(np.float32)
     expected = a.astype(np.float64) @ dequantize_matmulnbits(b, s, z, 4, block, n, k).astype(np.float64).T
     got = sess.run(None, {"A": a})[0]
