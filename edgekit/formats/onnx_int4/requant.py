@@ -23,6 +23,12 @@ LAYER_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/M
 ZERO_POINTS = ("integer", "float")
 
 
+# Blocks per work chunk of quantize_blocks: a chunk's float64 temporaries (a few [block, 2048]
+# arrays, 512 KiB each at block 32) stay in a core's L2 cache, where the whole-tensor arrays of
+# a big chunk went to memory on every one of the search's ~400 passes.
+CHUNK_BLOCKS = 2048
+
+
 def quantize_blocks(
     w: np.ndarray,
     bits: int,
@@ -30,6 +36,8 @@ def quantize_blocks(
     importance: np.ndarray | None = None,
     zero_points: str = "integer",
     stored: str | np.dtype = "float32",
+    workers: int = 1,
+    chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric blockwise quantization of w [N, K] along K, as MatMulNBits stores it.
 
@@ -40,6 +48,9 @@ def quantize_blocks(
     point rounded to `stored` (the scales' dtype in the graph), an integer one rounded to an
     integer. Weights are importance[k] * sqrt(mean(x^2) + x^2) with an imatrix, sqrt(mean(x^2)) + |x|
     without.
+
+    Blocks are searched independently, chunk_blocks (whole rows) at a time, on `workers`
+    threads (numpy releases the GIL in every pass); the result does not depend on either.
     """
     import numpy as np
 
@@ -53,18 +64,19 @@ def quantize_blocks(
     pad = nb * block - k
     if pad:
         w = np.pad(w, ((0, 0), (0, pad)))
-    imp = None
+    rows = max(1, chunk_blocks // nb)  # whole rows, so one importance tile fits every chunk
+    imp_t = None
     if importance is not None:
         imp = np.pad(np.asarray(importance, dtype=np.float32), (0, pad)).reshape(nb, block)
         imp = np.maximum(imp, 1e-12 * max(float(imp.max()), 1e-30))  # no column may weigh exactly 0
+        imp_t = np.tile(imp.T.astype(np.float64), (1, min(rows, n)))  # [block, rows * nb]: a chunk's layout
     x_all = w.reshape(n * nb, block)
     maxq = float(2**bits - 1)
     tiny = float(np.finfo(sdt).tiny)
     q_out = np.empty((n * nb, block), dtype=np.uint8)
     s_out = np.empty(n * nb, dtype=np.float32)
     z_out = np.empty(n * nb, dtype=np.float32 if float_zp else np.uint8)
-    rows_per_chunk = max(1, 65536 // nb) * nb  # whole rows, so importance tiles line up
-    factors = [None] + [maxq - 1 + 0.1 * i for i in range(21)]
+    factors = [maxq - 1 + 0.1 * i for i in range(21)]
 
     def stored_form(scale, mn):
         """(scale, zero point) as the initializers hold them, back in float64."""
@@ -73,69 +85,104 @@ def quantize_blocks(
             return s, (-mn / s).astype(sdt).astype(np.float64)
         return s, np.clip(np.round(-mn / s), 0, maxq)
 
-    def fit(x, wts, lv):
-        """Weighted least squares x ~ scale * lv + mn per block: (scale, mn, ok)."""
-        sw, sx = wts.sum(1, keepdims=True), (wts * x).sum(1, keepdims=True)
-        wl = wts * lv
-        sl, sl2, sxl = wl.sum(1, keepdims=True), (wl * lv).sum(1, keepdims=True), (wl * x).sum(1, keepdims=True)
-        d = sw * sl2 - sl * sl
-        ok = d > 0
-        safe_d = np.where(ok, d, 1.0)
-        scale = (sw * sxl - sx * sl) / safe_d
-        mn = (sl2 * sx - sl * sxl) / safe_d
-        return scale, mn, ok & (scale > 0)
-
-    for start in range(0, n * nb, rows_per_chunk):
-        x = x_all[start : start + rows_per_chunk].astype(np.float64)
-        sigma2 = (x * x).mean(1, keepdims=True)
-        if imp is not None:
-            wts = np.tile(imp, (len(x) // nb, 1)) * np.sqrt(sigma2 + x * x)
+    def search(start: int) -> None:
+        """The search over blocks start .. start + rows * nb, transposed to [block, m] so each
+        block is a column: per-block sums run down the columns, contiguous and in cache."""
+        stop = min(start + rows * nb, n * nb)
+        m = stop - start
+        x = x_all[start:stop].T.astype(np.float64)  # a C-contiguous copy
+        t1, t2, lv = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        np.multiply(x, x, out=t1)
+        sigma2 = t1.mean(0)
+        if imp_t is not None:
+            np.add(t1, sigma2, out=t1)
+            wts = np.sqrt(t1)
+            np.multiply(wts, imp_t[:, :m], out=wts)
         else:
-            wts = np.sqrt(sigma2) + np.abs(x)
-        rmin, rmax = x.min(1, keepdims=True), x.max(1, keepdims=True)
-        rng = np.where(rmax > rmin, rmax - rmin, 1.0)
-        best_err = np.full((len(x), 1), np.inf)
-        best_s = np.ones((len(x), 1))
-        best_z = np.zeros((len(x), 1))
+            wts = np.abs(x)
+            np.add(wts, np.sqrt(sigma2), out=wts)
+        wx = wts * x
+        sw, sx = wts.sum(0), wx.sum(0)
+        rmin, rmax = x.min(0), x.max(0)
+        flat = rmax <= rmin
+        rng = np.where(flat, 1.0, rmax - rmin)
+        xm = x - rmin
+        best = [np.full(m, np.inf), np.ones(m), np.zeros(m)]  # error, scale, zero point
 
-        def consider(scale, mn, x=x, wts=wts):  # bound per chunk: the loop rebinds x and wts
-            nonlocal best_err, best_s, best_z
+        def levels(s, zp):
+            """lv = clip(round(x / s + zp), 0, maxq); t2 = x / s + zp. x / s + zp is monotonic in
+            x, so a block's extremes, computed the same way, tell whether a clip can bind."""
+            inv = 1.0 / s
+            np.multiply(x, inv, out=t2)
+            np.add(t2, zp, out=t2)
+            np.rint(t2, out=lv)
+            if np.rint(rmin * inv + zp).min() < 0:
+                np.maximum(lv, 0.0, out=lv)
+            if np.rint(rmax * inv + zp).max() > maxq:
+                np.minimum(lv, maxq, out=lv)
+
+        def consider(scale, mn):
             s, zp = stored_form(scale, mn)
-            lq = np.clip(np.round(x / s + zp), 0, maxq)
-            err = (wts * ((lq - zp) * s - x) ** 2).sum(1, keepdims=True)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_s = np.where(better, s, best_s)
-            best_z = np.where(better, zp, best_z)
+            levels(s, zp)
+            # (lv - zp) * s - x = s * (lv - (x / s + zp))
+            np.subtract(lv, t2, out=t2)
+            np.multiply(t2, wts, out=t1)
+            err = np.einsum("ij,ij->j", t1, t2) * (s * s)
+            better = err < best[0]
+            for i, v in enumerate((err, s, zp)):
+                best[i] = np.where(better, v, best[i])
 
+        def fit(lv):
+            """Weighted least squares x ~ scale * lv + mn per block: (scale, mn, ok)."""
+            np.multiply(wts, lv, out=t1)
+            sl, sl2, sxl = t1.sum(0), np.einsum("ij,ij->j", t1, lv), np.einsum("ij,ij->j", wx, lv)
+            d = sw * sl2 - sl * sl
+            ok = d > 0
+            safe_d = np.where(ok, d, 1.0)
+            scale = (sw * sxl - sx * sl) / safe_d
+            mn = (sl2 * sx - sl * sxl) / safe_d
+            return scale, mn, ok & (scale > 0)
+
+        consider(rng / maxq, rmin)  # plain min-max
         for factor in factors:
-            iscale = (maxq if factor is None else factor) / rng
-            if factor is None:  # plain min-max
-                consider(1 / iscale, rmin)
-                continue
-            lv = np.clip(np.round(iscale * (x - rmin)), 0, maxq)
-            scale, mn, ok = fit(x, wts, lv)
+            iscale = factor / rng
+            np.multiply(xm, iscale, out=lv)  # >= 0
+            np.rint(lv, out=lv)
+            if np.rint(rng * iscale).max() > maxq:
+                np.minimum(lv, maxq, out=lv)
+            scale, mn, ok = fit(lv)
             consider(np.where(ok, scale, 1 / iscale), np.where(ok, mn, rmin))
-        lq = np.clip(np.round(x / best_s + best_z), 0, maxq)
+        _, best_s, best_z = best
+        levels(best_s, best_z)
         if float_zp:  # refit scale and minimum with the chosen levels fixed
-            scale, mn, ok = fit(x, wts, lq)
+            scale, mn, ok = fit(lv)
             consider(np.where(ok, scale, best_s), np.where(ok, mn, -best_z * best_s))
         else:  # refit the scale with the chosen levels and zero point fixed
-            lq -= best_z
-            num, den = (wts * x * lq).sum(1, keepdims=True), (wts * lq * lq).sum(1, keepdims=True)
+            np.subtract(lv, best_z, out=lv)
+            num, den = np.einsum("ij,ij->j", wx, lv), np.einsum("ij,ij,ij->j", wts, lv, lv)
             refit = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1.0), best_s)
             consider(refit, -best_z * refit)
+        _, best_s, best_z = best
         # constant blocks are exact: c = (maxq - 0) * c/maxq, or (0 - maxq) * (-c/maxq); with a
         # float zero point, c = (0 - (-c/s)) * s
-        flat = (rmax <= rmin)[:, 0]
         if flat.any():
             c = rmin[flat]
             best_s[flat], best_z[flat] = stored_form(
                 np.where(c != 0, np.abs(c) / maxq, 1.0), np.where(c < 0, c, 0.0) if not float_zp else c
             )
-        lq = np.clip(np.round(x / best_s + best_z), 0, maxq)
-        sl = slice(start, start + len(x))
-        q_out[sl], s_out[sl], z_out[sl] = lq.astype(np.uint8), best_s[:, 0], best_z[:, 0]
+        levels(best_s, best_z)
+        q_out[start:stop], s_out[start:stop], z_out[start:stop] = lv.T, best_s, best_z
+
+    starts = range(0, n * nb, rows * nb)
+    if workers > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(starts))) as pool:
+            for _ in pool.map(search, starts):  # re-raises a chunk's exception
+                pass
+    else:
+        for start in starts:
+            search(start)
     return q_out.reshape(n, nb, block), s_out.reshape(n, nb), z_out.reshape(n, nb)
 
 
