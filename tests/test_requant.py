@@ -263,14 +263,61 @@ def test_the_module_imports_no_onnx_or_torch():
 # --- the search against a plain reference, and its independence of chunking and threads -----
 
 
+def _reference_block(x, wts, maxq, zero_points):
+    """One block's search written plainly in float64: the same candidates (min-max, 21
+    refitted grids, one refit of the best), each kept on strictly less weighted squared error
+    of its stored form. Returns the best candidate's weighted error."""
+
+    def stored(scale, mn):
+        s = float(np.float32(max(scale, float(np.finfo(np.float32).tiny))))
+        if zero_points == "float":
+            return s, float(np.float32(-mn / s))
+        return s, min(max(round(-mn / s), 0), maxq)
+
+    def error(s, z):
+        lq = np.clip(np.round(x / s + z), 0, maxq)
+        return float((wts * ((lq - z) * s - x) ** 2).sum()), lq
+
+    def fit(lv):
+        sw, sx, sl = wts.sum(), (wts * x).sum(), (wts * lv).sum()
+        sl2, sxl = (wts * lv * lv).sum(), (wts * lv * x).sum()
+        d = sw * sl2 - sl * sl
+        if d <= 0:
+            return None
+        scale = (sw * sxl - sx * sl) / d
+        return (scale, (sl2 * sx - sl * sxl) / d) if scale > 0 else None
+
+    rmin, rmax = x.min(), x.max()
+    if rmax <= rmin:  # constant: the stored form is exact, to float32 rounding
+        return 0.0
+    rng = rmax - rmin
+    candidates = [(rng / maxq, rmin)]
+    for factor in [maxq - 1 + 0.1 * i for i in range(21)]:
+        lv = np.clip(np.round(factor / rng * (x - rmin)), 0, maxq)
+        candidates.append(fit(lv) or (rng / factor, rmin))
+    best, best_sz = np.inf, None
+    for c in candidates:
+        sz = stored(*c)
+        e = error(*sz)[0]
+        if e < best:
+            best, best_sz = e, sz
+    s, z = best_sz
+    lq = error(s, z)[1]
+    if zero_points == "float":
+        refit = fit(lq) or (s, -z * s)
+    else:
+        lz = lq - z
+        num, den = (wts * x * lz).sum(), (wts * lz * lz).sum()
+        r_s = num / den if den > 0 and num > 0 else s
+        refit = (r_s, -z * r_s)
+    return min(best, error(*stored(*refit))[0])
+
+
 def _reference_search(w, bits, block, importance, zero_points):
-    """The search written plainly, one block at a time in float64: the same candidates (min-max,
-    21 refitted grids, one refit of the best), each kept on strictly less weighted squared error
-    of its stored form. Returns the per-block weighted error of the best candidate [N, blocks]."""
+    """_reference_block over every block: the per-block weighted error [N, blocks]."""
     n, k = w.shape
     x_all = _blocks(w, block)
     nb = x_all.shape[1]
-    maxq = 2**bits - 1
     imp = None
     if importance is not None:
         imp = np.pad(importance.astype(np.float32), (0, nb * block - k)).reshape(nb, block)
@@ -281,48 +328,7 @@ def _reference_search(w, bits, block, importance, zero_points):
             x = x_all[r, b]
             sigma2 = np.mean(x * x)
             wts = imp[b] * np.sqrt(sigma2 + x * x) if imp is not None else np.sqrt(sigma2) + np.abs(x)
-
-            def stored(scale, mn):
-                s = float(np.float32(max(scale, float(np.finfo(np.float32).tiny))))
-                return (s, float(np.float32(-mn / s))) if zero_points == "float" else (s, min(max(round(-mn / s), 0), maxq))
-
-            def error(s, z):
-                lq = np.clip(np.round(x / s + z), 0, maxq)
-                return float((wts * ((lq - z) * s - x) ** 2).sum()), lq
-
-            def fit(lv):
-                sw, sx, sl, sl2, sxl = wts.sum(), (wts * x).sum(), (wts * lv).sum(), (wts * lv * lv).sum(), (wts * lv * x).sum()
-                d = sw * sl2 - sl * sl
-                if d <= 0:
-                    return None
-                scale = (sw * sxl - sx * sl) / d
-                return (scale, (sl2 * sx - sl * sxl) / d) if scale > 0 else None
-
-            rmin, rmax = x.min(), x.max()
-            if rmax <= rmin:  # constant: the stored form is exact, to float32 rounding
-                out[r, b] = 0.0
-                continue
-            rng = rmax - rmin
-            best = (np.inf, None)
-            cands = [(rng / maxq, rmin)]
-            for factor in [maxq - 1 + 0.1 * i for i in range(21)]:
-                lv = np.clip(np.round(factor / rng * (x - rmin)), 0, maxq)
-                cands.append(fit(lv) or (rng / factor, rmin))
-            for c in cands:
-                s, z = stored(*c)
-                e = error(s, z)[0]
-                if e < best[0]:
-                    best = (e, (s, z))
-            s, z = best[1]
-            lq = error(s, z)[1]
-            if zero_points == "float":
-                refit = fit(lq) or (s, -z * s)
-            else:
-                lz = lq - z
-                num, den = (wts * x * lz).sum(), (wts * lz * lz).sum()
-                r_s = num / den if den > 0 and num > 0 else s
-                refit = (r_s, -z * r_s)
-            out[r, b] = min(best[0], error(*stored(*refit))[0])
+            out[r, b] = _reference_block(x, wts, 2**bits - 1, zero_points)
     return out
 
 
@@ -357,7 +363,9 @@ def test_search_is_never_worse_than_the_plain_reference(seed, bits, zero_points)
     assert (got <= ref * (1 + 1e-6) + tol).all(), np.max(got / np.maximum(ref, 1e-300))
 
 
-@pytest.mark.parametrize("bits, zero_points, stored", [(4, "float", "float32"), (4, "float", "float16"), (8, "integer", "float32")])
+@pytest.mark.parametrize(
+    "bits, zero_points, stored", [(4, "float", "float32"), (4, "float", "float16"), (8, "integer", "float32")]
+)
 def test_search_output_does_not_depend_on_chunks_or_threads(bits, zero_points, stored):
     """Byte-identical results whatever the chunk size and thread count (exports are
     byte-reproducible on any machine)."""

@@ -23,9 +23,10 @@ LAYER_MATMUL = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|attn|mlp)/(\w+)/M
 ZERO_POINTS = ("integer", "float")
 
 
-# Blocks per work chunk of quantize_blocks: a chunk's float64 temporaries (a few [block, 2048]
-# arrays, 512 KiB each at block 32) stay in a core's L2 cache, where the whole-tensor arrays of
-# a big chunk went to memory on every one of the search's ~400 passes.
+# Blocks per work chunk of quantize_blocks. A chunk's float64 working set (eight [block, 2048]
+# arrays, 512 KiB each at block 32) stays in the CPU caches through the search's ~300 passes;
+# 65536-block chunks (16 MiB arrays) went to memory on every pass. 1024 to 8192 time the same
+# within noise on a 2-core EPYC; smaller chunks pay numpy's per-call overhead (benchmarks/requant_speed.py).
 CHUNK_BLOCKS = 2048
 
 
@@ -50,7 +51,8 @@ def quantize_blocks(
     without.
 
     Blocks are searched independently, chunk_blocks (whole rows) at a time, on `workers`
-    threads (numpy releases the GIL in every pass); the result does not depend on either.
+    threads (numpy releases the GIL in the array passes); the result does not depend on either,
+    byte for byte. An export already runs two nodes at once (nodequant.ordered_map), hence 1.
     """
     import numpy as np
 
