@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def run(args) -> dict:
             "blocks_better": int((e_new < e_old * (1 - 1e-9)).sum()),
             "identical": all(np.array_equal(a, b) for a, b in zip(r_old, r_new)),
             "threads_identical": all(np.array_equal(a, b) for a, b in zip(r_new, r_new2)),
+            "load_1min": os.getloadavg()[0],
         }
         rows.append(row)
         print(
@@ -189,16 +191,18 @@ def render(doc: dict) -> str:
         "random N(0, 0.02) float32 weights, block 32, float32 scales.",
         "",
         "| tensor | shape | form | old s | new s (1 thread) | new s (2 threads) | x (1 thread) | x (2 threads) "
-        "| new Melem/s (1 thread) | weighted error old | new | blocks worse / better | byte-identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| new Melem/s (1 thread) | weighted error old | new | blocks worse / better | byte-identical | load after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
+        load = f"{r['load_1min']:.1f}" if "load_1min" in r else "(not recorded)"
         form = f"int{r['bits']}, {r['zero_points']} zero points" + (", imatrix" if r["importance"] else "")
         lines.append(
             f"| {r['label']} | {r['shape'][0]} x {r['shape'][1]} | {form} | {r['old_s']:.2f} | {r['new_1thread_s']:.2f} "
             f"| {r['new_2threads_s']:.2f} | {r['speedup_1thread']:.1f} | {r['speedup_2threads']:.1f} "
             f"| {r['elements'] / r['new_1thread_s'] / 1e6:.2f} | {r['old_error']:.6e} | {r['new_error']:.6e} "
-            f"| {r['blocks_worse']} / {r['blocks_better']} of {r['blocks']} | {'yes' if r['identical'] else 'no'} |"
+            f"| {r['blocks_worse']} / {r['blocks_better']} of {r['blocks']} | {'yes' if r['identical'] else 'no'} "
+            f"| {load} |"
         )
     p = doc["pair"]
     lines += [
@@ -218,8 +222,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=BASE, help="git revision of the old implementation")
     ap.add_argument("--no-lm-head", action="store_true", help="skip the [32064, 3072] int8 tensor")
+    ap.add_argument("--render", action="store_true", help="the table again from results/requant_speed.json")
     args = ap.parse_args()
-    doc = run(args)
+    if args.render:
+        from _common import RESULTS
+
+        doc = json.loads((RESULTS / f"{NAME}.json").read_text())
+    else:
+        doc = run(args)
     md = render(doc)
     write_results(NAME, doc, md)
     print(md)
