@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,19 +134,28 @@ class ReferenceRun:
     logits: list[Any]  # one [vocab] float32 row per generated token (and the EOS step)
     tokenizer: Any
     dtype: str  # what transformers computed in: float32 unless the checkpoint's own dtype is native here
+    eos_ids: frozenset[int] = frozenset()  # the tokens that end an answer (generation_config)
 
-    def divergence(self, bundle_ids: tuple[int, ...]) -> Divergence | None:
-        """None when the bundle's answer is the reference's (up to the shorter one's length,
-        or until the reference stops where the bundle did too)."""
+    def divergence(self, bundle_ids: Sequence[int], bundle_stopped_by: str = "max_tokens") -> Divergence | None:
+        """The first answer position where the bundle chose another token than the reference
+        (ending the answer, EOS, counts as a choice), or None when the answers agree as far
+        as both go."""
         ref_ids = self.result.token_ids
         for i, row in enumerate(self.logits):
-            mine = ref_ids[i] if i < len(ref_ids) else None  # None: the reference stopped (EOS)
-            theirs = bundle_ids[i] if i < len(bundle_ids) else None
-            if theirs is None or mine == theirs:
-                if theirs is None:
+            mine = ref_ids[i] if i < len(ref_ids) else None  # None: the reference ended its answer here
+            if i < len(bundle_ids):
+                theirs: int | None = int(bundle_ids[i])
+            elif bundle_stopped_by == "eos":
+                theirs = None  # the bundle ended its answer here
+            else:
+                return None  # the bundle ran out of --max-tokens before it could differ
+            if mine == theirs:
+                if mine is None:
                     return None
                 continue
             ref_tok = int(row.argmax())
+            if theirs is None:
+                theirs = max(self.eos_ids, key=lambda t: float(row[t]))
             return Divergence(
                 step=i,
                 reference_token=self.tokenizer.decode([ref_tok]),
@@ -248,7 +257,7 @@ def run_reference(
         token_ids=tuple(out),
         prompt_ids=tuple(ids),
     )
-    return ReferenceRun(result, rows, tokenizer, dtype)
+    return ReferenceRun(result, rows, tokenizer, dtype, frozenset(eos_ids))
 
 
 def validate(path: str | Path) -> dict[str, Any]:

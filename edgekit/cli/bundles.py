@@ -281,7 +281,7 @@ def run(
         threads=threads,
         on_text=None if as_json else stream,
     )
-    divergence = ref.divergence(result.token_ids)
+    divergence = ref.divergence(result.token_ids, result.stopped_by)
     same_ids = result.prompt_ids == ref.result.prompt_ids
     if as_json:
         emit_json(
