@@ -155,6 +155,8 @@ class ReferenceRun:
                 continue
             ref_tok = int(row.argmax())
             if theirs is None:
+                if not self.eos_ids:
+                    return None  # no end token known to score the bundle's stop by
                 theirs = max(self.eos_ids, key=lambda t: float(row[t]))
             return Divergence(
                 step=i,
