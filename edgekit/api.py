@@ -3,7 +3,7 @@ its own module (see docs/architecture.md):
 
     export    edgekit.pipeline       export -> verify (-> bench -> eval -> pack in a build)
     verify    edgekit.verification   parity against the unquantized checkpoint
-    run       edgekit.runbundle      generate from a bundle; validate a bundle or tarball
+    run       edgekit.runbundle      generate from a bundle (and from its reference); validate a bundle or tarball
     bench     edgekit.bench          speed and memory on a device profile
     evaluate  edgekit.evaluate       a task file on bundles and the reference
     select    edgekit.select         the Pareto set and the pick
@@ -18,7 +18,7 @@ from .build import build, merge
 from .evaluate import evaluate_bundles as evaluate
 from .exporting import ALL, ExportResult, check_architecture, recipe_for
 from .pipeline import export
-from .runbundle import RunResult, run, validate
+from .runbundle import ReferenceRun, RunResult, run, run_reference, validate
 from .select import select_bundles as select
 from .tasks import load_tasks
 from .verification import gate as parity_gate
@@ -27,6 +27,7 @@ from .verification import open_bundle, reference_checkpoints, thresholds_for, ve
 __all__ = [
     "ALL",
     "ExportResult",
+    "ReferenceRun",
     "RunResult",
     "bench",
     "build",
@@ -40,6 +41,7 @@ __all__ = [
     "recipe_for",
     "reference_checkpoints",
     "run",
+    "run_reference",
     "select",
     "thresholds_for",
     "validate",

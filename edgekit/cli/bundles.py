@@ -221,17 +221,33 @@ def verify(
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--system", help="A system message for the chat template.")
 @click.option("--threads", type=int, help="Runtime threads (default: the runtime's choice).")
+@click.option(
+    "--reference",
+    is_flag=True,
+    help="Then answer the same prompt with the unquantized checkpoint the bundle was exported from "
+    "(transformers), and say where and by how much the two answers part.",
+)
 @json_option
 def run(
-    bundle: str, prompt: str, max_tokens: int, raw: bool, system: str | None, threads: int | None, as_json: bool
+    bundle: str,
+    prompt: str,
+    max_tokens: int,
+    raw: bool,
+    system: str | None,
+    threads: int | None,
+    reference: bool,
+    as_json: bool,
 ) -> None:
     """Generate from BUNDLE with its own runtime, streaming tokens to stdout.
 
-    The bundle is validated (hashes, files) before it is loaded.
+    The bundle is validated (hashes, files) before it is loaded. With --reference the
+    checkpoint named in the bundle's manifest answers too (greedy, same prompt ids), so a
+    quantized answer can be told from the model's own.
 
     \b
     Example:
         edgekit run dist/my-q4 --prompt "What is the capital of France?"
+        edgekit run dist/my-q4 --prompt "What is the capital of France?" --reference
     """
 
     def stream(piece: str) -> None:
@@ -247,10 +263,49 @@ def run(
         threads=threads,
         on_text=None if as_json else stream,
     )
+    if not as_json:
+        click.echo()
+        _run_status(result)
+    if not reference:
+        if as_json:
+            emit_json(result.to_dict())
+        return
+    if not as_json:
+        err("[reference: the unquantized checkpoint in transformers, same prompt]")
+    ref = api.run_reference(
+        bundle,
+        prompt,
+        max_tokens=max_tokens,
+        raw=raw,
+        system=system,
+        threads=threads,
+        on_text=None if as_json else stream,
+    )
+    divergence = ref.divergence(result.token_ids, result.stopped_by)
+    same_ids = result.prompt_ids == ref.result.prompt_ids
     if as_json:
-        emit_json(result.to_dict())
+        emit_json(
+            {
+                **result.to_dict(),
+                "reference": ref.result.to_dict(),
+                "prompt_ids_match": same_ids,
+                "divergence": divergence.to_dict() if divergence else None,
+            }
+        )
         return
     click.echo()
+    err(
+        f"[reference ({ref.dtype}, transformers): {ref.result.prompt_tokens} prompt tokens, "
+        f"{ref.result.generated_tokens} generated, stopped by {ref.result.stopped_by}]"
+    )
+    if not same_ids:
+        err(
+            f"[warning: the bundle was fed other prompt ids than the reference: {list(result.prompt_ids)} vs {list(ref.result.prompt_ids)}]"
+        )
+    err(f"[{divergence.describe()}]" if divergence else "[the bundle's answer is the reference's]")
+
+
+def _run_status(result: api.RunResult) -> None:
     err(
         f"[{result.format}: {result.prompt_tokens} prompt tokens, {result.generated_tokens} generated, "
         f"TTFT {result.ttft_ms:.0f} ms, {result.decode_tok_s:.1f} tok/s, stopped by {result.stopped_by}]"
