@@ -90,6 +90,28 @@ MODELS: dict[str, ScaleModel] = {
                 ),
             ),
         ),
+        # SmolLM2-135M: the embedded default model's shapes (tied 49k embedding, 30 thin layers), the
+        # small end of the preflight fit (benchmarks/preflight_fit.py), minutes per step.
+        ScaleModel(
+            "smollm2-135m",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "LlamaForCausalLM",
+            "llama",
+            "qwen2",
+            dict(
+                hidden_size=576,
+                intermediate_size=1536,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                head_dim=64,
+                vocab_size=49152,
+                tie_word_embeddings=True,
+                rope_theta=100000.0,
+                max_position_embeddings=8192,
+                rms_norm_eps=1e-5,
+            ),
+        ),
         # Llama-3.2-1B: tied 128k-vocabulary embedding (a quarter of the parameters), Llama 3 RoPE scaling.
         ScaleModel(
             "llama-3.2-1b",

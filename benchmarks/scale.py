@@ -301,6 +301,7 @@ class ModelRun:
             "checkpoint_gib": round(checkpoint_bytes(self.model) / GiB, 2),
             "date": dt.datetime.now().isoformat(timespec="seconds"),
             "load_before": os.getloadavg()[0],
+            "commit": source_commit(),  # which code measured it (benchmarks/preflight_fit.py keeps current rows)
         }
         if step_id != "checkpoint" and not (self.ckpt / "config.json").is_file():
             return {**row, "status": "skipped: no checkpoint (run the checkpoint step)"}
@@ -447,6 +448,18 @@ def save_results(doc: dict) -> None:
     tmp = RESULTS_JSON.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, RESULTS_JSON)
+
+
+def source_commit() -> str | None:
+    """HEAD of the tree that runs (None outside git); "+dirty" when it has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def tool_versions() -> dict:

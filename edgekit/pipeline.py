@@ -124,7 +124,7 @@ def export(
     dests = destinations(checkpoint, target, names, out)
     for d in dests.values():
         check_destination(d, force)  # refuse all before building any
-    preflight(checkpoint, dests, force)  # RAM and disk estimates; --force overrides
+    preflight(checkpoint, dests, force, recipes)  # RAM and disk estimates; --force overrides
     options = VerifyOptions(eval_text=eval_text, thresholds=thresholds, offline=offline, long_context=long_context)
     if tune:
         return [tune_one(checkpoint, n, recipe, dests[n], force, options, progress) for n in names]

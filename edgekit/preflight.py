@@ -14,7 +14,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -53,6 +53,10 @@ class Needs:
     parameters: int
     ram_mb: float
     disk_mb: float
+    # Set when the export holds the whole model although the format can stream: why, and the
+    # RAM the streamed path would need.
+    whole_model_because: str | None = None
+    streamed_ram_mb: float | None = None
 
 
 def parameter_count(checkpoint: Checkpoint) -> int:
@@ -73,15 +77,28 @@ def parameter_count(checkpoint: Checkpoint) -> int:
     return total
 
 
-def estimate(checkpoint: Checkpoint, fmt: str) -> Needs:
+def estimate(checkpoint: Checkpoint, fmt: str, recipe: Any = None) -> Needs:
+    """RAM and disk the export of `checkpoint` to `fmt` needs, for the path `recipe` (default:
+    the format's default recipe) makes it take."""
     c = cost(fmt)
     if c is None:
         raise BadInput(f"no resource estimate for {fmt}", "Export it with --force to skip the preflight")
     params = parameter_count(checkpoint)
     fp32_mb = params * 4 / 2**20
-    return Needs(
-        fmt, params, c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb, c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb
-    )
+    ram = c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb
+    disk = c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb
+    why_not = getattr(backend(fmt), "why_not_streamed_export", None)
+    if why_not is None or c.whole_ram_fixed_mb is None or c.whole_ram_per_fp32_byte is None:
+        return Needs(fmt, params, ram, disk)
+    if recipe is None:
+        from .exporting import recipe_for
+
+        recipe = recipe_for(fmt, None)
+    because = why_not(checkpoint, recipe)
+    if because is None:
+        return Needs(fmt, params, ram, disk)
+    whole = c.whole_ram_fixed_mb + c.whole_ram_per_fp32_byte * fp32_mb
+    return Needs(fmt, params, max(whole, ram), disk, whole_model_because=because, streamed_ram_mb=ram)
 
 
 def available(dest: Path) -> tuple[float, float]:
@@ -97,20 +114,33 @@ def available(dest: Path) -> tuple[float, float]:
     return ram, disk
 
 
-def check(checkpoint: Checkpoint, dests: dict[str, Path], force: bool) -> list[Needs]:
+def check(
+    checkpoint: Checkpoint, dests: dict[str, Path], force: bool, recipes: dict[str, Any] | None = None
+) -> list[Needs]:
     """Raise BadInput with the figures if any export would not fit; --force skips the refusal.
-    Exports run one after another, so RAM is checked per format and disk for all together."""
-    needs = [estimate(checkpoint, fmt) for fmt in dests if cost(fmt) is not None]
+    Exports run one after another, so RAM is checked per format and disk for all together.
+    `recipes` (format -> typed recipe) pick the path; a refusal of a whole-model path that the
+    streamed one would fit says so."""
+    recipes = recipes or {}
+    needs = [estimate(checkpoint, fmt, recipes.get(fmt)) for fmt in dests if cost(fmt) is not None]
     if not needs or force:
         return needs
     ram, disk = available(next(iter(dests.values())))
     worst = max(needs, key=lambda n: n.ram_mb)
     if worst.ram_mb > ram:
-        raise BadInput(
+        problem = (
             f"exporting {checkpoint.short_name} ({worst.parameters / 1e6:.0f}M parameters) to {worst.format} needs about "
-            f"{worst.ram_mb / 1024:.1f} GiB of RAM; this host has {ram / 1024:.1f} GiB available",
-            "Free memory, use a larger machine, or pass --force to try anyway",
+            f"{worst.ram_mb / 1024:.1f} GiB of RAM; this host has {ram / 1024:.1f} GiB available"
         )
+        fix = "Free memory, use a larger machine, or pass --force to try anyway"
+        if worst.whole_model_because:
+            problem += f" (it holds the whole model: {worst.whole_model_because})"
+            if worst.streamed_ram_mb is not None and worst.streamed_ram_mb <= ram:
+                fix = (
+                    f"The streamed export needs about {worst.streamed_ram_mb / 1024:.1f} GiB and fits: "
+                    "keep the default recipe's weight_search and engine, or pass --force to try this one"
+                )
+        raise BadInput(problem, fix)
     disk_needed = sum(n.disk_mb for n in needs)
     if disk_needed > disk:
         raise BadInput(

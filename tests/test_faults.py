@@ -200,6 +200,33 @@ def test_preflight_refuses_a_host_too_small_and_force_overrides(tiny_phi3, tmp_p
     )
 
 
+def test_preflight_refusal_of_a_whole_model_path_names_the_streamed_one(smollm2_dir, tmp_path):
+    # weight_search = "builder" keeps the builder's own quantization, which holds the whole model;
+    # on a host between the two estimates the refusal says the default (streamed) path fits.
+    from edgekit.checkpoint import resolve
+    from edgekit.exporting import recipe_for
+    from edgekit.preflight import estimate
+
+    ck = resolve(str(smollm2_dir))
+    streamed = estimate(ck, "onnx-int4")
+    whole = estimate(ck, "onnx-int4", recipe_for("onnx-int4", {"weight_search": "builder", "zero_points": "integer"}))
+    assert streamed.whole_model_because is None and whole.whole_model_because
+    assert whole.ram_mb > streamed.ram_mb and whole.streamed_ram_mb == streamed.ram_mb
+    env = {**os.environ, "EDGEKIT_PREFLIGHT_RAM_MB": str((streamed.ram_mb + whole.ram_mb) / 2)}
+    dest = tmp_path / "b"
+    cmd = [EDGEKIT, "export", smollm2_dir, "--target", "onnx-int4", "--no-verify", "--out", dest]
+    r = subprocess.run(
+        [*cmd, "--set", "weight_search=builder", "--set", "zero_points=integer"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "holds the whole model" in lines[0] and "streamed export needs about" in lines[0], r.stderr
+    assert not dest.exists()
+
+
 def test_preflight_estimate_covers_the_measured_smollm2_exports(smollm2_dir):
     # Measured peaks: onnx 1853 MiB (streamed path, process tree, benchmarks/results/onnx_memory.md),
     # gguf 598 MiB (benchmarks/results/build_matrix.md).

@@ -70,6 +70,11 @@ class ExportCost:
     ram_per_fp32_byte: float
     disk_fixed_mb: float
     disk_per_fp32_byte: float
+    # RAM of the path that holds the whole model, for a format whose default path streams but
+    # which some recipes or architectures cannot stream (the backend's why_not_streamed_export
+    # says when); None: the format has one path.
+    whole_ram_fixed_mb: float | None = None
+    whole_ram_per_fp32_byte: float | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ projection int8. The graph the tool built is kept; only weights, widths and bloc
 # The protocol surface (edgekit.formats.FormatBackend); the registry imports this package.
 from .architectures import FALLBACK_ARCHITECTURES, KNOWN_DIFFERENCES, LONG_CONTEXT_LIMITS, SUPPORTED_ARCHITECTURES
 from .benching import bench_runtime, bench_session, bench_setup
-from .export import PREFLIGHT_COST, config_problems, export, tool_versions
+from .export import PREFLIGHT_COST, config_problems, export, tool_versions, why_not_streamed_export
 from .readme import PLOT_COLOR, README_TEMPLATE, card_metadata, readme_fields
 from .recipe import parse_recipe
 from .session import open_session
@@ -31,6 +31,7 @@ __all__ = [
     "LONG_CONTEXT_LIMITS",
     "KNOWN_DIFFERENCES",
     "PREFLIGHT_COST",
+    "why_not_streamed_export",
     "README_TEMPLATE",
     "PLOT_COLOR",
     "parse_recipe",

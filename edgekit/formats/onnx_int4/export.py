@@ -35,7 +35,19 @@ if TYPE_CHECKING:
 # an RTN template: at SmolLM2 the export's peak is unchanged by them (its imatrix pass or, cached,
 # its k-quant template; benchmarks/results/onnx_memory.md, 2026-12-07), and the Phi-3-mini peak
 # they were made for is to be measured again (benchmarks/scale.py) before these numbers move.
-PREFLIGHT_COST = ExportCost(ram_fixed_mb=1600, ram_per_fp32_byte=0.95, disk_fixed_mb=100, disk_per_fp32_byte=0.5)
+# The whole-model path (a recipe that keeps the builder's quantization, the optimum exporter, an
+# architecture outside the streaming table): the builder holds the model in float32 and its
+# quantized copies; measured 2.65 GiB at SmolLM2-135M (benchmarks/results/onnx_memory.md), and at
+# Llama-3.2-1B's shape (4.6 GiB fp32) 11.8 GiB for the raw builder's RTN and 20.6 GB for k-quant
+# (docs/scale.md): 1600 MiB + 4.2 x fp32 MiB covers them.
+PREFLIGHT_COST = ExportCost(
+    ram_fixed_mb=1600,
+    ram_per_fp32_byte=0.95,
+    disk_fixed_mb=100,
+    disk_per_fp32_byte=0.5,
+    whole_ram_fixed_mb=1600,
+    whole_ram_per_fp32_byte=4.2,
+)
 
 # A rebuild of the same checkpoint with the same tool versions reproduces every file of the
 # bundle byte for byte. Measured on this machine: tiny Phi-3 (builder and optimum paths) and
@@ -152,6 +164,19 @@ def config_problems(config: dict[str, Any]) -> list[str]:
         f"{name} has as many outputs as the vocabulary (the genai builder would take it for the lm_head)"
         for name in builder_lm_head_lookalikes(config)
     ]
+
+
+def why_not_streamed_export(checkpoint: Checkpoint, recipe: OnnxRecipe) -> str | None:
+    """None when the export takes the streamed path (PREFLIGHT_COST's main figures), else why it
+    holds the whole model (the whole_ram figures). Raises nothing: an engine the checkpoint
+    cannot take is refused later, by export itself."""
+    try:
+        engine = choose_engine(checkpoint, recipe)
+    except UnsupportedArchitecture:
+        return None
+    if engine == "optimum":
+        return "the optimum exporter holds the whole model"
+    return why_not_streamed(checkpoint.architecture, checkpoint.config, recipe)
 
 
 def choose_engine(checkpoint: Checkpoint, recipe: OnnxRecipe) -> str:
