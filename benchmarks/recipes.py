@@ -236,35 +236,44 @@ def is_default(target: str, recipe: dict) -> bool:
     return parse(dict(spec.recipe), "targets") == parse(dict(recipe), "candidate")
 
 
-def measure(name: str, target: str, recipe: dict, work: Path, model: str = MODEL) -> dict:
+def measure(name: str, target: str, recipe: dict, work: Path, model: str = MODEL, bundle: Path | None = None) -> dict:
+    """Export (unless `bundle` is one already exported with this recipe: its manifest's export
+    seconds are used), verify, run."""
     from edgekit import api
     from edgekit.bundle import read_manifest
     from edgekit.targets import load_targets
 
-    bundle = work / "bundle"
+    given = bundle is not None
+    bundle = bundle if bundle is not None else work / "bundle"
     row: dict = {"name": name, "target": target, "recipe": recipe, "date": dt.date.today().isoformat()}
     row["load_before"] = round(os.getloadavg()[0], 2)
     try:
-        t0 = time.perf_counter()
-        [res] = api.export(model, target=target, out=bundle, force=True, verify=False, recipe=recipe)
-        row["export_s"] = round(time.perf_counter() - t0, 1)
-        manifest = read_manifest(bundle)
+        if given:
+            manifest = read_manifest(bundle)
+            if manifest["format"] != target:
+                raise ValueError(f"{bundle} is a {manifest['format']} bundle, not {target}")
+            row["export_s"] = round(manifest["export"]["wall_s"], 1)
+            row["from_bundle"] = str(bundle)
+            size = sum(int(e["size"]) for e in manifest["files"])
+        else:
+            t0 = time.perf_counter()
+            [res] = api.export(model, target=target, out=bundle, force=True, verify=False, recipe=recipe)
+            row["export_s"] = round(time.perf_counter() - t0, 1)
+            manifest = read_manifest(bundle)
+            size = res.size_bytes
         model_files = set(load_targets().format(target).model_files)
-        row["bundle_bytes"] = res.size_bytes
+        row["bundle_bytes"] = size
         row["model_bytes"] = sum(int(e["size"]) for e in manifest["files"] if e["path"] in model_files)
         q = manifest["quantization"]
         row["weights"] = q.get("weights") or q.get("tensor_types")
         row["notes"] = manifest["export"]["notes"]
-        rep = api.verify(bundle, write=False)
-        row.update(
-            kld_mean=rep.kld_mean,
-            kld_p99=rep.kld_p99,
-            top1_agreement=rep.top1_agreement,
-            ppl_ratio=rep.ppl_ratio,
-            greedy_match_tokens_mean=rep.greedy_match_tokens_mean,
-            positions=rep.positions,
-            passed=rep.passed,
-        )
+        keys = ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "greedy_match_tokens_mean", "positions", "passed")
+        parity = _parity_json(bundle) if given else None
+        if parity is not None:  # `edgekit verify BUNDLE` already ran on the same text: the same figures
+            row.update({k: parity[k] for k in keys}, parity_from="parity.json")
+        else:
+            rep = api.verify(bundle, write=False)
+            row.update({k: getattr(rep, k) for k in keys})
         speeds, generated = [], []
         for _ in range(RUNS):
             r = api.run(bundle, PROMPT, max_tokens=MAX_TOKENS)
@@ -275,9 +284,22 @@ def measure(name: str, target: str, recipe: dict, work: Path, model: str = MODEL
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         traceback.print_exc(file=sys.stderr)
     finally:
-        shutil.rmtree(bundle, ignore_errors=True)
+        if not given:
+            shutil.rmtree(bundle, ignore_errors=True)
         row["load_after"] = round(os.getloadavg()[0], 2)
     return row
+
+
+def _parity_json(bundle: Path) -> dict | None:
+    """The bundle's parity.json when `edgekit verify` wrote it over the built-in evaluation text."""
+    from edgekit.reference import default_eval_text
+
+    path = bundle / "parity.json"
+    if not path.exists():
+        return None
+    parity = json.loads(path.read_text())
+    same_text = parity.get("eval_text_sha256") == hashlib.sha256(default_eval_text().encode()).hexdigest()
+    return parity if same_text else None
 
 
 def _measured(row: dict) -> bool:
@@ -414,9 +436,10 @@ def default_candidates() -> list[tuple[str, str, dict, str]]:
     return [c for c in CANDIDATES if is_default(c[1], full_recipe(c[1], c[2]))]
 
 
-def run_defaults(models: list[str]) -> int:
+def run_defaults(models: list[str], bundles: dict[str, Path] | None = None) -> int:
     """Each model's default rows, merged by (model, row) into results/recipes-defaults.json as they
-    come (a stopped run keeps what it measured); then recipes.md is rendered again with them."""
+    come (a stopped run keeps what it measured); then recipes.md is rendered again with them.
+    `bundles` (target -> bundle exported with the default recipe, one model only) skips those exports."""
     from _common import RESULTS
 
     from edgekit.embedded import ensure_checkpoint
@@ -430,7 +453,8 @@ def run_defaults(models: list[str]) -> int:
             tokens = len(load_tokenizer(ckpt)(default_eval_text(), add_special_tokens=False).input_ids)
             for cname, target, overrides, why in chosen:
                 print(f"[{DEFAULTS}] {model}: {cname}", file=sys.stderr, flush=True)
-                row = measure(cname, target, full_recipe(target, overrides), Path(tmp), model)
+                given = (bundles or {}).get(target)
+                row = measure(cname, target, full_recipe(target, overrides), Path(tmp), model, bundle=given)
                 row.update(model=model, why=why, default=True)
                 keys = ("model_bytes", "kld_mean", "top1_agreement", "ppl_ratio", "export_s", "error")
                 print(f"[{DEFAULTS}]   " + json.dumps({k: row.get(k) for k in keys}), file=sys.stderr, flush=True)
@@ -464,13 +488,23 @@ def main() -> int:
         f"of each, into results/{DEFAULTS}.json and a section of recipes.md",
     )
     ap.add_argument(
+        "--bundles",
+        help="with --models MODEL: TARGET=DIR,... bundles already exported from MODEL with the default recipes "
+        "(`edgekit export MODEL --target TARGET --no-verify`): verified and run instead of exported again; "
+        "export seconds from their manifests",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="only rewrite recipes.md and the README section from results/recipes.json"
     )
     args = ap.parse_args()
     from _common import RESULTS
 
     if args.models:
-        return run_defaults([m.strip() for m in args.models.split(",") if m.strip()])
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        bundles = dict(pair.split("=", 1) for pair in (args.bundles or "").split(",") if pair.strip())
+        if bundles and len(models) != 1:
+            ap.error("--bundles needs exactly one model in --models")
+        return run_defaults(models, {t.strip(): Path(b.strip()) for t, b in bundles.items()})
     name = NAME if args.model == MODEL else f"{NAME}-{args.model}"
     if args.render:
         doc = json.loads((RESULTS / f"{name}.json").read_text())
