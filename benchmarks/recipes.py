@@ -373,7 +373,7 @@ def markdown(doc: dict) -> str:
 
         defaults = RESULTS / f"{DEFAULTS}.json"
         if defaults.exists():
-            lines += ["", defaults_markdown(json.loads(defaults.read_text()))]
+            lines += ["", defaults_markdown(json.loads(defaults.read_text()), doc)]
     return "\n".join(lines)
 
 
@@ -381,8 +381,21 @@ def _mib(n: int | None) -> str:
     return f"{n / 2**20:.1f}" if n else "-"
 
 
-def defaults_markdown(doc: dict) -> str:
-    """The section of recipes.md for --models: each embedded model's default rows side by side."""
+def defaults_markdown(doc: dict, main: dict | None = None) -> str:
+    """The section of recipes.md for --models: each embedded model's default rows side by side.
+    SmolLM2's, when --models has not measured them, are the default rows of the main table
+    above (`main`, results/recipes.json): the same measurement, marked "(main table)"."""
+    doc = dict(doc)
+    measured = {r["model"] for r in doc["rows"]}
+    if main is not None and MODEL not in measured:
+        borrowed = [
+            {**r, "model": MODEL, "date": r.get("date", main["date"]), "name": f"{r['name']} (main table)"}
+            for r in main["rows"]
+            if r.get("default")
+        ]
+        doc["rows"] = borrowed + doc["rows"]
+        doc["models"] = [MODEL, *doc["models"]]
+        doc["eval_tokens"] = {**doc["eval_tokens"], MODEL: main["eval_tokens"]}
     lines = [
         "### Default against default on each embedded model",
         "",
@@ -401,7 +414,7 @@ def defaults_markdown(doc: dict) -> str:
         ref = next((r for r in rows if r["target"] == "gguf-q4_k_m" and _measured(r)), None)
         tokens = doc["eval_tokens"].get(model, "?")
         for r in rows:
-            load = f"{r['load_before']:.1f}/{r['load_after']:.1f}"
+            load = f"{r['load_before']:.1f}/{r['load_after']:.1f}" if "load_before" in r else "-"
             if not _measured(r):
                 lines.append(
                     f"| {model} | {r['target']} | {r['name']} | - | failed: {r['error'][:90]} | | | | | | | "

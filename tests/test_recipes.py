@@ -485,3 +485,9 @@ def test_recipes_benchmark_defaults_section():
     assert "| 200.0 | 0.0200 |" in lines[2] and "| 1.00 | 1.00 |" in lines[2]
     assert "failed: ToolFailed: builder says no" in lines[3]
     assert "Q4_1" in md and "Q4_K_M" in md and "favours the gguf format" in md
+    # SmolLM2 not measured by --models: its rows come from the main table's default rows, marked so.
+    main = {"date": "2026-12-07", "eval_tokens": 896, "rows": [{**doc["rows"][0], "default": True}]}
+    gemma_only = {**doc, "models": ["gemma3-270m"], "rows": doc["rows"][2:]}
+    md = bench.defaults_markdown(gemma_only, main)
+    assert "| smollm2-135m (896 tokens) | gguf-q4_k_m | gguf-q4_k_m default (main table) |" in md
+    assert md.index("smollm2-135m (896") < md.index("gemma3-270m (800")
