@@ -459,7 +459,7 @@ def run_defaults(models: list[str], bundles: dict[str, Path] | None = None) -> i
     from edgekit.reference import default_eval_text, load_tokenizer
 
     path = RESULTS / f"{DEFAULTS}.json"
-    chosen = default_candidates()
+    chosen = [c for c in default_candidates() if not bundles or c[1] in bundles]  # --bundles: those only
     with tempfile.TemporaryDirectory(prefix="edgekit-recipes-", dir=ROOT / "benchmarks") as tmp:
         for model in models:
             ckpt = ensure_checkpoint(model)

@@ -316,6 +316,17 @@ def _gemma3_tokenizer(out: Path, chat_template: str) -> None:
     tok.model_max_length = json.loads((out / "config.json").read_text())["max_position_embeddings"]
     # In tokenizer_config.json: llama.cpp's converter and onnxruntime-genai read the template there.
     tok.save_pretrained(out, save_jinja_files=False)
+    # The user-defined whitespace runs ("▁▁" .. 31 of them) are matched, as SentencePiece and
+    # llama.cpp match them, on the text after " " -> "▁": otherwise "    return" is BPE-merged to
+    # "▁▁▁" + "▁return" while SentencePiece and llama.cpp give "▁▁▁▁" + "return".
+    for name, tokens in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        path = out / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data[tokens] if isinstance(data[tokens], list) else data[tokens].values()
+        for entry in entries:
+            if entry["content"] and not entry["content"].strip("\u2581"):
+                entry["normalized"] = True
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 TOKENIZERS = {"smollm2": _smollm2, "gemma3": _gemma3}

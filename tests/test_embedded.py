@@ -356,7 +356,8 @@ def test_gemma3_checkpoint_built_from_parts_offline(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(out)
     assert type(tok).__name__ == "GemmaTokenizerFast"
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    for text in ["Hello cab", "a  b\n\nc", "Hello\tworld 42 é"]:
+    # "  cab": SentencePiece takes the user-defined "▁▁" first, BPE alone would merge "▁" + "▁cab"
+    for text in ["Hello cab", "a  b\n\nc", "Hello\tworld 42 é", "  cab", "x  cab"]:
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.encode("ab")[0] == 2  # <bos> added
