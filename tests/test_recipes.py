@@ -435,3 +435,59 @@ def test_fallback_path_requantizes_the_same_way(tiny_phi3, tmp_path, requantized
     assert report["requantized"] == weights["matmul_int4"] + weights["matmul_int8"] - report["split"]
     assert report["split"] == built["edgekit_requantization"]["split"]
     assert weights["matmul_int8"] == built["weights"]["matmul_int8"]
+
+
+def test_recipes_benchmark_defaults_section():
+    """benchmarks/recipes.py --models: one default row per target, and a section that states
+    per model its figures against its own gguf default, failures included, and what the
+    checkpoints are (dequantized 4-bit GGUFs)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import recipes as bench
+
+    chosen = bench.default_candidates()
+    assert sorted(target for _, target, _, _ in chosen) == ["gguf-q4_k_m", "onnx-int4"]
+    assert bench.MODELS.split(",") == ["smollm2-135m", "gemma3-270m"]
+
+    def row(model, target, kld, size, **extra):
+        return dict(
+            model=model,
+            target=target,
+            name=f"{target} default",
+            date="2026-12-07",
+            load_before=2.0,
+            load_after=3.0,
+            kld_mean=kld,
+            top1_agreement=0.9,
+            ppl_ratio=1.01,
+            model_bytes=size,
+            export_s=12.0,
+            decode_tok_s=50.0,
+            **extra,
+        )
+
+    doc = {
+        "models": ["smollm2-135m", "gemma3-270m"],
+        "eval_tokens": {"smollm2-135m": 896, "gemma3-270m": 800},
+        "host_line": "a host",
+        "rows": [
+            row("smollm2-135m", "gguf-q4_k_m", 0.04, 2**20 * 100),
+            row("smollm2-135m", "onnx-int4", 0.01, 2**20 * 110),
+            row("gemma3-270m", "gguf-q4_k_m", 0.02, 2**20 * 200),
+            {**row("gemma3-270m", "onnx-int4", None, None), "error": "ToolFailed: builder says no"},
+        ],
+    }
+    md = bench.defaults_markdown(doc)
+    lines = [line for line in md.splitlines() if line.startswith("| smollm2") or line.startswith("| gemma3")]
+    assert len(lines) == 4
+    assert "| 110.0 | 0.0100 |" in lines[1] and "| 0.25 | 1.10 |" in lines[1]  # against smollm2's own gguf
+    assert "| 200.0 | 0.0200 |" in lines[2] and "| 1.00 | 1.00 |" in lines[2]
+    assert "failed: ToolFailed: builder says no" in lines[3]
+    assert "Q4_1" in md and "Q4_K_M" in md and "favours the gguf format" in md
+    # SmolLM2 not measured by --models: its rows come from the main table's default rows, marked so.
+    main = {"date": "2026-12-07", "eval_tokens": 896, "rows": [{**doc["rows"][0], "default": True}]}
+    gemma_only = {**doc, "models": ["gemma3-270m"], "rows": doc["rows"][2:]}
+    md = bench.defaults_markdown(gemma_only, main)
+    assert "| smollm2-135m (896 tokens) | gguf-q4_k_m | gguf-q4_k_m default (main table) |" in md
+    assert md.index("smollm2-135m (896") < md.index("gemma3-270m (800")
