@@ -263,3 +263,14 @@ def test_a_tied_embedding_is_unchanged(tmp_path):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "int8" / name).read_bytes(), name
     assert notes.quantization["edgekit_requantization"]["embedding"]["bits"] is None
     assert "tied" in notes.quantization["edgekit_requantization"]["embedding"]["kept"]
+
+
+@pytest.mark.slow
+def test_the_optimum_path_quantizes_the_embedding_too(tiny_phi3, tmp_path):
+    notes = _export(tiny_phi3, tmp_path / "b", engine="optimum", embeddings="int8")
+    graph = _graph(tmp_path / "b").graph
+    inits = {t.name for t in graph.initializer}
+    [gbq] = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    report = notes.quantization["edgekit_requantization"]["embedding"]
+    assert report["bits"] == 8 and report["tensor"] not in inits and gbq.input[0] in inits
+    assert notes.quantization["weights"]["embedding"] == "int8"
