@@ -231,7 +231,9 @@ def test_a_bundles_embedding_is_the_numpy_dequantization_of_its_codes(bits, tiny
     # no float table left: the only float tensor of the embedding's is its scales
     assert "model.embed_tokens.weight" not in inits
     assert not any(t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [512, 64] for t in graph.initializer)
-    codes, scales, zps = (numpy_helper.to_array(inits[x], base_dir=str(tmp_path / "b")) for x in (gbq.input[0], *gbq.input[2:]))
+    codes, scales, zps = (
+        numpy_helper.to_array(inits[x], base_dir=str(tmp_path / "b")) for x in (gbq.input[0], *gbq.input[2:])
+    )
     assert codes.dtype == np.uint8 and zps.dtype == np.uint8
     # run the bundle's own node and tensors alone, over every row
     one = tmp_path / "one"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
+from .embedquant import embedding_bits, embedding_report, plan_embedding, quantize_embedding
 from .files import save_onnx
 from .nodequant import LockedSource, NodeResult, count, load_imatrix, new_report, ordered_map, requantize_node
-from .embedquant import embedding_bits, embedding_report, plan_embedding, quantize_embedding
 from .recipe import OnnxRecipe
 
 if TYPE_CHECKING:
@@ -82,7 +82,9 @@ def requantize(model_or_path: onnx.ModelProto | str | Path, source: Any, spec: d
     source = LockedSource(source)
     embedding, emb_kept, emb_proto = plan_embedding(list(graph.node), inits, uses, spec)
     if spec.get("embedding_bits"):
-        report["embedding"] = embedding_report(embedding, emb_proto, spec["embedding_bits"], spec["embedding_block"], emb_kept)
+        report["embedding"] = embedding_report(
+            embedding, emb_proto, spec["embedding_bits"], spec["embedding_block"], emb_kept
+        )
     if emb_kept:
         embedding = None
 
