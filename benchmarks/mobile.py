@@ -396,7 +396,7 @@ def render_embedding(doc: dict) -> str:
         "",
         f"Model: {doc['model']}, **random weights** (N(0, 0.02)): the logit columns compare each bundle "
         f"with the desktop bundle over one {EMBED_PROMPT_TOKENS}-token prefill (there is no trained "
-        "reference to verify against), and the speed and memory are those of a 2-layer model, where "
+        "reference to verify against), and the speed and memory are those of a short model, where "
         f"lm_head and embedding weigh most. Shipped onnx-int4 recipe; bench on {PROFILE} (median of "
         f"{REPS} after a warm-up, this host's cores in place of the phone's).",
         "",
