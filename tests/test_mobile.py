@@ -104,8 +104,11 @@ def test_phone_bundle_files(phone, manifest):
     assert ort["converted"] and ort["genai_generates"] and ort["ort_bytes"] == (phone / "model.ort").stat().st_size
     assert 0 <= ort["max_abs_logit_diff"] <= mobile.MAX_LOGIT_DIFF
     assert ort["kv_element_bytes"] == 4
-    # the weights once, as in the .onnx files: no optimizer may store a second copy of any
-    assert ort["ort_bytes"] < 1.05 * ort["onnx_bytes"]
+    # the weights once, as in the .onnx files: no optimizer may store a second copy of any. The
+    # ORT format's own structure costs ~23 KB more than the .onnx files on tiny Phi-3 whatever the
+    # weights (4.4 % with a float embedding, 5.5 % with the int8 one); a second copy of lm_head's
+    # codes (512 x 64 int8 plus scales, 36 KiB) would cross the line.
+    assert ort["ort_bytes"] - ort["onnx_bytes"] < 32 * 1024
 
 
 @pytest.mark.slow
@@ -273,22 +276,49 @@ def test_bench_measures_the_phone_bundle_against_the_mobile_budgets(phone, manif
 
 
 @pytest.mark.slow
-def test_an_int4_embedding_keeps_the_onnx(tiny_phi3, tmp_path):
-    """GatherBlockQuantized's 4-bit tensor has no ORT-format type in onnxruntime 1.32.0: the .ort
-    it writes does not load, so the check catches it and the phone bundle keeps its .onnx."""
+def test_a_phone_bundle_of_an_untied_model_quantizes_its_embedding(phone, manifest):
+    """tiny Phi-3 does not tie its embedding: with mobile = true and nothing else, the float
+    Gather becomes edgekit's int8 GatherBlockQuantized, and the bundle is still in ORT format."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    q = manifest["quantization"]
+    assert q["weights"]["embedding"] == "int8"
+    assert q["edgekit_requantization"]["embedding"] == {
+        "tensor": "model.embed_tokens.weight",
+        "rows": 512,
+        "hidden": 64,
+        "bits": 8,
+        "block_size": 32,
+    }
+    assert q["model_file"] == "model.ort" and q["ort_format"]["converted"] and q["ort_format"]["genai_generates"]
+    graph = InferenceSession.InferenceSession.GetRootAs((phone / "model.ort").read_bytes(), 0).Model().Graph()
+    ops = [graph.Nodes(i).OpType().decode() for i in range(graph.NodesLength())]
+    assert ops.count("GatherBlockQuantized") == 1  # (the Gathers left read shapes, not a table)
+    names = {graph.Initializers(i).Name().decode() for i in range(graph.InitializersLength())}
+    assert "model.embed_tokens.weight" not in names and "model.embed_tokens.weight_Q8G32" in names
+    assert "GatherBlockQuantized" in (phone / "required_operators.config").read_text()
+    assert any("token embedding quantized by edgekit: int8" in n for n in manifest["export"]["notes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_embedding_stays_close_to_the_desktop_bundle(bits, desktop, phone, tiny_phi3, tmp_path):
+    """The phone bundle's logits (int8 embedding, model.ort) against the desktop bundle's (float
+    embedding, model.onnx), and an int4 phone bundle's, which converts to ORT format too now that
+    edgekit writes uint8 codes. Measured on tiny Phi-3 (random weights at initializer_range 0.2,
+    so large logits) over the 8-token check prefill: int8 0.24, int4 1.71 max |difference|; the
+    bounds leave 2x room, and the difference is never 0 (the embedding did change)."""
     from edgekit import api
 
-    out = tmp_path / "emb"
-    api.export(
-        str(tiny_phi3),
-        "onnx-int4",
-        out,
-        verify=False,
-        recipe={"mobile": True, "algorithm": "default", "embeddings": "int4"},
-    )
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["quantization"]["weights"]["embedding"] == "int4"
-    assert m["quantization"]["model_file"] == "model.onnx" and not m["quantization"]["ort_format"]["converted"]
-    assert any("model.ort was not kept" in n and "Invalid ORT format model" in n for n in m["export"]["notes"])
-    assert {"model.onnx", "model.onnx.data"} <= {e["path"] for e in m["files"]}
-    assert "model.ort" not in {e["path"] for e in m["files"]}
+    if bits == 8:
+        bundle = phone
+    else:
+        bundle = tmp_path / "int4"
+        api.export(str(tiny_phi3), "onnx-int4", bundle, verify=False, recipe={"mobile": True, "embeddings": "int4"})
+        m = json.loads((bundle / "manifest.json").read_text())
+        assert m["quantization"]["weights"]["embedding"] == "int4" and m["quantization"]["model_file"] == "model.ort"
+    diff = mobile.max_logit_diff(desktop / "model.onnx", bundle / "model.ort", 8)
+    assert 0 < diff < (EMBEDDING_LOGIT_BOUND[bits])
+
+
+EMBEDDING_LOGIT_BOUND = {8: 0.5, 4: 3.5}

@@ -160,7 +160,7 @@ def test_recipe_from_targets_toml():
         ("engine", "olive", "engine"),
         ("is_symmetric", "yes", "is_symmetric"),
         ("exclude_lm_head", True, "unknown key 'exclude_lm_head'"),
-        ("embeddings", "int4", "needs algorithm"),
+        ("embeddings", "int2", "embeddings = 'int2'"),
     ],
 )
 def test_recipe_rejects(key, value, message):
@@ -186,8 +186,10 @@ def test_extra_options_mapping():
         "hf_remote": "false",
         "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather",
     }
-    opts = builder_extra_options(recipe(embeddings="int4", algorithm="default"), trust_remote_code=True)
-    assert opts["op_types_to_quantize"] == "MatMul/Gather" and opts["hf_remote"] == "true"
+    # a quantized embedding is edgekit's to write (embedquant.py), with any algorithm: the builder
+    # keeps it float
+    opts = builder_extra_options(recipe(embeddings="int4"), trust_remote_code=True)
+    assert "op_types_to_quantize" not in opts and "nodes_to_exclude" not in opts and opts["hf_remote"] == "true"
 
 
 class FakeCheckpoint:

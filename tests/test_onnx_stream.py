@@ -156,6 +156,26 @@ def test_streamed_bundle_with_float_minimums_is_the_builder_paths_byte_for_byte(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("embeddings", ["int8", "int4"])
+def test_streamed_bundle_with_a_quantized_embedding_is_the_builder_paths_byte_for_byte(embeddings, deep, tmp_path):
+    """edgekit's embedding codes (embedquant.py): the streamed path reads the float table from the
+    template in row chunks and writes the codes where the builder path's requantize() does."""
+    import onnx
+
+    ckpt = deep("phi3")
+    streamed, s_notes = export(ckpt, tmp_path / "streamed", embeddings=embeddings)
+    whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True, embeddings=embeddings)
+    assert s_notes.quantization["path_taken"] == STREAMED
+    assert digests(streamed) == digests(whole)
+    report = s_notes.quantization["edgekit_requantization"]
+    assert report == w_notes.quantization["edgekit_requantization"]
+    assert report["embedding"]["bits"] == int(embeddings[3:])
+    graph = onnx.load(str(streamed / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+
+
+@pytest.mark.slow
 def test_streamed_bundle_runs_in_plain_genai(deep, tmp_path):
     import numpy as np
     import onnxruntime_genai as og

@@ -110,14 +110,13 @@ def fallback_quantizer_args(recipe: dict[str, Any], model: onnx.ModelProto) -> d
     int8 = {n: {"bits": 8} for n in _int8_matmuls(groups, names, head) if n not in exclude}
     configs = {"rtn": RTNWeightOnlyQuantConfig, "k_quant": KQuantWeightOnlyQuantConfig}
     algo = configs[method](customized_weight_config=int8) if method in configs else None
-    op_types = ("MatMul", "Gather") if recipe["embeddings"] == "int4" else ("MatMul",)
     return dict(
         bits=4,
         block_size=recipe["block_size"],
         is_symmetric=recipe["is_symmetric"],
         accuracy_level=recipe["accuracy_level"],
         nodes_to_exclude=exclude,
-        op_types_to_quantize=op_types,
+        op_types_to_quantize=("MatMul",),  # a quantized embedding is edgekit's (embedquant.py)
         algo_config=algo,
     )
 

@@ -128,6 +128,25 @@ class Filler:
                 return rule
         raise NotStreamable(f"no checkpoint tensor gives the template's {template_name}")
 
+    def _template_rows(self, name: str, proto: onnx.TensorProto) -> Callable[[int, int], Any]:
+        """read_rows(r0, r1) of a 2-D template tensor, straight from its data file (a 200k-row
+        embedding is never read whole)."""
+        import numpy as np
+        from onnx import helper
+
+        path, offset, _ = self.template_span(name)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
+        width = int(proto.dims[1])
+
+        def read_rows(r0: int, r1: int) -> Any:
+            count = (r1 - r0) * width
+            a = np.fromfile(path, dtype=dtype, count=count, offset=offset + r0 * width * dtype.itemsize)
+            if a.size != count:
+                raise NotStreamable(f"{path.name} ends inside {name}")
+            return a.reshape(r1 - r0, width)
+
+        return read_rows
+
     def layer_bytes(self, template_name: str, layer: int) -> bytes:
         rule = self._rule(template_name)
         return self._cast_bytes([p.replace("{L}", str(layer)) for p in rule], self.template_inits[template_name])
@@ -147,6 +166,7 @@ class Filler:
 
         from onnx import numpy_helper
 
+        from .embedquant import embedding_report, plan_embedding, quantize_embedding
         from .nodequant import count, node_plan, ordered_map, requantize_node
 
         inits = {t.name: t for t in parts["initializer"]}
@@ -154,6 +174,15 @@ class Filler:
         for node in parts["node"]:
             for name in node.input:
                 uses[name] = uses.get(name, 0) + 1
+        # The token embedding (outside the cloned layers, so the template's): replaced by
+        # edgekit's codes in node order, as rewrite.requantize() does, read in row chunks.
+        embedding, emb_kept, emb_proto = plan_embedding(parts["node"], inits, uses, spec)
+        if spec.get("embedding_bits"):
+            report["embedding"] = embedding_report(
+                embedding, emb_proto, spec["embedding_bits"], spec["embedding_block"], emb_kept
+            )
+        if emb_kept or (embedding is not None and template_name(embedding.input[0])[1]):
+            embedding = None
 
         def old_codes(name):
             tname, cloned = template_name(name)
@@ -165,7 +194,7 @@ class Filler:
         # first in the file: the structural checks are cheap, and the few nodes outside the
         # cloned layers (lm_head) are done up front to know whether they keep the codes.
         early: dict[str, Any] = {}
-        drop: set[str] = set()
+        drop: set[str] = {embedding.input[0]} if embedding is not None else set()
         for node in parts["node"]:
             if node.op_type != "MatMulNBits":
                 continue
@@ -195,6 +224,14 @@ class Filler:
                     data.copy(t, *self.template_span(tname))
 
             def one(node):
+                if node is embedding:
+                    return quantize_embedding(
+                        node,
+                        emb_proto,
+                        self._template_rows(template_name(node.input[0])[0], emb_proto),
+                        spec["embedding_bits"],
+                        spec["embedding_block"],
+                    )
                 if node.op_type != "MatMulNBits":
                     return None
                 if node.name in early:
@@ -209,6 +246,15 @@ class Filler:
             for node, result in zip(parts["node"], ordered_map(one, parts["node"])):
                 if result is None:
                     new_nodes.append(node)
+                    continue
+                if node is embedding:
+                    new_nodes += result.nodes
+                    for name, array in result.tensors:
+                        t = numpy_helper.from_array(array, name)
+                        data.put(t, t.raw_data)
+                        added.append(t)
+                    del result
+                    release_memory()
                     continue
                 done += 1
                 # the line the parent's ChildOutput turns into the "writing model.onnx" step

@@ -10,7 +10,7 @@ from ...errors import BadInput
 ENGINES = ("auto", "builder", "optimum")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-EMBEDDINGS = ("auto", "float", "int4")
+EMBEDDINGS = ("auto", "float", "int4", "int8")
 PRECISIONS = ("int4", "fp32")
 # How the int4/int8 codes of each MatMul are chosen (see requantize() below).
 WEIGHT_SEARCHES = ("builder", "edgekit", "imatrix")
@@ -49,7 +49,8 @@ class OnnxRecipe:
     algorithm: str = "k_quant_mixed"  # a key of ALGORITHMS
     is_symmetric: bool = True  # int4 without zero points
     float_lm_head: bool = False  # leave /lm_head/MatMul unquantized
-    embeddings: str = "auto"  # "auto": builder default; "float"; "int4" (GatherBlockQuantized)
+    embeddings: str = "auto"  # "auto": as built (float untied, shared tied; int8 untied when mobile);
+    # "float"; "int4" / "int8": edgekit's GatherBlockQuantized codes (embedquant.py)
     weight_search: str = (
         "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
     )
@@ -100,13 +101,6 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
             f"{where}: context_length = {recipe.context_length!r} is not allowed",
             "Use 0 (the model's, capped for LongRoPE) or a number of tokens",
         )
-    if recipe.embeddings == "int4" and ALGORITHMS[recipe.algorithm][0] != "default":
-        # Measured: the rtn/k_quant quantizers only take MatMul nodes, so the embedding
-        # would silently stay float.
-        raise BadInput(
-            f'{where}: embeddings = "int4" needs algorithm = "default"',
-            f"The {recipe.algorithm} quantizer leaves the embedding Gather in float",
-        )
     if recipe.zero_points != "integer" and recipe.weight_search == "builder" and recipe.precision == "int4":
         # Float minimums are written by edgekit's search only; the builder's quantizers store
         # integer zero points. (An fp32 bundle quantizes nothing, so there the key is moot.)
@@ -139,8 +133,9 @@ def builder_extra_options(recipe: OnnxRecipe, trust_remote_code: bool) -> dict[s
         exclude.append("/model/embed_tokens/Gather")
     if exclude:
         opts["nodes_to_exclude"] = ",".join(exclude)
-    if recipe.embeddings == "int4":
-        opts["op_types_to_quantize"] = "MatMul/Gather"
+    # embeddings "int4" / "int8" are written by edgekit after the build (embedquant.py), not by
+    # the builder's op_types_to_quantize=MatMul/Gather: that takes algorithm "default" only and
+    # stores an ONNX int4 tensor, which onnxruntime 1.32's ORT format cannot load.
     return opts
 
 

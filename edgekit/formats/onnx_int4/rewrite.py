@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
+from .embedquant import embedding_bits, embedding_report, plan_embedding, quantize_embedding
 from .files import save_onnx
 from .nodequant import LockedSource, NodeResult, count, load_imatrix, new_report, ordered_map, requantize_node
 from .recipe import OnnxRecipe
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
 def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | None:
     """What the child needs to re-quantize, or None when the recipe keeps the builder's codes."""
+    bits = embedding_bits(recipe)
     if recipe.precision != "int4" or (
-        recipe.weight_search == "builder" and not recipe.int8_matmuls and not recipe.int8_block_size
+        recipe.weight_search == "builder" and not recipe.int8_matmuls and not recipe.int8_block_size and not bits
     ):
         return None
     cfg = checkpoint.config.get("text_config") or checkpoint.config
@@ -48,6 +50,8 @@ def requant_job(checkpoint: Checkpoint, recipe: OnnxRecipe) -> dict[str, Any] | 
         "qkv_sizes": qkv,
         "int8_block_size": recipe.int8_block_size,
         "zero_points": recipe.zero_points,
+        "embedding_bits": bits,  # None: the token embedding stays as the builder wrote it (embedquant.py)
+        "embedding_block": recipe.block_size,
         "checkpoint": str(checkpoint.path),
         "config": checkpoint.config,
         "trust_remote_code": checkpoint.trust_remote_code,
@@ -76,8 +80,20 @@ def requantize(model_or_path: onnx.ModelProto | str | Path, source: Any, spec: d
             uses[name] = uses.get(name, 0) + 1
     report = new_report(spec, imatrix)
     source = LockedSource(source)
+    embedding, emb_kept, emb_proto = plan_embedding(list(graph.node), inits, uses, spec)
+    if spec.get("embedding_bits"):
+        report["embedding"] = embedding_report(
+            embedding, emb_proto, spec["embedding_bits"], spec["embedding_block"], emb_kept
+        )
+    if emb_kept:
+        embedding = None
 
     def one(node):
+        if node is embedding:
+            table = numpy_helper.to_array(emb_proto)
+            return quantize_embedding(
+                node, emb_proto, lambda r0, r1: table[r0:r1], spec["embedding_bits"], spec["embedding_block"]
+            )
         if node.op_type != "MatMulNBits":
             return NodeResult((node,))
         return requantize_node(
@@ -88,7 +104,8 @@ def requantize(model_or_path: onnx.ModelProto | str | Path, source: Any, spec: d
     add: list[Any] = []
     drop: set[str] = set()
     for node, result in zip(list(graph.node), ordered_map(one, list(graph.node))):
-        count(report, node, result)
+        if node is not embedding:
+            count(report, node, result)
         new_nodes += result.nodes
         drop.update(result.drop)
         add += [numpy_helper.from_array(a, name) for name, a in result.tensors]
@@ -117,6 +134,13 @@ def requant_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"{report['split']} fused qkv MatMuls split by width and concatenated")
     if report["kept"]:
         notes.append(f"{len(report['kept'])} MatMuls kept the quantizer's codes ({report['kept'][0]})")
+    emb = report.get("embedding")
+    if emb and emb.get("bits"):
+        notes.append(
+            f"token embedding quantized by edgekit: int{emb['bits']} GatherBlockQuantized, blocks of {emb['block_size']}"
+        )
+    elif emb:
+        notes.append(f"token embedding left as built: {emb['kept']}")
     if report.get("imatrix_missing"):
         notes.append(f"{len(report['imatrix_missing'])} MatMuls found no imatrix entry and were searched unweighted")
     return notes
