@@ -336,7 +336,7 @@ def _tokenizer_from_tiny(model: ScaleModel, out: Path) -> dict[str, Any]:
         gen = json.loads((tiny / "generation_config.json").read_text())
     ids = {k: cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids["generation_eos"] = gen.get("eos_token_id")
-    if model.model_type == "llama":
+    if (model.config.get("rope_scaling") or {}).get("rope_type") == "llama3":  # Llama 3, not SmolLM2's llama
         ids = _llama3_tokens(out)
     return ids
 
