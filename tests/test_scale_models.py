@@ -61,7 +61,8 @@ def test_layout_matches_transformers(name, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,billions", [("smollm2-135m", 0.135), ("llama-3.2-1b", 1.24), ("phi3-mini", 3.82), ("phi4-mini", 3.84), ("phi3-medium", 13.96)]
+    "name,billions",
+    [("smollm2-135m", 0.135), ("llama-3.2-1b", 1.24), ("phi3-mini", 3.82), ("phi4-mini", 3.84), ("phi3-medium", 13.96)],
 )
 def test_parameter_counts_are_the_real_models(name, billions):
     # The published sizes (model cards): 135M, 1.24B, 3.82B, 3.84B, 14B (13.96B).
