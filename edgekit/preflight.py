@@ -87,14 +87,13 @@ def estimate(checkpoint: Checkpoint, fmt: str, recipe: Any = None) -> Needs:
     fp32_mb = params * 4 / 2**20
     ram = c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb
     disk = c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb
-    why_not = getattr(backend(fmt), "why_not_streamed_export", None)
-    if why_not is None or c.whole_ram_fixed_mb is None or c.whole_ram_per_fp32_byte is None:
+    if c.whole_ram_fixed_mb is None or c.whole_ram_per_fp32_byte is None:
         return Needs(fmt, params, ram, disk)
     if recipe is None:
         from .exporting import recipe_for
 
         recipe = recipe_for(fmt, None)
-    because = why_not(checkpoint, recipe)
+    because = backend(fmt).why_not_streamed_export(checkpoint, recipe)
     if because is None:
         return Needs(fmt, params, ram, disk)
     whole = c.whole_ram_fixed_mb + c.whole_ram_per_fp32_byte * fp32_mb

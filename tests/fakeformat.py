@@ -272,6 +272,10 @@ def config_problems(config: dict[str, Any]) -> list[str]:
     return []
 
 
+def why_not_streamed_export(checkpoint: Any, recipe: Any) -> str | None:
+    return None
+
+
 def bench_setup(bundle: Path, manifest: dict[str, Any], profile: Any) -> BenchSetup:
     return BenchSetup(
         context_limit=None, kv_element_bytes=KV_ELEMENT_BYTES, gpu_layers=0, accuracy_level=None, substitutions=()

@@ -196,9 +196,12 @@ def test_smollm2_knows_paris(smollm2):
     tok = AutoTokenizer.from_pretrained(smollm2)
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     assert model.dtype == torch.float32
-    inputs = tok("The capital of France is", return_tensors="pt")
+    # The build's own probe: the pretrained 270M completes "The capital of France is" with " the
+    # capital of the country of France.", so the probe asks where the Eiffel Tower is.
+    prompt, word = embedded.EMBEDDED["gemma3-270m"].probe
+    inputs = tok(prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :])
+    assert word in tok.decode(out[0, inputs["input_ids"].shape[1] :])
 
 
 # --- Gemma 3 from a synthetic GGUF ------------------------------------------------------------
@@ -403,6 +406,9 @@ def test_gemma3_270m_is_built_and_knows_paris(gemma3):
     tok = AutoTokenizer.from_pretrained(gemma3)
     assert (tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")) == (2, 1, 106)
     model = AutoModelForCausalLM.from_pretrained(gemma3, dtype=torch.float32)
-    inputs = tok("The capital of France is", return_tensors="pt")
+    # The build's own probe: the pretrained 270M completes "The capital of France is" with " the
+    # capital of the country of France.", so the probe asks where the Eiffel Tower is.
+    prompt, word = embedded.EMBEDDED["gemma3-270m"].probe
+    inputs = tok(prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :])
+    assert word in tok.decode(out[0, inputs["input_ids"].shape[1] :])

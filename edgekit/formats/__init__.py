@@ -161,6 +161,10 @@ class FormatBackend(Protocol):
     def export(self, checkpoint: Checkpoint, staging: Path, recipe: Any, progress: Progress) -> ExportNotes:
         """Write model files, tokenizer and chat template into `staging` (a fresh empty dir)."""
 
+    def why_not_streamed_export(self, checkpoint: Checkpoint, recipe: Any) -> str | None:
+        """None when this export takes the format's low-memory path (PREFLIGHT_COST's main
+        figures), else why it holds the whole model (its whole_ram figures)."""
+
     def open_session(self, bundle_dir: Path, manifest: dict[str, Any], threads: int | None = None) -> Session: ...
 
     def tool_versions(self) -> dict[str, str]: ...

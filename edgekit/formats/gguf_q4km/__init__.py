@@ -11,7 +11,7 @@ files are also copied beside it as the reference for users and for the parity ch
 
 # The protocol surface (edgekit.formats.FormatBackend); the registry imports this package.
 from .benching import bench_runtime, bench_session, bench_setup
-from .export import PREFLIGHT_COST, config_problems, export, tool_versions
+from .export import PREFLIGHT_COST, config_problems, export, tool_versions, why_not_streamed_export
 from .limits import KNOWN_DIFFERENCES, LONG_CONTEXT_LIMITS
 from .readme import PLOT_COLOR, README_TEMPLATE, card_metadata, readme_fields
 from .recipe import FALLBACK_ARCHITECTURES, SUPPORTED_ARCHITECTURES, parse_recipe
@@ -23,6 +23,7 @@ __all__ = [
     "LONG_CONTEXT_LIMITS",
     "KNOWN_DIFFERENCES",
     "PREFLIGHT_COST",
+    "why_not_streamed_export",
     "README_TEMPLATE",
     "PLOT_COLOR",
     "parse_recipe",

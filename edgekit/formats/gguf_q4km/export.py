@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 PREFLIGHT_COST = ExportCost(ram_fixed_mb=400, ram_per_fp32_byte=0.6, disk_fixed_mb=100, disk_per_fp32_byte=0.75)
 
 
+def why_not_streamed_export(checkpoint: Checkpoint, recipe: GgufRecipe) -> str | None:
+    """Always None: the converter streams tensors, and the importance-matrix pass streams the
+    checkpoint block by block whenever holding it would not fit (edgekit.layerwise)."""
+    return None
+
+
 def config_problems(config: dict[str, Any]) -> list[str]:
     """Shapes the export tools mishandle, for tiny test checkpoints to avoid: none known for the
     converter (row lengths that are not a multiple of 256 fall back from K-quants, with a note)."""
