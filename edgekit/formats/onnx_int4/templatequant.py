@@ -57,8 +57,11 @@ def chunked_k_quant(data: Any, num_bits: int = 4, group_size: int = 32, chunk_bl
 def _cuda_k_quant() -> bool:
     """Whether onnxruntime's quant_tensor_k_quant_cuda would take its CUDA branch (cupy and a
     GPU); that branch is left as it is."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return False
     try:
-        import cupy  # noqa: F401
         import torch
     except ImportError:
         return False
