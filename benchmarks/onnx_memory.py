@@ -1,7 +1,7 @@
 """Time and process-tree peak RSS of edgekit's onnx-int4 export (streamed) vs the raw genai builder.
 
     python benchmarks/onnx_memory.py smollm2-135m          # streamed vs whole-model edgekit export
-    python benchmarks/onnx_memory.py llama-3.2-1b [--cap-gb 16] [--work DIR]
+    python benchmarks/onnx_memory.py llama-3.2-1b [--cap-gb 16] [--work DIR] [--layers 4]
 
 smollm2-135m: edgekit's default recipe both ways (the streamed path, and the whole-model
 builder path it replaces), with a check that the two bundles' model files are byte-identical.
@@ -153,19 +153,34 @@ def run_split(name: str, argv: list[str], env: dict[str, str], cap_gb: float) ->
     }
 
 
+def scale_model(name: str, layers: int = 0):
+    """A model of benchmarks/_scale_models.py, with `layers` decoder layers when not 0 (the
+    same shapes otherwise: a Llama-3.2-1B-shaped checkpoint of 4 layers keeps its 128k-row
+    tied lm_head, which the streamed template quantizes whatever the depth)."""
+    import dataclasses
+
+    from _scale_models import get_model
+
+    model = get_model(name)
+    if layers:
+        config = {**model.config, "num_hidden_layers": layers}
+        model = dataclasses.replace(model, name=f"{name}-{layers}l", config=config)
+    return model
+
+
 def compare_trees(
-    model: str, codes: list[str], work: Path, cap_gb: float, warm_imatrix: bool = False
+    model: str, codes: list[str], work: Path, cap_gb: float, warm_imatrix: bool = False, layers: int = 0
 ) -> tuple[list[dict], str]:
     if model == "smollm2-135m":
         from edgekit.embedded import ensure_checkpoint
 
         ckpt = ensure_checkpoint(model)
     else:
-        from _scale_models import get_model, write_checkpoint
+        from _scale_models import write_checkpoint
 
         ckpt = work / "checkpoint"
         if not (ckpt / "config.json").is_file():
-            write_checkpoint(get_model(model), ckpt)
+            write_checkpoint(scale_model(model, layers), ckpt)
     warm = None
     if warm_imatrix:  # computed here once, copied into each fresh cache: the writing phase alone
         from edgekit.checkpoint import CheckpointFiles
@@ -212,14 +227,15 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-onnx-memory"))
     ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR", help="compare source trees")
     ap.add_argument("--warm-imatrix", action="store_true", help="with --code: every run finds the imatrix cached")
+    ap.add_argument("--layers", type=int, default=0, help="a scale model with this many layers (its shapes otherwise)")
     args = ap.parse_args()
-    work = args.work / args.model
+    work = args.work / (args.model + (f"-{args.layers}l" if args.layers else ""))
     work.mkdir(parents=True, exist_ok=True)
     where = machine()
     rows = []
     if args.code:
-        rows, extra = compare_trees(args.model, args.code, work, args.cap_gb, args.warm_imatrix)
-        return _publish(args.model, where, rows, extra, split=True)
+        rows, extra = compare_trees(args.model, args.code, work, args.cap_gb, args.warm_imatrix, args.layers)
+        return _publish(work.name, where, rows, extra, split=True)
     if args.model == "smollm2-135m":
         rows.append(edgekit_export("edgekit streamed", "smollm2-135m", work / "streamed", args.cap_gb))
         rows.append(
@@ -228,14 +244,11 @@ def main() -> int:
         same = all(sha256_file(work / "streamed" / f) == sha256_file(work / "whole" / f) for f in MODEL_FILES)
         extra = f"model files byte-identical between the two paths: {same}"
     else:
-        from _scale_models import (  # benchmarks/_scale_models.py (scale branch)
-            get_model,
-            write_checkpoint,
-        )
+        from _scale_models import write_checkpoint  # benchmarks/_scale_models.py (scale branch)
 
         ckpt = work / "checkpoint"
         if not (ckpt / "config.json").is_file():
-            write_checkpoint(get_model(args.model), ckpt)
+            write_checkpoint(scale_model(args.model, args.layers), ckpt)
         raw_out = work / "raw"
         shutil.rmtree(raw_out, ignore_errors=True)
         rows.append(
@@ -264,7 +277,7 @@ def main() -> int:
         shutil.rmtree(raw_out, ignore_errors=True)
         rows.append(edgekit_export("edgekit default recipe", str(ckpt), work / "edgekit", args.cap_gb))
         extra = ""
-    return _publish(args.model, where, rows, extra)
+    return _publish(work.name, where, rows, extra)
 
 
 def _publish(model: str, where: str, rows: list[dict], extra: str, split: bool = False) -> int:

@@ -333,3 +333,112 @@ def test_a_node_keeping_the_builders_codes_gets_the_recipes_template(deep, tmp_p
         m.setattr(filling.Filler, "__init__", lambda self, *a: init(self, *a[:3], True))
         cheap, _ = streamed("cheap")
     assert cheap["model.onnx.data"] != recipes["model.onnx.data"]
+
+
+def _weight_with_odd_blocks(k: int = 256, n: int = 3000):
+    """A MatMul B [K, N] (as the builder quantizes it) with zero, constant and tiny blocks."""
+    import numpy as np
+
+    w = (np.random.default_rng(3).standard_normal((k, n)) * 0.02).astype(np.float32)
+    w[:32, 5] = 0.0
+    w[64:96, 7] = 0.5
+    w[:, 11] = 1e-30
+    return w
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_chunked_k_quant_is_the_builders_search_byte_for_byte(bits):
+    """templatequant.chunked_k_quant (the template's k_quant, a few rows at a time) gives
+    onnxruntime's quant_tensor_k_quant_cpu codes, scales and zero points exactly, whatever the
+    chunk (row counts that do not divide the weight's included)."""
+    import numpy as np
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    from edgekit.formats.onnx_int4.templatequant import chunked_k_quant
+
+    w = _weight_with_odd_blocks()
+    q, s, z = quant_tensor_k_quant_cpu(w.T, bits, 32)
+    for chunk in (8, 8 * 37, 1 << 20):
+        q2, s2, z2 = chunked_k_quant(w.T, bits, 32, chunk_blocks=chunk)
+        assert q2.dtype == np.uint8 and np.array_equal(q.astype(np.uint8), q2)
+        assert (s2.dtype, s2.shape, z2.dtype, z2.shape) == (s.dtype, s.shape, z.dtype, z.shape)
+        assert s2.tobytes() == s.tobytes() and z2.tobytes() == z.tobytes()
+
+
+def test_the_templates_k_quant_holds_a_chunk_not_the_weights_copies(monkeypatch):
+    """Issue 12: the builder's k_quant search of a tied 128k-row lm_head held ~6 float32 copies
+    of it (11.1 GiB stream child on a Llama-3.2-1B shape). Within chunked_builder_k_quant() the
+    function rtn_quantize calls holds its results (a byte per weight, 9 per block) and one
+    chunk's search, where the whole-weight search needs several float32 copies of the weight
+    (checked too, so the bound means something)."""
+    import tracemalloc
+
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    from edgekit.formats.onnx_int4 import templatequant
+    from edgekit.formats.onnx_int4.templatequant import chunked_builder_k_quant
+
+    monkeypatch.setattr(templatequant, "CHUNK_BLOCKS", 1024)  # 128 KiB of float32 per temporary
+
+    w = _weight_with_odd_blocks(k=512, n=16384)  # 32 MiB of float32, 262144 blocks: 32 chunks
+    original = weight_only.quant_tensor_k_quant_cuda
+
+    def peak(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn(w.T, 8, 32)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    with chunked_builder_k_quant():
+        patched = weight_only.quant_tensor_k_quant_cuda
+        assert patched is not original
+        chunked = peak(patched)
+    assert weight_only.quant_tensor_k_quant_cuda is original
+    results = w.size + w.size // 32 * 9
+    assert chunked < results + (4 << 20)  # + the chunk's search: ~20 temporaries of 128 KiB
+    assert peak(weight_only.quant_tensor_k_quant_cpu) > 3 * w.nbytes
+
+
+@pytest.mark.slow
+def test_a_tied_models_template_searched_in_chunks_is_the_builder_paths_byte_for_byte(deep, tmp_path, monkeypatch):
+    """The tied lm_head keeps the template's k_quant codes (the embedding shares them). With
+    the template's search cut into chunks of a few rows (templatequant), the bundle is still
+    the whole-model builder path's, byte for byte: the chunking is real here (16 blocks, where
+    the tiny lm_head has hundreds), which the default chunk on a tiny model is not."""
+    from edgekit.formats.onnx_int4 import stream, templatequant
+    from edgekit.formats.onnx_int4.recipe import ALGORITHMS, builder_extra_options
+    from edgekit.formats.onnx_int4.rewrite import requant_job
+
+    ckpt = resolve(str(deep("qwen2")))  # tied embeddings
+    assert json.loads((ckpt.path / "config.json").read_text())["tie_word_embeddings"]
+    r = recipe(weight_search="edgekit")  # the default algorithm (k_quant_last), no imatrix pass
+    calls = []
+    chunked = templatequant.chunked_k_quant
+
+    def counted(data, *a, **kw):
+        calls.append(data.shape)
+        return chunked(data, *a, **kw)
+
+    monkeypatch.setattr(templatequant, "CHUNK_BLOCKS", 16)
+    monkeypatch.setattr(templatequant, "chunked_k_quant", counted)
+    out = tmp_path / "streamed"
+    out.mkdir()
+    job = {
+        "input": str(ckpt.path),
+        "output": str(out),
+        "cache_dir": str(tmp_path / "cache"),
+        "extra_options": builder_extra_options(r, False),
+        "precision": "int4",
+        "requant": requant_job(ckpt, r),
+        "template": str(tmp_path / "template"),
+        "mixed_layers": "mixed_layers" in ALGORITHMS[r.algorithm][1],
+    }
+    report = stream.child_stream(job, lambda job: pytest.fail("took the whole-model path"))
+    assert report["path_taken"] == STREAMED
+    assert any("tied embedding" in k for k in report["kept"])
+    assert calls, "the template's k_quant did not go through chunked_k_quant"
+    whole, _ = export(ckpt.path, tmp_path / "whole", whole_model=True, weight_search="edgekit")
+    model_files = {k: v for k, v in digests(out).items() if k.startswith("model.onnx")}
+    assert model_files == {k: v for k, v in digests(whole).items() if k.startswith("model.onnx")}
