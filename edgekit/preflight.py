@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -59,13 +60,38 @@ class Needs:
     streamed_ram_mb: float | None = None
 
 
-def parameter_count(checkpoint: Checkpoint) -> int:
-    """From the safetensors headers (no weights read); pickle files: bytes / 2 as a guess."""
-    total = 0
+@dataclass(frozen=True)
+class Shapes:
+    """What the RAM ceilings scale with, in parameters (elements), from the checkpoint headers."""
+
+    parameters: int
+    largest: int  # the largest tensor: the embedding or lm_head
+    layer: int  # one decoder layer (layer 0)
+
+
+# A decoder layer's tensors: "model.layers.0.mlp...", "transformer.h.0....", "language_model.model.layers.0...".
+_LAYER0 = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.0\.")
+
+
+def shapes_of(tensors: dict[str, int], num_layers: int | None = None) -> Shapes:
+    """Shapes from {tensor name: element count}."""
+    total = sum(tensors.values())
+    largest = max(tensors.values(), default=0)
+    layer = sum(n for name, n in tensors.items() if _LAYER0.search(name))
+    if not layer and num_layers:
+        layer = max(total - 2 * largest, 0) // num_layers
+    return Shapes(total, largest, layer)
+
+
+def checkpoint_shapes(checkpoint: Checkpoint) -> Shapes:
+    """From the safetensors headers (no weights read). Pickle files carry no header: their bytes
+    / 2 count as parameters, a tenth as the largest tensor, the rest split over the layers."""
+    tensors: dict[str, int] = {}
+    guessed = 0
     for name in checkpoint.weight_files:
         path = Path(checkpoint.path) / name
         if not name.endswith(".safetensors"):
-            total += path.stat().st_size // 2
+            guessed += path.stat().st_size // 2
             continue
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -73,8 +99,23 @@ def parameter_count(checkpoint: Checkpoint) -> int:
         for key, info in header.items():
             if key != "__metadata__":
                 begin, end = info["data_offsets"]
-                total += (end - begin) // _DTYPE_BYTES.get(info.get("dtype", "F32"), 4)
-    return total
+                tensors[key] = (end - begin) // _DTYPE_BYTES.get(info.get("dtype", "F32"), 4)
+    cfg = checkpoint.config.get("text_config") or checkpoint.config
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1)
+    if guessed:
+        tensors["(pickle: largest, guessed)"] = guessed // 10
+        tensors["(pickle: the rest)"] = guessed - guessed // 10
+    return shapes_of(tensors, layers)
+
+
+def parameter_count(checkpoint: Checkpoint) -> int:
+    return checkpoint_shapes(checkpoint).parameters
+
+
+def ram_mb(c: ExportCost, shapes: Shapes) -> float:
+    """The streamed path's RAM ceiling for these shapes, MiB."""
+    mib = 4 / 2**20  # fp32 bytes per element, in MiB
+    return c.ram_fixed_mb + c.ram_per_largest * shapes.largest * mib + c.ram_per_layer * shapes.layer * mib
 
 
 def estimate(checkpoint: Checkpoint, fmt: str, recipe: Any = None) -> Needs:
@@ -83,9 +124,10 @@ def estimate(checkpoint: Checkpoint, fmt: str, recipe: Any = None) -> Needs:
     c = cost(fmt)
     if c is None:
         raise BadInput(f"no resource estimate for {fmt}", "Export it with --force to skip the preflight")
-    params = parameter_count(checkpoint)
+    shapes = checkpoint_shapes(checkpoint)
+    params = shapes.parameters
     fp32_mb = params * 4 / 2**20
-    ram = c.ram_fixed_mb + c.ram_per_fp32_byte * fp32_mb
+    ram = ram_mb(c, shapes)
     disk = c.disk_fixed_mb + c.disk_per_fp32_byte * fp32_mb
     if c.whole_ram_fixed_mb is None or c.whole_ram_per_fp32_byte is None:
         return Needs(fmt, params, ram, disk)

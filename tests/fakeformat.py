@@ -244,7 +244,9 @@ FALLBACK_ARCHITECTURES: frozenset[str] = frozenset()  # no second export path
 LONG_CONTEXT_LIMITS: dict[str, str] = {}  # the fake has no context limit of its own
 KNOWN_DIFFERENCES: dict[str, str] = {}  # nothing to excuse: its logits are wrong on purpose
 # A JSON file and a tokenizer copy: no RAM or disk that grows with the model.
-PREFLIGHT_COST = ExportCost(ram_fixed_mb=50, ram_per_fp32_byte=0.0, disk_fixed_mb=1, disk_per_fp32_byte=0.0)
+PREFLIGHT_COST = ExportCost(
+    ram_fixed_mb=50, ram_per_largest=0.0, ram_per_layer=0.0, disk_fixed_mb=1, disk_per_fp32_byte=0.0
+)
 PLOT_COLOR = "#2ca02c"  # green: not one of the real formats' colours
 README_TEMPLATE = """\
 # {name}

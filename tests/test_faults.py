@@ -238,6 +238,29 @@ def test_preflight_estimate_covers_the_measured_smollm2_exports(smollm2_dir):
     assert 130e6 < estimate(ck, "onnx-int4").parameters < 140e6
 
 
+def test_preflight_ceilings_cover_the_scale_runs_within_25_percent():
+    # benchmarks/results/scale.json: edgekit's exports of random-weight checkpoints with real
+    # models' shapes (SmolLM2-135M to Phi-3-mini), process-tree peaks sampled every 0.2 s. The
+    # shipped ceilings (fitted by benchmarks/preflight_fit.py) may not refuse what ran, nor
+    # reserve more than 1.25x of it.
+    import importlib.util
+
+    from edgekit.preflight import cost, ram_mb
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("preflight_fit", root / "benchmarks" / "preflight_fit.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    doc = json.loads((root / "benchmarks" / "results" / "scale.json").read_text())
+    checked = {}
+    for step, fmt in fit.FORMATS.items():
+        for p in fit.points(doc, step):
+            estimate = ram_mb(cost(fmt), fit.shapes(p["model"]))
+            assert p["ram_mb"] <= estimate <= 1.25 * p["ram_mb"], (fmt, p, estimate)
+            checked.setdefault(fmt, set()).add(p["model"])
+    assert all(len(models) >= 2 for models in checked.values()) and len(checked) == 2, checked
+
+
 def test_concurrent_exports_into_one_destination(tiny_phi3, tmp_path):
     from edgekit.bundle import validate
 

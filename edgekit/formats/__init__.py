@@ -63,16 +63,21 @@ class Trial:
 
 @dataclass(frozen=True)
 class ExportCost:
-    """Resources an export needs: fixed + per_fp32_byte x (parameters x 4 bytes), in MiB.
-    Ceilings fitted on measured exports; edgekit.preflight refuses an export above them."""
+    """Resources an export needs, in MiB, from the checkpoint's shapes (edgekit.preflight):
+    RAM = fixed + per_largest x (the largest tensor in fp32 MiB: embedding or lm_head)
+    + per_layer x (one decoder layer in fp32 MiB), as a streamed export holds a layer and the
+    big tables, not the model; disk = fixed + per_fp32_byte x (parameters x 4 bytes).
+    Ceilings fitted on measured exports (benchmarks/preflight_fit.py); preflight refuses an
+    export above them."""
 
     ram_fixed_mb: float
-    ram_per_fp32_byte: float
+    ram_per_largest: float
+    ram_per_layer: float
     disk_fixed_mb: float
     disk_per_fp32_byte: float
-    # RAM of the path that holds the whole model, for a format whose default path streams but
-    # which some recipes or architectures cannot stream (the backend's why_not_streamed_export
-    # says when); None: the format has one path.
+    # RAM of the path that holds the whole model (fixed + per_fp32_byte x parameters x 4 bytes),
+    # for a format whose default path streams but which some recipes or architectures cannot
+    # stream (the backend's why_not_streamed_export says when); None: the format has one path.
     whole_ram_fixed_mb: float | None = None
     whole_ram_per_fp32_byte: float | None = None
 

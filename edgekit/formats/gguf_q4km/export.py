@@ -27,11 +27,16 @@ from .recipe import MODEL_FILE, PATH_TAKEN, TOKENIZER_FILES, GgufRecipe
 if TYPE_CHECKING:
     from ...checkpoint import Checkpoint
 
-# What preflight (edgekit.preflight) reserves for an export, fitted on measured ones.
-# The converter streams tensors to an f16 intermediate (0.5x fp32 bytes on disk) next to the
-# Q4_K_M output (~0.2x); the imatrix pass holds the fp32 reference in torch. SmolLM2-135M
-# peaked at 598 MiB, a 680M model at 0.67x its f16 size: 400 + 0.6x is above both.
-PREFLIGHT_COST = ExportCost(ram_fixed_mb=400, ram_per_fp32_byte=0.6, disk_fixed_mb=100, disk_per_fp32_byte=0.75)
+# What preflight (edgekit.preflight) reserves for an export: fitted by benchmarks/preflight_fit.py
+# on edgekit's exports in benchmarks/results/scale.json (default recipe, importance matrix
+# computed, process-tree peaks): SmolLM2-135M 0.72 GiB, Llama-3.2-1B 2.57 GiB (its 128k x 2048
+# embedding, 1 GiB in fp32, is the largest tensor the converter and the imatrix pass hold) and
+# Phi-3-mini 1.69 GiB shapes. The converter streams tensors and the imatrix pass streams the
+# checkpoint block by block, so the peak follows the largest tensor and one layer, not the
+# model. Disk: the f16 intermediate (0.5x fp32 bytes) beside the Q4_K_M output.
+PREFLIGHT_COST = ExportCost(
+    ram_fixed_mb=576, ram_per_largest=2.007, ram_per_layer=1.327, disk_fixed_mb=34, disk_per_fp32_byte=0.722
+)
 
 
 def why_not_streamed_export(checkpoint: Checkpoint, recipe: GgufRecipe) -> str | None:

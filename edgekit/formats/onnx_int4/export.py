@@ -20,29 +20,23 @@ if TYPE_CHECKING:
     from ...checkpoint import Checkpoint
     from ...progress import Progress
 
-# What preflight (edgekit.preflight) reserves for an export, fitted on measured ones: the
-# streamed path (3-layer builder template, then one tensor at a time), process-tree peak,
-# default recipe, imatrix in memory (the layerwise policy keeps it resident when the bf16 model
-# is under 40 % of available RAM, as on a 24 GB host at 3.8B; the mmapped safetensors pages
-# count in RSS, so the peak is about twice the bf16 bytes): SmolLM2-135M (538 MB fp32) 1.81 GiB
-# (benchmarks/onnx_memory.py), Phi-3-mini shape (15.3 GB fp32) 15.4 GiB (benchmarks/scale.py).
-# A line through both is 1345 MiB + 0.945 x fp32 MiB; the ceiling keeps ~15 % headroom at the
-# small end (1600 MiB + 0.95 x: SmolLM2 2.06 GiB, Phi-3-mini 15.7 GiB). The old whole-model builder path needed
-# 3.2 x. Not yet fitted: a host that streams the imatrix too (16 GB runner at 3.8B), whose
-# peak is lower, so the estimate is a ceiling there. Output int4 + int8 is ~0.23x the fp32
-# bytes; 0.5x leaves room for the template's files. Not refitted since the checkpoint is read
-# per tensor (no mapping held), freed heap is handed back (edgekit.memory) and untied models get
-# an RTN template: at SmolLM2 the export's peak is unchanged by them (its imatrix pass or, cached,
-# its k-quant template; benchmarks/results/onnx_memory.md, 2026-12-07), and the Phi-3-mini peak
-# they were made for is to be measured again (benchmarks/scale.py) before these numbers move.
+# What preflight (edgekit.preflight) reserves for an export, fitted by benchmarks/preflight_fit.py
+# on edgekit's streamed exports in benchmarks/results/scale.json (default recipe, importance
+# matrix computed, process-tree peaks): SmolLM2-135M 1.79 GiB, Phi-3-mini 6.44 GiB shapes, and
+# Llama-3.2-1B's, whose tied 128k lm_head the builder's 3-layer template quantizes whole in
+# float32 (6.1 GiB at 4 layers, benchmarks/results/onnx_memory.md). The streamed path holds the
+# template (3 layers + the big tables) and a few layers' tensors, so the peak follows the largest
+# tensor and one layer, not the model. Output int4 + int8 is ~0.23x the fp32 bytes (plus a float
+# embedding when untied); 0.5x leaves room for the template's files.
 # The whole-model path (a recipe that keeps the builder's quantization, the optimum exporter, an
 # architecture outside the streaming table): the builder holds the model in float32 and its
 # quantized copies; measured 2.65 GiB at SmolLM2-135M (benchmarks/results/onnx_memory.md), and at
 # Llama-3.2-1B's shape (4.6 GiB fp32) 11.8 GiB for the raw builder's RTN and 20.6 GB for k-quant
 # (docs/scale.md): 1600 MiB + 4.2 x fp32 MiB covers them.
 PREFLIGHT_COST = ExportCost(
-    ram_fixed_mb=1600,
-    ram_per_fp32_byte=0.95,
+    ram_fixed_mb=1569,
+    ram_per_largest=2.82,
+    ram_per_layer=10.71,
     disk_fixed_mb=100,
     disk_per_fp32_byte=0.5,
     whole_ram_fixed_mb=1600,
