@@ -536,6 +536,8 @@ def _cell(row: dict | None) -> str:
         return row["status"]
     disk = row.get("disk_growth_gib", 0) + (row["checkpoint_gib"] if row["step"] != "checkpoint" else 0)
     text = f"{row['wall_s']:.0f} s, CPU {row['cpu_s']:.0f} s, {row['peak_rss_gib']:.1f} GiB, disk {disk:.1f} GiB"
+    # when and beside how much else: wall times of rows measured at different loads do not compare
+    text += f" ({row.get('date', '')[5:10]}, load {row.get('load_before', 0):.0f})"
     if row["status"] != "ok":
         text += f" — **{row['status']}**"
     return text
@@ -544,7 +546,10 @@ def _cell(row: dict | None) -> str:
 def _ratio(ek: dict | None, raw: dict | None) -> str:
     if not ek or not raw or ek.get("status") != "ok" or raw.get("status") != "ok":
         return "—"
-    return f"{ek['wall_s'] / raw['wall_s']:.2f}x wall, {ek['peak_rss_gib'] / max(raw['peak_rss_gib'], 0.01):.2f}x RSS"
+    return (
+        f"{ek['wall_s'] / raw['wall_s']:.2f}x wall, {ek['cpu_s'] / max(raw['cpu_s'], 0.1):.2f}x CPU, "
+        f"{ek['peak_rss_gib'] / max(raw['peak_rss_gib'], 0.01):.2f}x RSS"
+    )
 
 
 def _bench_line(row: dict) -> str | None:
