@@ -145,7 +145,9 @@ def compute(
 
     progress = progress or NullProgress()
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
-    ids = repeat_to(tokenizer(text, add_special_tokens=False).input_ids, budget)
+    # verbose=False: cut to the budget and into windows, so transformers' "longer than the
+    # maximum sequence length" warning would be about a sequence no model sees.
+    ids = repeat_to(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, budget)
     windows = windows_of(ids, WINDOW, tokenizer_bos(tokenizer))
     sums = SquareSums()
     # eager attention, as the reference: sdpa skips Gemma 2's attention logit soft-capping.

@@ -131,7 +131,9 @@ def build_reference(
 
     progress = progress or NullProgress()
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    # verbose=False: the text is cut into WINDOW-token windows below, so transformers' "longer
+    # than the specified maximum sequence length" warning is about a sequence no model sees.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     if len(ids) < 2:
         raise BadInput(
             f"the evaluation text is {len(ids)} token(s) long", "Pass a text of at least two tokens (a few sentences)"
@@ -305,7 +307,7 @@ def probe_ids(tokenizer: Any, text: str, total: int) -> list[int]:
     """`total` token ids of `text` repeated as often as needed, BOS first when the tokenizer
     adds one: the long-context probe's input."""
     bos = tokenizer_bos(tokenizer)
-    piece = tokenizer(text, add_special_tokens=False).input_ids
+    piece = tokenizer(text, add_special_tokens=False, verbose=False).input_ids  # cut below: no warning
     if not piece:
         raise BadInput("the evaluation text has no tokens", "Pass a text of a few sentences")
     head = [bos] if bos is not None else []

@@ -362,3 +362,28 @@ def test_bf16_checkpoint_on_a_cpu_without_bf16_streams_float32_blocks(tiny_dir, 
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache-bf16"))
     im = load_or_compute(resolve(str(bf16_dir)))
     assert im.dtype == "float32" and im.mode == "stream"
+
+
+@pytest.mark.slow
+def test_long_texts_do_not_warn_about_the_maximum_sequence_length(tiny_dir, monkeypatch, tmp_path, capfd):
+    """The eval and calibration texts are cut into windows before any model sees them, so
+    transformers' "longer than the specified maximum sequence length" warning (printed in every
+    3.8B+ export log with a fine-grained tokenizer) is noise: a tokenizer whose maximum is 64
+    tokens must not print it."""
+    from edgekit.checkpoint import resolve
+    from edgekit.imatrix import load_or_compute
+    from edgekit.reference import build_reference, default_eval_text
+
+    src = tiny_dir("llama")
+    short = tmp_path / "short"
+    shutil.copytree(src, short)
+    cfg_path = short / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_max_length"] = 64
+    cfg_path.write_text(json.dumps(cfg))
+    ck = resolve(str(short))
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    capfd.readouterr()
+    build_reference(ck, default_eval_text(), PROMPTS, 2, window=32)
+    load_or_compute(ck, budget=128)
+    assert "maximum sequence length" not in capfd.readouterr().err
