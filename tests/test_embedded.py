@@ -143,13 +143,17 @@ def test_stale_temp_dirs_are_removed_and_result_cached(tmp_path, monkeypatch):
 
     def fake(spec, out, progress):
         builds.append(out)
-        (out / embedded.SOURCE_FILE).write_text("{}")
+        (out / embedded.SOURCE_FILE).write_text(json.dumps({"build_revision": embedded.BUILD_REVISION}))
 
     monkeypatch.setattr(embedded, "_build", fake)
     first = embedded.ensure_checkpoint("smollm2-135m")
     second = embedded.ensure_checkpoint("smollm2-135m")
     assert first == second == tmp_path / "models" / "smollm2-135m"
     assert len(builds) == 1 and not stale.exists()
+    # A build by an older edgekit (no or another revision) is built again, not trusted.
+    (first / embedded.SOURCE_FILE).write_text("{}")
+    assert embedded.ensure_checkpoint("smollm2-135m") == first and len(builds) == 2
+    assert json.loads((first / embedded.SOURCE_FILE).read_text())["build_revision"] == embedded.BUILD_REVISION
 
 
 @pytest.fixture(scope="session")
@@ -412,3 +416,41 @@ def test_gemma3_270m_is_built_and_knows_paris(gemma3):
     inputs = tok(prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert word in tok.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+# Text whose whitespace runs SentencePiece takes as the user-defined "▁▁" before BPE.
+_RUN_TEXTS = ["a  b\n\nc", "  cab", "x  cab", "    return", "Hello cab", "a\tb"]
+
+
+@pytest.mark.slow
+def test_gemma3_whitespace_runs_agree_in_every_runtime(tmp_path):
+    """The bundles' own tokenizers (onnxruntime-genai, llama.cpp) encode Gemma's whitespace runs
+    to SentencePiece's ids and decode them back to spaces. Stored as "▁▁" pieces, genai split
+    "  cab" into "▁" + "▁cab" and decoded "a  b" as "a▁▁b"."""
+    import onnxruntime_genai as og
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from edgekit import api
+    from edgekit.formats import backend
+    from edgekit.progress import NullProgress
+
+    gguf_path, ckpt = tmp_path / "src.gguf", tmp_path / "ckpt"
+    write_gemma3_gguf(gguf_path, hidden=64, heads=2, head_dim=32, ffn=128)
+    ckpt.mkdir()
+    embedded._gemma3(gguf_path, ckpt, embedded.EMBEDDED["gemma3-270m"], NullProgress())
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    api.export(str(ckpt), "onnx-int4", tmp_path / "onnx", verify=False)
+    genai = og.Tokenizer(og.Model(str(tmp_path / "onnx")))
+    gguf_bundle = tmp_path / "gguf"
+    api.export(str(ckpt), "gguf-q4_k_m", gguf_bundle, verify=False)
+    manifest = json.loads((gguf_bundle / "manifest.json").read_text())
+    llama = backend("gguf-q4_k_m").open_session(gguf_bundle, manifest)
+    for text in _RUN_TEXTS:
+        want = sp.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == want, text
+        assert [int(i) for i in genai.encode(text)] == want, text
+        assert genai.decode(want) == text, text
+        assert llama.encode(text) == want, text
+        assert llama.decode(want) == text, text
