@@ -601,9 +601,11 @@ def _set_special_ids(out: Path, ids: dict, generation: dict | None = None) -> No
 def _verify(out: Path, prompt: str, expected: str) -> None:
     """Greedy-complete `prompt` from the written files; a wrong conversion fails here, not later."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    from .hftokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():

@@ -68,12 +68,14 @@ class _ReferenceAdapter:
     def __init__(self, job: dict[str, Any]):
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from .hftokenizer import load_tokenizer
 
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         t0 = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(job["checkpoint"], trust_remote_code=job["trust_remote_code"])
+        self.tokenizer = load_tokenizer(job["checkpoint"], job["trust_remote_code"])
         # eager attention, as the parity reference: sdpa skips Gemma 2's logit soft-capping.
         self.model = AutoModelForCausalLM.from_pretrained(
             job["checkpoint"],

@@ -139,9 +139,10 @@ def compute(
     of `text`; returns the means and the number of positions they are over."""
     import torch
 
+    from .hftokenizer import load_tokenizer
     from .layerwise import LayerwiseModel, SquareSums, resident_model
     from .progress import NullProgress
-    from .reference import load_tokenizer, repeat_to, tokenizer_bos, windows_of
+    from .reference import repeat_to, tokenizer_bos, windows_of
 
     progress = progress or NullProgress()
     tokenizer = load_tokenizer(checkpoint.path, checkpoint.trust_remote_code)

@@ -181,9 +181,9 @@ def write_modelfile(checkpoint_dir: Path, bundle: Path, model_file: str) -> str 
         template, vocab, special = _hf_template_and_vocab(checkpoint_dir)
         render = _jinja_render(template, special) if template else None
     else:  # SentencePiece-only checkpoint: let transformers read tokenizer.model
-        from transformers import AutoTokenizer
+        from .hftokenizer import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        tok = load_tokenizer(checkpoint_dir)
         template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
         vocab = set(tok.get_vocab())
 

@@ -343,8 +343,9 @@ def verify_session(
     long_context: bool | None = None,
 ) -> ParityReport:
     from .formats import backend
+    from .hftokenizer import load_tokenizer
     from .measure import PeakRSS
-    from .reference import build_reference, load_tokenizer, reference_info
+    from .reference import build_reference, reference_info
 
     t0 = time.perf_counter()
     with PeakRSS() as usage:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
+from .hftokenizer import load_tokenizer
 from .memory import release_memory
 from .paths import cache_dir
 
@@ -107,12 +108,6 @@ class Reference:
         import numpy as np
 
         return np.load(self.directory / f"window_{i:04d}.npy", mmap_mode="r")
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def build_reference(

@@ -186,8 +186,9 @@ def run_reference(
     import torch
 
     from .bundle import read_manifest
+    from .hftokenizer import load_tokenizer
     from .layerwise import resident_model
-    from .reference import load_tokenizer, reference_dtype
+    from .reference import reference_dtype
     from .verification import reference_checkpoint
 
     if max_tokens < 1:

@@ -129,3 +129,27 @@ def test_hub_id_resolves_from_the_local_hf_cache(tmp_path, monkeypatch, tiny_phi
     ck = resolve("edgekit-test/tiny-phi3", offline=True)
     assert ck.kind == "hub" and ck.hub_id == "edgekit-test/tiny-phi3"
     assert ck.path == snap.resolve() and ck.architecture == "Phi3ForCausalLM"
+
+
+@pytest.mark.parametrize("model_type, warned", [("phi3", False), ("mistral", True)])
+def test_no_false_mistral_regex_warning(tmp_path, monkeypatch, model_type, warned):
+    """transformers 4.57.6 warns of Mistral's "incorrect regex pattern" (and "incorrect
+    tokenization") for any local fast tokenizer of more than 100000 tokens (Gemma 3, Llama 3,
+    Phi-4-mini, Qwen2.5) beside a config.json its own version saved; edgekit answers it for the
+    model types it is not about and leaves it for Mistral's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, tokenization_utils_base
+
+    from edgekit.hftokenizer import load_tokenizer
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "ab": 3} | {f"w{i}": i for i in range(4, 100_010)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "transformers_version": "4.57.6"}))
+    # transformers' own logger, whatever stream and level earlier tests left it with
+    warnings: list[str] = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
+    tok = load_tokenizer(tmp_path)
+    assert tok("ab a").input_ids == [3, 1]  # a working tokenizer either way
+    assert any("incorrect regex pattern" in w for w in warnings) is warned

@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "longcontext",
             "embedded",
             "modelfile",
+            "hftokenizer",
         ),
     ),
     # format backends and what they share: the transformers reference, the importance matrix (both
