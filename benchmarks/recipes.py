@@ -208,6 +208,25 @@ CANDIDATES: list[tuple[str, str, dict, str]] = [
         {"algorithm": "k_quant", "weight_search": "imatrix", "zero_points": "float_matmul"},
         "lm_head (shared with the embedding) int4 too, the builder's k_quant codes",
     ),
+    # Where the default's error lives (run on Gemma 3, where onnx trails gguf): every layer MatMul
+    # int8 leaves lm_head's share; a float lm_head leaves the layers' share.
+    (
+        "onnx imatrix, layers int8, lm_head int8, float min matmul",
+        "onnx-int4",
+        {
+            "algorithm": "k_quant_last",
+            "weight_search": "imatrix",
+            "zero_points": "float_matmul",
+            "int8_matmuls": ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
+        "every layer MatMul int8 (integer zero points): what is left is lm_head's",
+    ),
+    (
+        "onnx imatrix, all int4, lm_head float, float min matmul",
+        "onnx-int4",
+        {"algorithm": "k_quant_last", "weight_search": "imatrix", "zero_points": "float_matmul", "float_lm_head": True},
+        "lm_head in float (untied from the embedding): what is left is the layers'",
+    ),
     (
         "onnx imatrix, all int4, lm_head int8, float min matmul, block 64",
         "onnx-int4",
