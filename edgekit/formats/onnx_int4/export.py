@@ -22,22 +22,23 @@ if TYPE_CHECKING:
 
 # What preflight (edgekit.preflight) reserves for an export, fitted by benchmarks/preflight_fit.py
 # on edgekit's streamed exports in benchmarks/results/scale.json (default recipe, importance
-# matrix computed, process-tree peaks, 10 % headroom): SmolLM2-135M 1.79 GiB, Llama-3.2-1B 6.07
-# GiB (its tied 128k lm_head goes through the builder's 3-layer template in float32) and
-# Phi-3-mini 6.44 GiB shapes. The streamed path holds the template (3 layers + the big tables)
-# and a few layers' tensors, so the peak follows the largest tensor and one layer, not the
-# model. Disk: the bundle and the template, fitted the same way.
+# matrix computed, process-tree peaks, 10 % headroom) at four shapes: SmolLM2-135M 1.79 GiB,
+# Llama-3.2-1B 6.07 GiB (its tied 128k lm_head goes through the builder's 3-layer template in
+# float32), Phi-3-mini 6.44 GiB and Phi-3-medium (14B) 14.49 GiB. The streamed path holds the
+# template (3 layers + the big tables) and a few layers' tensors, so the peak follows the
+# largest tensor and one layer (about ten float32 copies of it), not the model. Disk: the
+# bundle and the template, fitted the same way.
 # The whole-model path (a recipe that keeps the builder's quantization, the optimum exporter, an
 # architecture outside the streaming table): the builder holds the model in float32 and its
 # quantized copies; measured 2.65 GiB at SmolLM2-135M (benchmarks/results/onnx_memory.md), and at
 # Llama-3.2-1B's shape (4.6 GiB fp32) 11.8 GiB for the raw builder's RTN and 20.6 GB for k-quant
 # (docs/scale.md): 1600 MiB + 4.2 x fp32 MiB covers them.
 PREFLIGHT_COST = ExportCost(
-    ram_fixed_mb=1572,
-    ram_per_largest=2.766,
-    ram_per_layer=10.745,
-    disk_fixed_mb=172,
-    disk_per_fp32_byte=0.303,
+    ram_fixed_mb=1780,
+    ram_per_largest=2.975,
+    ram_per_layer=10.083,
+    disk_fixed_mb=364,
+    disk_per_fp32_byte=0.262,
     whole_ram_fixed_mb=1600,
     whole_ram_per_fp32_byte=4.2,
 )
