@@ -364,6 +364,19 @@ def test_converter_failure_names_the_cause(tiny_phi3, tmp_path):
 
 
 @pytest.mark.slow
+def test_session_reads_the_model_instead_of_mapping_it(session):
+    """Mapped, a model whose weights llama.cpp repacks stays resident twice (llama.cpp issue
+    16761: 15.2 GiB for Phi-3-medium's 8.0 GiB); every edgekit session (verify, bench, run, eval)
+    reads it, and the bundle README says how to run it the same way."""
+    import llama_cpp
+
+    from edgekit.formats.gguf_q4km.readme import README_TEMPLATE
+
+    assert session._llm.model_params.load_mode == llama_cpp.LLAMA_LOAD_MODE_NONE
+    assert "--no-mmap" in README_TEMPLATE and "use_mmap=False" in README_TEMPLATE
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chat_prompt_ids_match_transformers(session, hf_tokenizer, messages):
     expected = list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))

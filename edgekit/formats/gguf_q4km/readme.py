@@ -29,12 +29,15 @@ llama-cpp-python:
 
 ```python
 from llama_cpp import Llama
-llm = Llama(model_path="model.gguf", n_ctx=4096)
+llm = Llama(model_path="model.gguf", n_ctx=4096, use_mmap=False)  # see below
 out = llm.create_chat_completion(messages=[{{"role": "user", "content": "What is the capital of France?"}}])
 print(out["choices"][0]["message"]["content"])
 ```
 
-llama.cpp: `llama-cli -m model.gguf -cnv` (the chat template is stored in the GGUF metadata).
+llama.cpp: `llama-cli -m model.gguf -cnv --no-mmap` (the chat template is stored in the GGUF
+metadata). `--no-mmap` / `use_mmap=False`: on a CPU where llama.cpp repacks the weights (x86 with
+AVX2, ARM) a memory-mapped model stays resident twice, mapped and repacked; edgekit measured its
+peak RSS this way.
 
 Ollama: `ollama create {name} -f Modelfile` in this directory, then `ollama run {name}`
 (the Modelfile carries the chat template translated to Ollama's syntax and the stop tokens).

@@ -95,6 +95,12 @@ class LlamaCppSession:
         n = threads or _default_threads()
         self._lib = llama_cpp
         offload: dict[str, Any] = {"n_gpu_layers": gpu_layers} if gpu_layers else {}
+        # Read, not memory-mapped: on CPUs where llama.cpp repacks weights (CPU_REPACK: Q4_K
+        # into interleaved rows on AVX2/AVX512 x86 and on ARM) the mapped file pages it copied
+        # from stay resident beside the repacked copy, so RSS is about twice the model
+        # (llama.cpp issue 16761). Phi-3-medium's 8.0 GiB Q4_K_M: verify peaked at 15.2 GiB
+        # mapped (benchmarks/results/gguf_mmap.md has both ways side by side).
+        use_mmap = False
         # llama-cpp-python maps llama.cpp's log levels off by one (ggml's WARN=3 is its ERROR)
         # and so prints warnings even with verbose=False; capturing the log keeps stderr clean and gives load errors a reason.
         with LlamaLog() as log:
@@ -106,6 +112,7 @@ class LlamaCppSession:
                     n_threads_batch=n,
                     verbose=False,
                     logits_all=False,
+                    use_mmap=use_mmap,
                     **offload,
                 )
             except ValueError as e:
