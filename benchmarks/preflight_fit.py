@@ -50,12 +50,15 @@ def _elements(shape: tuple[int, ...]) -> int:
 
 
 def points(doc: dict, step: str) -> list[dict]:
-    """The rows a fit may use: edgekit's export, finished, measured by a recorded commit."""
+    """The rows a fit may use: edgekit's export, finished, measured by a recorded commit, with its
+    importance matrix computed (not read from the cache another step filled)."""
     out = []
     for r in doc.get("rows", []):
         if r.get("step") != step or r.get("tool") != "edgekit" or not str(r.get("status", "")).startswith("ok"):
             continue
         if not r.get("commit") or r["model"] not in MODELS:
+            continue
+        if r.get("imatrix") == "cached":  # its importance-matrix pass ran in another step: not a whole export
             continue
         sh = shapes(r["model"])
         out.append(

@@ -321,6 +321,11 @@ class ModelRun:
         row["status"] = self.status(step_id, row)
         if step_id.startswith(("verify", "bench")):
             row["output"] = self.json_output(row["log"])
+        if step_id in ("export-gguf", "export-onnx"):
+            # The model's private cache is shared by its steps: the second export reads the
+            # importance matrix the first computed, so its time and peak leave that pass out.
+            computed = "imatrix: calibration text" in Path(row["log"]).read_text(errors="replace")
+            row["imatrix"] = "computed" if computed else "cached"
         print(
             f"[{NAME}] {self.model.name} {step_id}: {row['status']}, {row.get('wall_s')} s, "
             f"{row.get('peak_rss_gib')} GiB",
