@@ -67,8 +67,9 @@ def reference_side(bundle: Path, messages: list[dict[str, str]], steps: int, max
     import torch
 
     from edgekit.bundle import read_manifest
+    from edgekit.hftokenizer import load_tokenizer
     from edgekit.layerwise import resident_model
-    from edgekit.reference import _greedy, load_tokenizer, reference_dtype
+    from edgekit.reference import _greedy, reference_dtype
     from edgekit.verification import reference_checkpoint
 
     checkpoint = reference_checkpoint(read_manifest(bundle), None, True, False)

@@ -486,7 +486,8 @@ def run_defaults(models: list[str], bundles: dict[str, Path] | None = None) -> i
     from _common import RESULTS
 
     from edgekit.embedded import ensure_checkpoint
-    from edgekit.reference import default_eval_text, load_tokenizer
+    from edgekit.hftokenizer import load_tokenizer
+    from edgekit.reference import default_eval_text
 
     path = RESULTS / f"{DEFAULTS}.json"
     chosen = [c for c in default_candidates() if not bundles or c[1] in bundles]  # --bundles: those only
@@ -583,8 +584,9 @@ def main() -> int:
 
 
 def _header(model: str, ckpt: Path) -> dict:
+    from edgekit.hftokenizer import load_tokenizer
     from edgekit.imatrix import calibration_text
-    from edgekit.reference import default_eval_text, load_tokenizer
+    from edgekit.reference import default_eval_text
 
     eval_text = default_eval_text()
     return {

@@ -125,11 +125,11 @@ def main() -> None:
 
     from edgekit.checkpoint import resolve
     from edgekit.embedded import ensure_checkpoint
+    from edgekit.hftokenizer import load_tokenizer
     from edgekit.parity import GREEDY_TOKENS
     from edgekit.reference import (
         DEFAULT_WINDOW,
         default_eval_text,
-        load_tokenizer,
         tokenizer_bos,
         windows_of,
     )

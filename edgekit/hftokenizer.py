@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 # transformers 4.57.3 up to 5.0 warns "... incorrect regex pattern ... This will lead to incorrect
-# tokenization" for every local tokenizer whose config.json was saved by one of those versions,
-# whatever the model: its check reads the version before the model type. The regex it means
+# tokenization" for every local fast tokenizer of more than 100000 tokens (Gemma 3, Llama 3,
+# Phi-4-mini, Qwen2.5) whose config.json one of those versions saved, whatever the model: its
+# check reads the version before the model type. The regex it means
 # is Mistral's; for these model types we leave transformers its warning and its patch.
 MISTRAL_REGEX_TYPES = frozenset({"mistral", "mistral3", "voxtral", "ministral", "pixtral"})
 

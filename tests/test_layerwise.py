@@ -89,10 +89,10 @@ def test_streamed_cache_entry_records_its_mode(tiny_dir, monkeypatch, tmp_path):
 def test_streamed_long_context_reference(tiny_dir, monkeypatch, tmp_path):
     """Past LongRoPE's original context: the rotary factors switch per sequence as in memory."""
     from edgekit.checkpoint import resolve
+    from edgekit.hftokenizer import load_tokenizer
     from edgekit.longcontext import ProbePlan, boundary_of
     from edgekit.reference import (
         default_eval_text,
-        load_tokenizer,
         long_reference,
         probe_ids,
     )

@@ -100,7 +100,6 @@ class LlamaCppSession:
         # from stay resident beside the repacked copy, so RSS is about twice the model
         # (llama.cpp issue 16761). Phi-3-medium's 8.0 GiB Q4_K_M: verify peaked at 15.2 GiB
         # mapped (benchmarks/results/gguf_mmap.md has both ways side by side).
-        use_mmap = False
         # llama-cpp-python maps llama.cpp's log levels off by one (ggml's WARN=3 is its ERROR)
         # and so prints warnings even with verbose=False; capturing the log keeps stderr clean and gives load errors a reason.
         with LlamaLog() as log:
@@ -112,7 +111,7 @@ class LlamaCppSession:
                     n_threads_batch=n,
                     verbose=False,
                     logits_all=False,
-                    use_mmap=use_mmap,
+                    use_mmap=False,  # read, not mapped: see above
                     **offload,
                 )
             except ValueError as e:
