@@ -64,6 +64,9 @@ class Imatrix:
     budget: int = CALIBRATION_TOKENS  # calibration tokens asked for (text cut or repeated to it)
     dtype: str = "float32"  # what the model computed in (layerwise.compute_dtype)
     mode: str = "memory"  # "memory" (whole model) or "stream" (block by block)
+    # GPTQ's calibration inputs (onnx-int4 weight_search = "gptq"; edgekit.activations), attached
+    # by the export after loading; not part of the cached means
+    activations: Any = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -90,25 +93,13 @@ def load_or_compute(
     forces how the model runs (default: $EDGEKIT_REFERENCE, else by memory)."""
     import numpy as np
 
-    from .checkpoint import content_hash
     from .layerwise import checkpoint_dtype, compute_dtype, mode_for
     from .paths import cache_dir
 
     text = calibration_text() if text is None else text
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     dtype = compute_dtype(checkpoint_dtype(checkpoint.path, checkpoint.config))
-    key_src = json.dumps(
-        {
-            "v": IMATRIX_FORMAT,
-            "ckpt": content_hash(checkpoint.path),
-            "text": text_sha,
-            "window": WINDOW,
-            "dtype": dtype,
-            "budget": budget,
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    key = calibration_key(checkpoint, text_sha, dtype, budget, v=IMATRIX_FORMAT)
     path = cache_dir() / "imatrix" / f"{key}.npz"
     if path.is_file():
         with np.load(path) as data:
@@ -126,6 +117,25 @@ def load_or_compute(
     return Imatrix(values, tokens, text_sha, key, budget=budget, dtype=dtype, mode=mode)
 
 
+def calibration_key(checkpoint: CheckpointLike, text_sha: str, dtype: str, budget: int, **version: Any) -> str:
+    """Cache key of a statistic of the calibration pass: what the checkpoint holds, the text,
+    the windows, the compute dtype, the token budget, and `version` (the statistic's format)."""
+    from .checkpoint import content_hash
+
+    key_src = json.dumps(
+        {
+            **version,
+            "ckpt": content_hash(checkpoint.path),
+            "text": text_sha,
+            "window": WINDOW,
+            "dtype": dtype,
+            "budget": budget,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key_src.encode()).hexdigest()[:32]
+
+
 def compute(
     checkpoint: CheckpointLike,
     text: str,
@@ -137,10 +147,31 @@ def compute(
 ) -> tuple[dict[str, Any], int]:
     """Mean squared input activation per input column of every nn.Linear, over `budget` tokens
     of `text`; returns the means and the number of positions they are over."""
+    from .layerwise import SquareSums
+
+    sums = SquareSums()
+    tokens = calibration_pass(checkpoint, text, sums, dtype, progress, mode=mode, budget=budget, what="imatrix")
+    return sums.means(), tokens
+
+
+def calibration_pass(
+    checkpoint: CheckpointLike,
+    text: str,
+    recorder: Any,
+    dtype: str = "float32",
+    progress: Progress | None = None,
+    *,
+    mode: str = "memory",
+    budget: int = CALIBRATION_TOKENS,
+    what: str = "imatrix",
+) -> int:
+    """Run the reference model over `budget` tokens of `text` in windows of WINDOW, with
+    `recorder` (anything with attach(module, prefix) -> hook handles: layerwise.SquareSums,
+    activations.InputRecorder) hooked on every nn.Linear; returns the positions run."""
     import torch
 
     from .hftokenizer import load_tokenizer
-    from .layerwise import LayerwiseModel, SquareSums, resident_model
+    from .layerwise import LayerwiseModel, resident_model
     from .progress import NullProgress
     from .reference import repeat_to, tokenizer_bos, windows_of
 
@@ -150,18 +181,17 @@ def compute(
     # maximum sequence length" warning would be about a sequence no model sees.
     ids = repeat_to(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, budget)
     windows = windows_of(ids, WINDOW, tokenizer_bos(tokenizer))
-    sums = SquareSums()
     # eager attention, as the reference: sdpa skips Gemma 2's attention logit soft-capping.
     if mode == "stream":
         model = LayerwiseModel(checkpoint, dtype, "eager")
-        with progress.step("imatrix: calibration text, block by block", total=len(model.blocks)) as step:
-            model.run(windows, lambda i, logits: None, sums=sums, progress_step=step)
+        with progress.step(f"{what}: calibration text, block by block", total=len(model.blocks)) as step:
+            model.run(windows, lambda i, logits: None, sums=recorder, progress_step=step)
     else:
-        with progress.step("imatrix: loading reference model"):
+        with progress.step(f"{what}: loading reference model"):
             model = resident_model(checkpoint, dtype, "eager")
-        handles = sums.attach(model)
+        handles = recorder.attach(model)
         try:
-            with torch.inference_mode(), progress.step("imatrix: calibration text", total=len(windows)) as step:
+            with torch.inference_mode(), progress.step(f"{what}: calibration text", total=len(windows)) as step:
                 for w in windows:
                     model(torch.tensor([w]))
                     step.advance()
@@ -169,7 +199,7 @@ def compute(
             for h in handles:
                 h.remove()
     del model
-    return sums.means(), sum(len(w) for w in windows)
+    return sum(len(w) for w in windows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,13 +283,14 @@ class LlamaImatrix:
 # onnxruntime-genai builder graphs
 
 
-def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int) -> np.ndarray | None:
-    """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
+def onnx_node_modules(node_name: str) -> list[str]:
+    """Hugging Face module names whose input is the input of a MatMul of the genai builder's
+    graph (or optimum's), most likely first; [] for a node no module matches.
 
     Builder names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q4;
     optimum's like /model/layers.3/self_attn/q_proj/MatMul. Only the input matters here, so a
     fused projection may take the entry of any module it fuses (q/k/v share their input, and
-    so do gate/up). The length must equal the node's K.
+    so do gate/up).
     """
     import re
 
@@ -276,14 +307,16 @@ def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int) -> np.ndarray
             "o_proj": ("o_proj", "dense"),
             "down_proj": ("down_proj",),
         }.get(proj, (proj,))
-        candidates = [
-            f"model.layers.{layer}.{part}.{alias}" for alias in aliases for part in ("self_attn", "mlp", "attn")
-        ]
-    elif re.match(r"^/lm_head/MatMul", node_name):
-        candidates = ["lm_head"]
-    else:
-        return None
-    for c in candidates:
+        return [f"model.layers.{layer}.{part}.{alias}" for alias in aliases for part in ("self_attn", "mlp", "attn")]
+    if re.match(r"^/lm_head/MatMul", node_name):
+        return ["lm_head"]
+    return []
+
+
+def onnx_node_importance(imatrix: Imatrix, node_name: str, k: int) -> np.ndarray | None:
+    """The imatrix entry for a MatMul of the genai builder's graph (or optimum's), or None.
+    The length must equal the node's K."""
+    for c in onnx_node_modules(node_name):
         values = imatrix.values.get(c)
         if values is not None and len(values) == k:
             return values

@@ -52,7 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # format backends and what they share: the transformers reference, the importance matrix (both
     # whole-model or block by block: layerwise),
     # llama.cpp's tools, the tiny random checkpoints (built with the format builders' help)
-    ("formats", ("formats", "reference", "imatrix", "layerwise", "llamacpp_tools", "tiny", "tinytok")),
+    ("formats", ("formats", "reference", "imatrix", "activations", "layerwise", "llamacpp_tools", "tiny", "tinytok")),
     # one service per stage, each owning its gate: export (+ its preflight and bundle README, which
     # ask the backends for their costs and templates), verify (parity), run, bench (plan, child,
     # records) + budgets, eval (and its child and records), select

@@ -156,6 +156,23 @@ def test_streamed_bundle_with_float_minimums_is_the_builder_paths_byte_for_byte(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_streamed_gptq_bundle_is_the_builder_paths_byte_for_byte(family, deep, tmp_path, monkeypatch):
+    """weight_search = "gptq": both paths read the same cached calibration inputs per node
+    (Llama's q/k/v fused by the builder, Phi-3's already fused), so the codes are the same."""
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    ckpt = deep(family)
+    streamed, s_notes = export(ckpt, tmp_path / "streamed", weight_search="gptq")
+    whole, w_notes = export(ckpt, tmp_path / "whole", whole_model=True, weight_search="gptq")
+    assert s_notes.quantization["path_taken"] == STREAMED
+    assert digests(streamed) == digests(whole)
+    report = s_notes.quantization["edgekit_requantization"]
+    assert report == w_notes.quantization["edgekit_requantization"]
+    assert report["weight_search"] == "gptq" and report["imatrix_missing"] == []
+    assert report["activations"]["modules"] >= DEPTH * 4 and report["requantized"] >= DEPTH * 4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("embeddings", ["int8", "int4"])
 def test_streamed_bundle_with_a_quantized_embedding_is_the_builder_paths_byte_for_byte(embeddings, deep, tmp_path):
     """edgekit's embedding codes (embedquant.py): the streamed path reads the float table from the

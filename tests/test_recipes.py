@@ -33,8 +33,9 @@ def test_new_onnx_keys_parse_and_validate():
     # `--set int8_matmuls=k_proj,v_proj` arrives as a string; "" means none
     assert onnx_recipe(int8_matmuls="k_proj, v_proj").int8_matmuls == ("k_proj", "v_proj")
     assert onnx_recipe(int8_matmuls="").int8_matmuls == ()
-    with pytest.raises(BadInput, match="weight_search = 'gptq'"):
-        onnx_recipe(weight_search="gptq")
+    assert onnx_recipe(weight_search="gptq").weight_search == "gptq"
+    with pytest.raises(BadInput, match="weight_search = 'awq'"):
+        onnx_recipe(weight_search="awq")
     with pytest.raises(BadInput, match="int8_matmuls names 'lm_head'"):
         onnx_recipe(int8_matmuls=["lm_head"])
     with pytest.raises(BadInput, match="int8_matmuls"):

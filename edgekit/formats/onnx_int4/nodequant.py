@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .childlog import PHASE
+from .gptq import gptq_blocks
 from .requant import block_minimums, dequantize_matmulnbits, pack_matmulnbits, plan, quantize_blocks
 
 if TYPE_CHECKING:
@@ -116,6 +117,13 @@ def requantize_node(
 
         importance = onnx_node_importance(imatrix, node.name, k)
         missing = importance is None
+    hessian = None
+    if spec["weight_search"] == "gptq" and imatrix is not None and imatrix.activations is not None:
+        from ...imatrix import onnx_node_modules
+
+        # None (no recorded input of this width): the node gets the imatrix search instead
+        hessian = imatrix.activations.second_moments(onnx_node_modules(node.name), k)
+        missing = missing or hessian is None
     scale_dtype = helper.tensor_dtype_to_np_dtype(tensor_of(s_name).data_type)
     prefix = b_name.rsplit("_Q", 1)[0] if "_Q" in b_name else b_name
     nodes, tensors, outputs = [], [], []
@@ -127,7 +135,10 @@ def requantize_node(
         if mode == "float_matmul" and k % rblock:
             mode = "integer"  # the block sums reshape the input into whole blocks
         search = "integer" if mode == "integer" else "float"
-        q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance, search, scale_dtype)
+        if hessian is not None:
+            q, scale, zp = gptq_blocks(w[r0:r1], hessian, rbits, rblock, search, scale_dtype)
+        else:
+            q, scale, zp = quantize_blocks(w[r0:r1], rbits, rblock, importance, search, scale_dtype)
         pb, ps, pz = pack_matmulnbits(q, scale, zp, rbits)
         tag = f".{label}" if label else ""
         names = (f"{prefix}{tag}_Q{rbits}G{rblock}", f"{prefix}{tag}_scale", f"{prefix}{tag}_zp")
@@ -229,8 +240,10 @@ class LockedSource:
 
 
 def load_imatrix(spec: dict[str, Any]) -> Imatrix | None:
-    if spec["weight_search"] != "imatrix":
+    if spec["weight_search"] not in ("imatrix", "gptq"):
         return None
+    import dataclasses
+
     from ...checkpoint import CheckpointFiles
     from ...imatrix import load_or_compute
 
@@ -238,7 +251,13 @@ def load_imatrix(spec: dict[str, Any]) -> Imatrix | None:
     ck = CheckpointFiles(
         path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
     )
-    return load_or_compute(ck)
+    imatrix = load_or_compute(ck)
+    if spec["weight_search"] == "gptq":
+        from ...activations import load_or_compute as load_activations
+
+        print(PHASE + "GPTQ: calibration inputs")
+        imatrix = dataclasses.replace(imatrix, activations=load_activations(ck))
+    return imatrix
 
 
 def new_report(spec: dict[str, Any], imatrix: Imatrix | None) -> dict[str, Any]:
@@ -250,6 +269,7 @@ def new_report(spec: dict[str, Any], imatrix: Imatrix | None) -> dict[str, Any]:
         "split": 0,
         "kept": [],
         "imatrix": imatrix.summary() if imatrix else None,
+        "activations": imatrix.activations.summary() if imatrix and imatrix.activations else None,
         "imatrix_missing": [],
     }
 

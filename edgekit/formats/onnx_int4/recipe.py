@@ -13,7 +13,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 EMBEDDINGS = ("auto", "float", "int4", "int8")
 PRECISIONS = ("int4", "fp32")
 # How the int4/int8 codes of each MatMul are chosen (see requantize() below).
-WEIGHT_SEARCHES = ("builder", "edgekit", "imatrix")
+WEIGHT_SEARCHES = ("builder", "edgekit", "imatrix", "gptq")
 # How a re-quantized int4 block stores its offset (w ~ (q - zero point) * scale):
 ZERO_POINTS = (
     "integer",  # uint8 zero points: MatMulNBits' packed int4 kernel
@@ -52,7 +52,7 @@ class OnnxRecipe:
     embeddings: str = "auto"  # "auto": as built (float untied, shared tied; int8 untied when mobile);
     # "float"; "int4" / "int8": edgekit's GatherBlockQuantized codes (embedquant.py)
     weight_search: str = (
-        "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix": edgekit re-searches them
+        "builder"  # "builder": keep the quantizer's codes; "edgekit"/"imatrix"/"gptq": edgekit re-quantizes
     )
     int8_matmuls: tuple[str, ...] = ()  # projections raised to int8 in every layer, on top of the algorithm's choice
     int8_block_size: int = 0  # block size of the int8 MatMuls edgekit writes; 0: block_size
@@ -105,7 +105,7 @@ def parse_recipe(table: dict[str, Any], where: str) -> OnnxRecipe:
         # Float minimums are written by edgekit's search only; the builder's quantizers store
         # integer zero points. (An fp32 bundle quantizes nothing, so there the key is moot.)
         raise BadInput(
-            f'{where}: zero_points = {recipe.zero_points!r} needs weight_search = "edgekit" or "imatrix"',
+            f'{where}: zero_points = {recipe.zero_points!r} needs weight_search = "edgekit", "imatrix" or "gptq"',
             'Set weight_search = "imatrix", or zero_points = "integer"',
         )
     return recipe

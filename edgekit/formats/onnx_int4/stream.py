@@ -149,7 +149,7 @@ def template_options(
 
     algorithm = extra_options.get("algo_config", "default")
     method, groups = ALGORITHMS.get(algorithm, (algorithm, ()))
-    if weight_search not in ("edgekit", "imatrix") or method not in EXPENSIVE_METHODS:
+    if weight_search not in ("edgekit", "imatrix", "gptq") or method not in EXPENSIVE_METHODS:
         return None
     # transformers' default when config.json does not say, as the builder reads it
     if (config.get("text_config") or config).get("tie_word_embeddings", True):
