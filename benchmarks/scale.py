@@ -101,8 +101,32 @@ STEPS: dict[str, Step] = {
         Step("export-onnx", "export-onnx", "edgekit", 0.8),
         Step("verify-onnx", "verify-onnx", "edgekit", 0.1),
         Step("bench-onnx", "bench-onnx", "edgekit", 0.0),
+        # Variants, run only when --steps names them: other recipes' cost at this size, shown
+        # beside the default recipe's row (tool "edgekit <variant>"; VARIANTS has the flags).
+        Step("export-onnx-gptq", "export-onnx", "edgekit gptq", 0.8),
+        Step("export-onnx-phone", "export-onnx", "edgekit phone", 0.8),
+        Step("bench-onnx-phone", "bench-onnx", "edgekit phone", 0.0),
     ]
 }
+# Variant -> (output directory, --set flags). "phone" is the smallest phone bundle edgekit
+# makes that an ORT-format file can hold at 3.8B (2 GiB cap): int4 everywhere (lm_head too), in
+# blocks of 128 with integer zero points (4.28 bits a weight instead of the default's 6), an int4
+# token embedding, GPTQ to win back what the coarser grid loses.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "gptq": ("onnx-gptq", ["weight_search=gptq"]),
+    "phone": (
+        "onnx-phone",
+        [
+            "mobile=true",
+            "algorithm=k_quant",
+            "block_size=128",
+            "zero_points=integer",
+            "embeddings=int4",
+            "weight_search=gptq",
+        ],
+    ),
+}
+DEFAULT_STEPS = [s for s in STEPS if not s.endswith(tuple(f"-{v}" for v in VARIANTS))]
 
 
 # --- measuring one command -------------------------------------------------------------------
@@ -281,6 +305,12 @@ class ModelRun:
                 "algo_config=k_quant_mixed",
             ],
         }
+        for variant, (out, flags) in VARIANTS.items():
+            sets = [x for f in flags for x in ("--set", f)]
+            # --force: the default recipe's row records what the preflight says at this size
+            table[f"export-onnx-{variant}"] = [*table["export-onnx"][:-1], str(d / out), "--force", *sets]
+        # the phone bundle on the phone profile: its budgets, context and threads
+        table["bench-onnx-phone"] = [self.edgekit, "bench", str(d / "onnx-phone"), "--profile", "mobile-onnx", "--json"]
         return table.get(step), self.env(private_cache=step != "checkpoint")
 
     def free_check(self, step: Step) -> str | None:
@@ -495,7 +525,7 @@ def run_models(args) -> None:
     work = Path(args.work).resolve()
     logs = Path(args.logs).resolve()
     logs.mkdir(parents=True, exist_ok=True)
-    steps = args.steps.split(",") if args.steps else list(STEPS)
+    steps = args.steps.split(",") if args.steps else DEFAULT_STEPS
     for s in steps:
         if s not in STEPS:
             raise SystemExit(f"unknown step {s!r}; choose from: {', '.join(STEPS)}")
@@ -635,6 +665,15 @@ def render(doc: dict) -> str:
                 f"| {m} | {params / 1e9:.2f}B | {step} | {_cell(ek)} | {raw_text} | "
                 f"{_ratio(ek, by.get((m, step, RAW_OF.get(step, ''))))} |"
             )
+            # other recipes at this size (VARIANTS), against the default recipe's row
+            for (mm, s, t), r in sorted(by.items()):
+                if mm == m and s == step and t.startswith("edgekit "):
+                    variant = t.split(" ", 1)[1]
+                    flags = " ".join(f"`{f}`" for f in VARIANTS.get(variant, ("", []))[1])
+                    lines.append(
+                        f"| {m} | {params / 1e9:.2f}B | {step}, {variant}: {flags} | {_cell(r)} | — | "
+                        f"vs the default recipe: {_ratio(r, ek)} |"
+                    )
     notes = []
     for r in rows:
         if r.get("refusal"):
@@ -652,7 +691,8 @@ def render(doc: dict) -> str:
                 f"- {r['model']} {r['step']} ({r['tool']}): {r['status']}; last line: `{r['last_line'][:200]}`"
             )
         if r["step"].startswith("bench") and (b := _bench_line(r)):
-            notes.append(f"- {r['model']} {r['step']}: {b}")
+            who = "" if r["tool"] == "edgekit" else f" ({r['tool']})"
+            notes.append(f"- {r['model']} {r['step']}{who}: {b}")
     if notes:
         lines += ["", "Notes:", ""] + notes
     walls = {m: w for m, w in (doc.get("model_wall_s") or {}).items() if not m.startswith("smoke")}
@@ -690,7 +730,9 @@ def render(doc: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=None, help=f"comma-separated, from: {', '.join(MODELS)}")
-    ap.add_argument("--steps", default=None, help=f"comma-separated, from: {', '.join(STEPS)} (default all)")
+    ap.add_argument(
+        "--steps", default=None, help=f"comma-separated, from: {', '.join(STEPS)} (default: all but the variants)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep each model's checkpoint and outputs")
     ap.add_argument("--render", action="store_true", help="write docs/scale.md from the results json")
     ap.add_argument("--work", default=str(ROOT / "dist" / "scale"), help="where checkpoints and outputs go")

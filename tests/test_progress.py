@@ -33,3 +33,47 @@ def test_quiet_prints_nothing(capsys):
 
 def test_durations():
     assert [_duration(s) for s in (4.4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
+
+
+def test_child_calibration_passes_reach_the_parents_bars(capsys):
+    """ChildProgress (inside the onnx export child: the imatrix and GPTQ passes) prints a phase
+    line and counted lines; the parent's ChildOutput turns them into its steps, with totals, so
+    a 3B pass has a bar with ETA and not only a name."""
+    from edgekit.childjob import ProgressSteps
+    from edgekit.formats.onnx_int4.childlog import ChildOutput, ChildProgress
+
+    with ChildProgress().step("imatrix: calibration text, block by block", total=3) as step:
+        for _ in range(3):
+            step.advance()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "@@edgekit-phase imatrix: calibration text, block by block"
+    assert out[1:] == ["@@edgekit-count 1/3", "@@edgekit-count 2/3", "@@edgekit-count 3/3"]
+
+    seen: list = []
+
+    class Record:
+        def step(self, name, total=None):
+            from contextlib import contextmanager
+
+            @contextmanager
+            def ctx():
+                class S:
+                    def advance(self, n=1):
+                        seen.append((name, "advance", n))
+
+                    def update(self, completed, total=None):
+                        seen.append((name, completed, total))
+
+                yield S()
+
+            return ctx()
+
+        def note(self, text):
+            pass
+
+    steps = ProgressSteps(Record())
+    reader = ChildOutput(num_layers=3)
+    for line in out:
+        reader.feed(line, steps)
+    steps.close()
+    assert seen == [("imatrix: calibration text, block by block", float(i), 3.0) for i in (1, 2, 3)]

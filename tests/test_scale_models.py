@@ -173,3 +173,40 @@ def test_results_merge_by_model_step_tool():
         doc = scale.merge_row(doc, {"model": "m", "step": "export-gguf", "tool": "raw", "wall_s": wall})
     doc = scale.merge_row(doc, {"model": "m", "step": "export-gguf", "tool": "edgekit", "wall_s": 3})
     assert sorted((r["tool"], r["wall_s"]) for r in doc["rows"]) == [("edgekit", 3), ("raw", 2)]
+
+
+def test_recipe_variants_run_only_when_asked_and_render_beside_the_default(tmp_path, monkeypatch):
+    """export-onnx-gptq / export-onnx-phone / bench-onnx-phone: not in a default run; their
+    commands are the default export's with the variant's --set flags and their own output; the
+    rendered table puts each under the default recipe's row, with the ratio to it."""
+    import scale
+
+    assert "export-onnx-gptq" not in scale.DEFAULT_STEPS and "export-onnx" in scale.DEFAULT_STEPS
+    run = scale.ModelRun("smoke-llama", tmp_path, tmp_path, 19.0, 0)
+    default, _ = run.command("export-onnx")
+    gptq, _ = run.command("export-onnx-gptq")
+    assert gptq[: default.index("--out") + 1] == default[: default.index("--out") + 1]
+    assert gptq[gptq.index("--out") + 1].endswith("onnx-gptq") and "weight_search=gptq" in gptq
+    phone, _ = run.command("export-onnx-phone")
+    assert "mobile=true" in phone and phone[phone.index("--out") + 1].endswith("onnx-phone")
+    bench, _ = run.command("bench-onnx-phone")
+    assert bench[bench.index("--profile") + 1] == "mobile-onnx" and bench[2].endswith("onnx-phone")
+
+    def row(tool, wall):
+        return {
+            "model": "phi3-mini",
+            "step": "export-onnx",
+            "tool": tool,
+            "params": 3.82e9,
+            "status": "ok",
+            "wall_s": wall,
+            "cpu_s": wall,
+            "peak_rss_gib": 6.0,
+            "checkpoint_gib": 7.1,
+        }
+
+    monkeypatch.setattr(scale, "DOC", tmp_path / "scale.md")
+    text = scale.render({"rows": [row("edgekit", 100.0), row("edgekit gptq", 150.0)]})
+    lines = [ln for ln in text.splitlines() if ln.startswith("| phi3-mini | 3.82B | export-onnx")]
+    assert len(lines) == 2 and "gptq" in lines[1] and "`weight_search=gptq`" in lines[1]
+    assert "1.50x wall" in lines[1]

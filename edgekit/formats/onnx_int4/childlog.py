@@ -7,6 +7,8 @@ particular to this child is how its tools' output is split into lines and read a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from ...progress import Progress
 # neural-compressor prints without any line break until it finishes.
 _LINE_BREAK = re.compile(rb"\r|\n|(?=Progress: \[)")
 PHASE = "@@edgekit-phase "  # a line the child prints to name the step it is starting
+COUNT = "@@edgekit-count "  # "done/total" of that step (ChildProgress), total 0 when unknown
 CHILD_BOOT = (
     "import sys; from edgekit.formats.onnx_int4.children import child_main; sys.exit(child_main(*sys.argv[1:]))"
 )
@@ -72,6 +75,9 @@ class ChildOutput:
             return
         if line.startswith(PHASE):
             steps.start(line[len(PHASE) :])
+        elif line.startswith(COUNT):
+            done, _, total = line[len(COUNT) :].partition("/")
+            steps.update(float(done), float(total) or None)
         elif m := self.READING_LAYER.match(line):
             steps.start("converting layers", self.num_layers)
             steps.update(int(m.group(1)) + 1)
@@ -88,3 +94,29 @@ class ChildOutput:
             steps.update(int(m.group(1)), int(m.group(2)))
         elif line.startswith(("Saving GenAI config", "Saving processing files")):
             steps.start("writing config and tokenizer")
+
+
+class _CountStep:
+    def __init__(self, total: float | None):
+        self.done, self.total = 0.0, total
+
+    def advance(self, n: float = 1) -> None:
+        self.update(self.done + n)
+
+    def update(self, completed: float, total: float | None = None) -> None:
+        self.done, self.total = completed, total if total is not None else self.total
+        print(f"{COUNT}{self.done:g}/{self.total or 0:g}", flush=True)
+
+
+class ChildProgress:
+    """Progress for library code running inside the child (the imatrix and GPTQ calibration
+    passes): a PHASE line per step and a COUNT line per advance, which ChildOutput turns into
+    the parent's bars (with ETA on a terminal, a line every 30 s in a log)."""
+
+    @contextmanager
+    def step(self, name: str, total: float | None = None) -> Iterator[_CountStep]:
+        print(PHASE + name, flush=True)
+        yield _CountStep(total)
+
+    def note(self, text: str) -> None:
+        print(text, flush=True)

@@ -50,10 +50,10 @@ def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     dead = diag <= 0
     diag[dead] = 1.0
     diag += damp * float(diag.mean())
-    # H^-1 from the Cholesky factor of H (symmetric positive definite after the dampening)
-    lower = np.linalg.cholesky(h)
-    inv_lower = np.linalg.solve(lower, np.eye(len(h), dtype=h.dtype))
-    h_inv = inv_lower.T @ inv_lower
+    # Two K x K arrays at a time (1.2 GiB each for a 14B model's 17920-wide down projection,
+    # on each of the two worker threads): H, then its inverse, then the factor.
+    h_inv = np.linalg.inv(h)  # symmetric positive definite after the dampening
+    del h, diag
     return np.linalg.cholesky(h_inv).T
 
 

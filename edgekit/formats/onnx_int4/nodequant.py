@@ -246,17 +246,18 @@ def load_imatrix(spec: dict[str, Any]) -> Imatrix | None:
 
     from ...checkpoint import CheckpointFiles
     from ...imatrix import load_or_compute
+    from .childlog import ChildProgress
 
     print(PHASE + "imatrix: calibration text")
     ck = CheckpointFiles(
         path=Path(spec["checkpoint"]), config=spec["config"], trust_remote_code=spec.get("trust_remote_code", False)
     )
-    imatrix = load_or_compute(ck)
+    imatrix = load_or_compute(ck, progress=ChildProgress())
     if spec["weight_search"] == "gptq":
         from ...activations import load_or_compute as load_activations
 
         print(PHASE + "GPTQ: calibration inputs")
-        imatrix = dataclasses.replace(imatrix, activations=load_activations(ck))
+        imatrix = dataclasses.replace(imatrix, activations=load_activations(ck, progress=ChildProgress()))
     return imatrix
 
 
