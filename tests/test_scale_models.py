@@ -189,6 +189,8 @@ def test_recipe_variants_run_only_when_asked_and_render_beside_the_default(tmp_p
     assert gptq[gptq.index("--out") + 1].endswith("onnx-gptq") and "weight_search=gptq" in gptq
     phone, _ = run.command("export-onnx-phone")
     assert "mobile=true" in phone and phone[phone.index("--out") + 1].endswith("onnx-phone")
+    _, stream_env = run.command("export-onnx-stream")
+    assert stream_env["EDGEKIT_REFERENCE"] == "stream" and "EDGEKIT_REFERENCE" not in run.command("export-onnx")[1]
     bench, _ = run.command("bench-onnx-phone")
     assert bench[bench.index("--profile") + 1] == "mobile-onnx" and bench[2].endswith("onnx-phone")
 
