@@ -230,16 +230,16 @@ CANDIDATES: list[tuple[str, str, dict, str]] = [
     # GPTQ (weight_search = "gptq"): each column's rounding error moved onto the columns not yet
     # rounded, by the calibration inputs' second moments; block grids from the imatrix search.
     (
-        "onnx GPTQ, all int4, lm_head int8, integer zp",
-        "onnx-int4",
-        {"algorithm": "k_quant_last", "weight_search": "gptq"},
-        "error-compensating quantization with uint8 zero points",
-    ),
-    (
         "onnx GPTQ, all int4, lm_head int8, float min matmul",
         "onnx-int4",
         {"algorithm": "k_quant_last", "weight_search": "gptq", "zero_points": "float_matmul"},
-        "the same with the default's float block minimums",
+        "error-compensating quantization with the default's float block minimums",
+    ),
+    (
+        "onnx GPTQ, all int4, lm_head int8, integer zp",
+        "onnx-int4",
+        {"algorithm": "k_quant_last", "weight_search": "gptq"},
+        "the same with uint8 zero points",
     ),
     (
         "onnx imatrix, all int4, lm_head int8, float min matmul, block 64",
