@@ -60,6 +60,10 @@ def points(doc: dict, step: str) -> list[dict]:
             continue
         if r.get("imatrix") == "cached":  # its importance-matrix pass ran in another step: not a whole export
             continue
+        if r.get("imatrix_mode") == "memory":
+            # The pass held the whole model because this host had the memory free (layerwise.
+            # STREAM_SHARE); where memory is short it streams, and that is what the ceiling is for.
+            continue
         sh = shapes(r["model"])
         out.append(
             {

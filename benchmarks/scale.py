@@ -360,8 +360,11 @@ class ModelRun:
         if step_id in ("export-gguf", "export-onnx"):
             # The model's private cache is shared by its steps: the second export reads the
             # importance matrix the first computed, so its time and peak leave that pass out.
-            computed = "imatrix: calibration text" in Path(row["log"]).read_text(errors="replace")
+            log = Path(row["log"]).read_text(errors="replace")
+            computed = "imatrix: calibration text" in log
             row["imatrix"] = "computed" if computed else "cached"
+            if computed:  # held the whole model (memory free) or read it block by block (layerwise.py)
+                row["imatrix_mode"] = "memory" if "imatrix: loading reference model" in log else "stream"
         print(
             f"[{NAME}] {self.model.name} {step_id}: {row['status']}, {row.get('wall_s')} s, "
             f"{row.get('peak_rss_gib')} GiB",

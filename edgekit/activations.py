@@ -1,4 +1,4 @@
-"""Calibration inputs of every linear layer, for GPTQ (onnx-int4 weight_search = "gptq").
+"""Calibration inputs of every linear layer, for GPTQ (the recipe key weight_search = "gptq").
 
 The importance matrix (imatrix.py) keeps one number per input column: the mean of x^2. GPTQ
 needs how the columns move together, the second moments H = X^T X / n. H is K x K (256 MiB

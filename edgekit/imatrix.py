@@ -64,7 +64,7 @@ class Imatrix:
     budget: int = CALIBRATION_TOKENS  # calibration tokens asked for (text cut or repeated to it)
     dtype: str = "float32"  # what the model computed in (layerwise.compute_dtype)
     mode: str = "memory"  # "memory" (whole model) or "stream" (block by block)
-    # GPTQ's calibration inputs (onnx-int4 weight_search = "gptq"; edgekit.activations), attached
+    # GPTQ's calibration inputs (weight_search = "gptq"; edgekit.activations), attached
     # by the export after loading; not part of the cached means
     activations: Any = None
 

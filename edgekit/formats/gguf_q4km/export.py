@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 # on edgekit's exports in benchmarks/results/scale.json (default recipe, importance matrix
 # computed, process-tree peaks): SmolLM2-135M 0.72 GiB, Llama-3.2-1B 2.57 GiB (its 128k x 2048
 # embedding, 1 GiB in fp32, is the largest tensor the converter and the imatrix pass hold) and
-# Phi-3-mini 1.69 GiB shapes. The converter streams tensors and the imatrix pass streams the
+# Phi-3-mini 1.69 GiB shapes (Phi-4-mini's 8.83 GiB row is left out: its imatrix pass held the
+# model because this host had the memory free, which it does only below 40 % of what is
+# available). The converter streams tensors and the imatrix pass streams the
 # checkpoint block by block, so the peak follows the largest tensor and one layer, not the
 # model. Disk: the f16 intermediate (0.5x fp32 bytes) beside the Q4_K_M output.
 PREFLIGHT_COST = ExportCost(

@@ -22,23 +22,26 @@ if TYPE_CHECKING:
 
 # What preflight (edgekit.preflight) reserves for an export, fitted by benchmarks/preflight_fit.py
 # on edgekit's streamed exports in benchmarks/results/scale.json (default recipe, importance
-# matrix computed, process-tree peaks, 10 % headroom) at four shapes: SmolLM2-135M 1.79 GiB,
+# matrix computed, process-tree peaks, 10 % headroom) at five shapes: SmolLM2-135M 1.79 GiB,
 # Llama-3.2-1B 6.07 GiB (its tied 128k lm_head goes through the builder's 3-layer template in
-# float32), Phi-3-mini 6.44 GiB and Phi-3-medium (14B) 14.49 GiB. The streamed path holds the
-# template (3 layers + the big tables) and a few layers' tensors, so the peak follows the
-# largest tensor and one layer (about ten float32 copies of it), not the model. Disk: the
-# bundle and the template, fitted the same way.
+# float32), Phi-3-mini 6.44 GiB, Phi-4-mini 12.60 GiB (its 200k-row tied embedding, 2.3 GiB in
+# float32, held about four times by the template) and Phi-3-medium (14B) 14.49 GiB. The
+# streamed path holds the template (3 layers + the big tables) and a few layers' tensors, so
+# the peak follows the largest tensor and one layer (about ten float32 copies of it), not the
+# model. Disk: the bundle and the template, fitted the same way.
 # The whole-model path (a recipe that keeps the builder's quantization, the optimum exporter, an
 # architecture outside the streaming table): the builder holds the model in float32 and its
 # quantized copies; measured 2.65 GiB at SmolLM2-135M (benchmarks/results/onnx_memory.md), and at
 # Llama-3.2-1B's shape (4.6 GiB fp32) 11.8 GiB for the raw builder's RTN and 20.6 GB for k-quant
 # (docs/scale.md): 1600 MiB + 4.2 x fp32 MiB covers them.
 PREFLIGHT_COST = ExportCost(
-    ram_fixed_mb=1780,
-    ram_per_largest=2.975,
-    ram_per_layer=10.083,
-    disk_fixed_mb=364,
-    disk_per_fp32_byte=0.262,
+    # preflight_fit.py's least squares gave 1447 / 4.019 / 9.981, which put Llama-3.2-1B at 1.254x;
+    # moved within the 1.0-1.25x band the test holds every point to (1.06-1.19x)
+    ram_fixed_mb=1420,
+    ram_per_largest=3.61,
+    ram_per_layer=10.034,
+    disk_fixed_mb=471,
+    disk_per_fp32_byte=0.260,
     whole_ram_fixed_mb=1600,
     whole_ram_per_fp32_byte=4.2,
 )
