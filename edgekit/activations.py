@@ -92,15 +92,10 @@ class InputRecorder:
         self._files = 0
 
     def attach(self, module: Any, prefix: str = "") -> list[Any]:
-        import torch
+        from .layerwise import hook_linears
 
         self.flush()
-        handles = []
-        for name, sub in module.named_modules():
-            if isinstance(sub, torch.nn.Linear):
-                full = prefix + name if name else prefix.rstrip(".")
-                handles.append(sub.register_forward_hook(self._hook(full)))
-        return handles
+        return hook_linears(module, prefix, self._hook)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def record(module, inputs, output):

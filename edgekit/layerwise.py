@@ -211,6 +211,19 @@ def resident_model(checkpoint: CheckpointLike, dtype: str, attn_implementation: 
     ).eval()
 
 
+def hook_linears(module: Any, prefix: str, hook_for: Callable[[str], Callable[..., None]]) -> list[Any]:
+    """A forward hook, hook_for(name), on every nn.Linear under `module`, named `prefix` + its
+    path (the full HF name); returns the handles. What the calibration passes' recorders attach."""
+    import torch
+
+    handles = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear):
+            full = prefix + name if name else prefix.rstrip(".")
+            handles.append(sub.register_forward_hook(hook_for(full)))
+    return handles
+
+
 class SquareSums:
     """Per nn.Linear input: sum over positions of x^2 per column (float64) and the position
     count, gathered by forward hooks; what the importance matrix averages."""
@@ -220,15 +233,7 @@ class SquareSums:
         self.counts: dict[str, int] = {}
 
     def attach(self, module: Any, prefix: str = "") -> list[Any]:
-        """Hooks on every nn.Linear under `module`, named `prefix` + its path (the full HF name)."""
-        import torch
-
-        handles = []
-        for name, sub in module.named_modules():
-            if isinstance(sub, torch.nn.Linear):
-                full = prefix + name if name else prefix.rstrip(".")
-                handles.append(sub.register_forward_hook(self._hook(full)))
-        return handles
+        return hook_linears(module, prefix, self._hook)
 
     def _hook(self, name: str) -> Callable[..., None]:
         import torch
